@@ -1,0 +1,229 @@
+"""Which entries one sequence keeps, layer by layer, as the prefill goes.
+
+Static layer allocations (uniform, pyramid) know every layer's budget up front, so each layer
+is final as soon as it is scored. Dynamic ones (LAVa, CAKE) need every layer's summary first:
+with progressive compression the whole budget is re-divided among the layers seen so far after
+each layer, and earlier layers shrink to their new budgets (plus a small slack that absorbs
+rounding), so the cache never holds every layer's full prompt. The final selection is computed
+from the retained candidates exactly as the one-shot selection is computed from all of them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .methods import HEAD_ALLOCATIONS, LAYER_ALLOCATIONS, SCORES, LayerInput, Method
+from .methods.heads import flattened_winners
+from .methods.registry import stable_rank
+
+
+@dataclass
+class Candidates:
+    """The prefix entries one KV head still holds, in ascending position order."""
+
+    positions: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    scores: torch.Tensor | None = None
+
+    def take(self, count: int) -> Candidates:
+        """The ``count`` best-scored entries, still in position order."""
+        if count >= len(self.positions):
+            return self
+        chosen = stable_rank(self.scores)[:count].sort().values
+        return Candidates(
+            self.positions[chosen], self.keys[chosen], self.values[chosen], self.scores[chosen]
+        )
+
+    @property
+    def nbytes(self) -> int:
+        extra = self.scores.nbytes if self.scores is not None else 0
+        return self.keys.nbytes + self.values.nbytes + self.positions.nbytes + extra
+
+
+@dataclass
+class LayerEntries:
+    """One layer of one sequence: per KV head, its prefix entries; the window is shared by all heads."""
+
+    heads: list[Candidates]
+    window_positions: torch.Tensor
+    window_keys: torch.Tensor
+    window_values: torch.Tensor
+    final: bool = False
+
+    def head_tensors(self, head: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Positions, keys and values head ``head`` keeps, prefix then window (ascending positions)."""
+        prefix = self.heads[head]
+        return (
+            torch.cat([prefix.positions, self.window_positions]),
+            torch.cat([prefix.keys, self.window_keys[head]]),
+            torch.cat([prefix.values, self.window_values[head]]),
+        )
+
+    def counts(self) -> list[int]:
+        return [len(head.positions) + len(self.window_positions) for head in self.heads]
+
+    @property
+    def nbytes(self) -> int:
+        window = self.window_keys.nbytes + self.window_values.nbytes + self.window_positions.nbytes
+        return window + sum(head.nbytes for head in self.heads)
+
+
+RELEASED = LayerEntries([], torch.empty(0), torch.empty(0, 0, 0), torch.empty(0, 0, 0), final=True)
+
+
+def resolve_budget(length: int, budget: int | None, ratio: float | None) -> int:
+    """Tokens per KV head per layer for a prompt of ``length`` tokens."""
+    if ratio is not None:
+        return max(1, math.ceil(ratio * length))
+    return length if budget is None else int(budget)
+
+
+class SequenceCompression:
+    """Decides, layer after layer, the entries one sequence keeps (see the module docstring)."""
+
+    def __init__(
+        self,
+        method: Method,
+        length: int,
+        budget: int,
+        visible_lengths: list[int],
+        progressive: bool,
+    ):
+        self.method = method
+        self.length = length
+        self.budget = budget
+        self.num_layers = len(visible_lengths)
+        self.visible_lengths = visible_lengths
+        self.compresses = method.compresses and budget < max(visible_lengths)
+        self.window = min(method.window, budget - 1) if self.compresses else 0
+        self.slots = budget - self.window
+        self.caps = [max(0, visible - self.window) for visible in visible_lengths]
+        self.total_slots = sum(min(self.slots, cap) for cap in self.caps)
+        self.progressive = progressive
+        self.layers: list[LayerEntries | None] = [None] * self.num_layers
+        self.summaries: list[float | None] = []
+        self.layer_slots: list[int] | None = None
+        if self.compresses:
+            self.score_fn = SCORES[method.score]
+            self.head_fn = HEAD_ALLOCATIONS[method.heads]
+            self.allocation = LAYER_ALLOCATIONS[method.layers]
+            self.retention_slack = 0
+            if not self.allocation.dynamic:
+                self.layer_slots = self.allocation.allocate(None, self.caps, self.slots, self.total_slots, method)
+
+    def add_layer(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> None:
+        """Score and (provisionally) compress ``layer`` from its visible ``query[H, v, d]``, ``key``/``value[H_kv, v, d]``."""
+        visible = key.shape[1]
+        first_position = self.length - visible
+        positions = torch.arange(first_position, self.length, device=key.device)
+        prefix = self.caps[layer] if self.compresses else visible
+        window = visible - prefix
+        if not self.compresses or prefix == 0:
+            heads = [
+                self._own(Candidates(positions[:prefix], key[h, :prefix], value[h, :prefix])) for h in range(key.shape[0])
+            ]
+            self.layers[layer] = self._entries(heads, positions, key, value, prefix, final=True)
+            self.summaries.append(None)
+            self._after_layer(layer)
+            return
+        layer_input = LayerInput(query, key, value, scaling, observed=min(self.method.window, visible), prefix_length=prefix)
+        scores = self.score_fn(layer_input, self.method).float()
+        self.summaries.append(self.allocation.summarize(layer_input, scores, self.method))
+        heads = [
+            Candidates(positions[:prefix], key[h, :prefix], value[h, :prefix], scores[h]) for h in range(key.shape[0])
+        ]
+        entries = self._entries(heads, positions, key, value, prefix, final=False)
+        self.layers[layer] = entries
+        if self.layer_slots is not None:
+            self._select(layer, self.layer_slots[layer])
+        elif self.progressive:
+            self.retention_slack = key.shape[0] + 2
+            seen = layer + 1
+            slots = self.allocation.allocate(self.summaries, self.caps[:seen], self.slots, self.total_slots, self.method)
+            for earlier in range(seen):
+                self._retain(earlier, slots[earlier])
+        else:
+            entries.heads = [self._own(head) for head in entries.heads]
+        self._after_layer(layer)
+
+    def _entries(self, heads, positions, key, value, prefix, final) -> LayerEntries:
+        return LayerEntries(
+            heads=heads,
+            window_positions=positions[prefix:],
+            window_keys=key[:, prefix:].clone(),
+            window_values=value[:, prefix:].clone(),
+            final=final,
+        )
+
+    def _after_layer(self, layer: int) -> None:
+        if layer == self.num_layers - 1 and self.compresses and self.layer_slots is None:
+            self.layer_slots = self.allocation.allocate(
+                self.summaries, self.caps, self.slots, self.total_slots, self.method
+            )
+            for index in range(self.num_layers):
+                if not self.layers[index].final:
+                    self._select(index, self.layer_slots[index])
+
+    def _padded_scores(self, layer: int) -> torch.Tensor:
+        heads = self.layers[layer].heads
+        width = max(len(head.positions) for head in heads)
+        padded = torch.full((len(heads), width), -math.inf, device=heads[0].scores.device)
+        for index, head in enumerate(heads):
+            padded[index, : len(head.scores)] = head.scores
+        return padded
+
+    def _select(self, layer: int, slots: int) -> None:
+        """Final selection: each head keeps its own best ``cap_h`` entries under the head allocation."""
+        entries = self.layers[layer]
+        caps = self.head_fn(self._padded_scores(layer), slots, self.method)
+        for head, cap in zip(entries.heads, caps):
+            if cap > len(head.positions):
+                raise RuntimeError(
+                    f"internal error: layer {layer} needs {cap} entries for a head that retained {len(head.positions)}"
+                )
+        entries.heads = [self._detach(head.take(cap)) for head, cap in zip(entries.heads, caps)]
+        entries.final = True
+
+    def _retain(self, layer: int, slots: int) -> None:
+        """Provisional shrink: keep enough candidates per head for any later, smaller budget."""
+        entries = self.layers[layer]
+        padded = self._padded_scores(layer)
+        caps = self.head_fn(padded, slots, self.method)
+        winners = flattened_winners(padded, slots) if self.method.heads != "uniform" else [0] * len(caps)
+        entries.heads = [
+            self._own(head.take(max(cap, won) + self.retention_slack))
+            for head, cap, won in zip(entries.heads, caps, winners)
+        ]
+
+    @staticmethod
+    def _own(head: Candidates) -> Candidates:
+        """Copy views of the layer's full tensors so that the full prompt cache can be freed."""
+        if head.keys._base is None:
+            return head
+        scores = head.scores.clone() if head.scores is not None else None
+        return Candidates(head.positions.clone(), head.keys.clone(), head.values.clone(), scores)
+
+    @classmethod
+    def _detach(cls, head: Candidates) -> Candidates:
+        head = cls._own(head)
+        return Candidates(head.positions, head.keys, head.values, None)
+
+    def is_final(self, layer: int) -> bool:
+        entries = self.layers[layer]
+        return entries is not None and entries is not RELEASED and entries.final
+
+    def release(self, layer: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Hand over a final layer's ``(positions, keys, values)`` per head; this object keeps nothing of it."""
+        entries = self.layers[layer]
+        tensors = [entries.head_tensors(head) for head in range(len(entries.heads))]
+        self.layers[layer] = RELEASED
+        return tensors
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by layers not yet handed to the cache."""
+        return sum(entries.nbytes for entries in self.layers if entries is not None)
