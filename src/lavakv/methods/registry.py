@@ -139,7 +139,7 @@ def round_to_total(shares: list[float], total: int, caps: list[int]) -> list[int
     result = [min(cap, max(0, math.floor(share + 1e-9))) for share, cap in zip(shares, caps)]
     remainder = target - sum(result)
     if remainder < 0:
-        for index in sorted(range(len(result)), key=lambda i: (shares[i] - result[i], -i)):
+        for index in sorted(range(len(result)), key=lambda i: (shares[i] - result[i], -shares[i], i)):
             while remainder < 0 and result[index] > 0:
                 result[index] -= 1
                 remainder += 1
