@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import (
-    Gemma3TextConfig,
     Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GemmaConfig,
     GemmaForCausalLM,
     LlamaConfig,
@@ -85,7 +85,7 @@ def plain_generate(model, ids: list[int], max_new_tokens: int) -> list[int]:
         out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
     finally:
         model.set_attn_implementation(attn)
-    return out[0, len(ids):].tolist()
+    return out[0, len(ids) :].tolist()
 
 
 @pytest.fixture

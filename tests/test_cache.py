@@ -43,7 +43,7 @@ def test_plain_model_generate_with_the_cache_matches_lavakv_generate(tokenizer):
     out = lavakv.generate(model, tokenizer, ids, method="lava", budget=48, max_new_tokens=10)
     cache = lavakv.CompressedCache(model, method="lava", budget=48)
     generated = model.generate(torch.tensor([ids]), past_key_values=cache, max_new_tokens=10, do_sample=False)
-    assert generated[0, len(ids):].tolist() == out.token_ids
+    assert generated[0, len(ids) :].tolist() == out.token_ids
     assert cache.kept_entries() == out.stats.kept_entries
     assert cache.get_seq_length() == len(ids) + 9
 

@@ -99,8 +99,12 @@ def test_cake_score_adds_gamma_times_variance_over_window_queries():
 def test_h2o_score_accumulates_attention_from_every_query():
     length = 6
     layer = LayerInput(
-        query=torch.zeros(1, length, 2), key=torch.zeros(1, length, 2), value=torch.ones(1, length, 2),
-        scaling=1.0, observed=2, prefix_length=4,
+        query=torch.zeros(1, length, 2),
+        key=torch.zeros(1, length, 2),
+        value=torch.ones(1, length, 2),
+        scaling=1.0,
+        observed=2,
+        prefix_length=4,
     )
     score = SCORES["h2o"](layer, Method(score="h2o"))
     expected = [sum(1 / (j + 1) for j in range(i, length)) for i in range(4)]
@@ -252,8 +256,9 @@ def test_composition_differs_from_the_preset(tokenizer):
     model = tiny_model("llama", num_hidden_layers=6, seed=2)
     ids = random_prompt(220, seed=7)
     preset = lavakv.generate(model, tokenizer, ids, method="lava", budget=50, max_new_tokens=1)
-    no_heads = lavakv.generate(model, tokenizer, ids, method=Method(score="lava", layers="lava"), budget=50,
-                               max_new_tokens=1)
+    no_heads = lavakv.generate(
+        model, tokenizer, ids, method=Method(score="lava", layers="lava"), budget=50, max_new_tokens=1
+    )
     assert set(map(tuple, no_heads.stats.head_budgets)) == {(h, h) for h, _ in no_heads.stats.head_budgets}
     assert preset.stats.kept_positions != no_heads.stats.kept_positions
 
@@ -262,16 +267,18 @@ def test_composition_differs_from_the_preset(tokenizer):
 @pytest.mark.parametrize(("length", "budget", "ratio"), [(10, 64, None), (20, None, 0.5), (50, 40, None)])
 def test_short_prompts_work(method, length, budget, ratio, tokenizer):
     model = tiny_model("llama")
-    out = lavakv.generate(model, tokenizer, random_prompt(length), method=method, budget=budget, ratio=ratio,
-                          max_new_tokens=3)
+    out = lavakv.generate(
+        model, tokenizer, random_prompt(length), method=method, budget=budget, ratio=ratio, max_new_tokens=3
+    )
     expected_budget = min(length, budget if budget else math.ceil(ratio * length))
     assert out.stats.kept_entries == expected_budget * 2 * 4
     assert len(out.token_ids) == 3
 
 
 def test_sequence_compression_keeps_everything_when_the_budget_covers_the_prompt():
-    sequence = SequenceCompression(Method.preset("lava"), length=20, budget=64, visible_lengths=[20] * 2,
-                                   progressive=True)
+    sequence = SequenceCompression(
+        Method.preset("lava"), length=20, budget=64, visible_lengths=[20] * 2, progressive=True
+    )
     assert not sequence.compresses
 
 

@@ -85,9 +85,9 @@ class CompressedLayer(CacheLayerMixin):
         """Store each (sample, head)'s kept ``(positions, keys, values)`` packed, and build the gather index."""
         batch, kv_heads = len(per_sample), len(per_sample[0])
         counts = torch.tensor([[len(p) for p, _, _ in heads] for heads in per_sample], dtype=torch.long)
-        self.prefix_positions = torch.cat(
-            [p + pad for heads, pad in zip(per_sample, padding) for p, _, _ in heads]
-        ).to(torch.int32)
+        self.prefix_positions = torch.cat([p + pad for heads, pad in zip(per_sample, padding) for p, _, _ in heads]).to(
+            torch.int32
+        )
         self.prefix_keys = torch.cat([k for heads in per_sample for _, k, _ in heads])
         self.prefix_values = torch.cat([v for heads in per_sample for _, _, v in heads])
         longest = int(counts.max())
@@ -138,10 +138,16 @@ class CompressedLayer(CacheLayerMixin):
 
     def nbytes(self) -> tuple[int, int]:
         """(bytes of the key/value tensors held, bytes of the index tensors held)."""
-        kv = sum(t.nbytes for t in (self.prefix_keys, self.prefix_values, self.appended_keys, self.appended_values)
-                 if t is not None)
-        index = sum(t.nbytes for t in (self.prefix_positions, self.gather_index, self.gather_valid,
-                                       self.gather_positions, self.counts) if t is not None)
+        kv = sum(
+            t.nbytes
+            for t in (self.prefix_keys, self.prefix_values, self.appended_keys, self.appended_values)
+            if t is not None
+        )
+        index = sum(
+            t.nbytes
+            for t in (self.prefix_positions, self.gather_index, self.gather_valid, self.gather_positions, self.counts)
+            if t is not None
+        )
         return kv, index
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -272,8 +278,10 @@ class CompressedCache(Cache):
         if attention_mask is None:
             lengths = [length] * batch
         else:
-            valid = attention_mask[:, 0].diagonal(dim1=-2, dim2=-1) if attention_mask.dtype == torch.bool else (
-                attention_mask[:, 0].diagonal(dim1=-2, dim2=-1) > torch.finfo(attention_mask.dtype).min / 2
+            valid = (
+                attention_mask[:, 0].diagonal(dim1=-2, dim2=-1)
+                if attention_mask.dtype == torch.bool
+                else (attention_mask[:, 0].diagonal(dim1=-2, dim2=-1) > torch.finfo(attention_mask.dtype).min / 2)
             )
             lengths = valid.sum(dim=-1).tolist()
         self.prompt_length = length

@@ -34,9 +34,7 @@ class Candidates:
         if count >= len(self.positions):
             return self
         chosen = stable_rank(self.scores)[:count].sort().values
-        return Candidates(
-            self.positions[chosen], self.keys[chosen], self.values[chosen], self.scores[chosen]
-        )
+        return Candidates(self.positions[chosen], self.keys[chosen], self.values[chosen], self.scores[chosen])
 
     @property
     def nbytes(self) -> int:
@@ -115,22 +113,30 @@ class SequenceCompression:
             if not self.allocation.dynamic:
                 self.layer_slots = self.allocation.allocate(None, self.caps, self.slots, self.total_slots, method)
 
-    def add_layer(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> None:
-        """Score and (provisionally) compress ``layer`` from its visible ``query[H, v, d]``, ``key``/``value[H_kv, v, d]``."""
+    def add_layer(
+        self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
+    ) -> None:
+        """Score and (provisionally) compress ``layer``.
+
+        ``query`` is ``[H, v, d]``, ``key`` and ``value`` ``[H_kv, v, d]``: the ``v`` positions the
+        layer's last query can see (the whole prompt, or a sliding window's worth).
+        """
         visible = key.shape[1]
         first_position = self.length - visible
         positions = torch.arange(first_position, self.length, device=key.device)
         prefix = self.caps[layer] if self.compresses else visible
-        window = visible - prefix
         if not self.compresses or prefix == 0:
             heads = [
-                self._own(Candidates(positions[:prefix], key[h, :prefix], value[h, :prefix])) for h in range(key.shape[0])
+                self._own(Candidates(positions[:prefix], key[h, :prefix], value[h, :prefix]))
+                for h in range(key.shape[0])
             ]
             self.layers[layer] = self._entries(heads, positions, key, value, prefix, final=True)
             self.summaries.append(None)
             self._after_layer(layer)
             return
-        layer_input = LayerInput(query, key, value, scaling, observed=min(self.method.window, visible), prefix_length=prefix)
+        layer_input = LayerInput(
+            query, key, value, scaling, observed=min(self.method.window, visible), prefix_length=prefix
+        )
         scores = self.score_fn(layer_input, self.method).float()
         self.summaries.append(self.allocation.summarize(layer_input, scores, self.method))
         heads = [
@@ -143,7 +149,9 @@ class SequenceCompression:
         elif self.progressive:
             self.retention_slack = key.shape[0] + 2
             seen = layer + 1
-            slots = self.allocation.allocate(self.summaries, self.caps[:seen], self.slots, self.total_slots, self.method)
+            slots = self.allocation.allocate(
+                self.summaries, self.caps[:seen], self.slots, self.total_slots, self.method
+            )
             for earlier in range(seen):
                 self._retain(earlier, slots[earlier])
         else:

@@ -133,8 +133,9 @@ def generate(
         if len(questions) != len(prompts):
             raise ValueError(f"got {len(questions)} questions for {len(prompts)} prompts")
         outputs = [
-            _generate_one_query_agnostic(model, tokenizer, p, q, resolved, budget, ratio, max_new_tokens,
-                                         chat_template, progressive)
+            _generate_one_query_agnostic(
+                model, tokenizer, p, q, resolved, budget, ratio, max_new_tokens, chat_template, progressive
+            )
             for p, q in zip(prompts, questions)
         ]
     else:
@@ -143,13 +144,15 @@ def generate(
     return outputs if is_batch else outputs[0]
 
 
-def _generate_one_query_agnostic(model, tokenizer, context, question, method, budget, ratio, max_new_tokens,
-                                 chat_template, progressive) -> GenerationOutput:
+def _generate_one_query_agnostic(
+    model, tokenizer, context, question, method, budget, ratio, max_new_tokens, chat_template, progressive
+) -> GenerationOutput:
     if not isinstance(context, str):
         raise TypeError("the query-agnostic protocol takes the context as a string")
     context_ids, question_ids = _split_question(tokenizer, context, question, chat_template)
-    return _generate_ids(model, tokenizer, [context_ids], question_ids, method, budget, ratio, max_new_tokens,
-                         progressive)[0]
+    return _generate_ids(
+        model, tokenizer, [context_ids], question_ids, method, budget, ratio, max_new_tokens, progressive
+    )[0]
 
 
 def _context_length(model) -> int | None:
@@ -171,8 +174,8 @@ def _generate_ids(model, tokenizer, encoded, question_ids, method, budget, ratio
     input_ids = torch.full((len(encoded), longest), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(encoded), longest), dtype=torch.long)
     for row, ids in enumerate(encoded):
-        input_ids[row, longest - len(ids):] = torch.tensor(ids)
-        attention_mask[row, longest - len(ids):] = 1
+        input_ids[row, longest - len(ids) :] = torch.tensor(ids)
+        attention_mask[row, longest - len(ids) :] = 1
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
 
     cache = CompressedCache(model, method=method, budget=budget, ratio=ratio, progressive=progressive)
@@ -195,7 +198,7 @@ def _generate_ids(model, tokenizer, encoded, question_ids, method, budget, ratio
         )
     end = time.perf_counter()
     first_step = clock.first_step or end
-    new_tokens = generated[:, input_ids.shape[1]:]
+    new_tokens = generated[:, input_ids.shape[1] :]
     element_size = cache.layers[0].prefix_keys.element_size()
     head_dim = cache.layers[0].prefix_keys.shape[-1]
     outputs = []

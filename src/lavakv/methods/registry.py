@@ -97,7 +97,10 @@ class LayerInput:
         """``A[h, j, i]``: softmax attention (float32, causal) of the last ``observed`` queries over all keys."""
         if self._window_attention is None:
             self._window_attention = attention_probabilities(
-                self.query[:, -self.observed :], self.key, self.scaling, first_query_position=self.length - self.observed
+                self.query[:, -self.observed :],
+                self.key,
+                self.scaling,
+                first_query_position=self.length - self.observed,
             )
         return self._window_attention
 
