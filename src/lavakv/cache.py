@@ -222,7 +222,8 @@ class CompressedCache(Cache):
     # transformers' side
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        if active_update.get() is not None or self._prefilling is not None:
+        active = active_update.get()
+        if (active is not None and active[0] is self) or self._prefilling is not None:
             active_update.set(None)
             self._prefilling = None
             raise RuntimeError(
