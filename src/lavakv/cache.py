@@ -262,9 +262,10 @@ class CompressedCache(Cache):
         batch, _, length, _ = key.shape
         if layer_idx == 0:
             self._start(batch, length, attention_mask)
-        visible_from = self._visible_from(layer_idx, attention_mask, length)
+        window = self.sliding_windows[layer_idx]
+        visible_from = max(0, length - window) if window else 0
         for sample, sequence in enumerate(self.sequences):
-            start = max(self.padding[sample], visible_from[sample])
+            start = max(self.padding[sample], visible_from)
             sequence.add_layer(
                 layer_idx, query[sample, :, start:], key[sample, :, start:], value[sample, :, start:], scaling
             )
@@ -273,7 +274,6 @@ class CompressedCache(Cache):
         for index in range(layer_idx + 1):
             if self.layers[index].prefix_keys is None and all(s.is_final(index) for s in self.sequences):
                 self._pack(index)
-        self.peak_prefill_bytes = max(self.peak_prefill_bytes, self.kv_bytes() + sum(s.nbytes for s in self.sequences))
 
     def _start(self, batch: int, length: int, attention_mask: torch.Tensor | None) -> None:
         if attention_mask is None:
@@ -297,13 +297,6 @@ class CompressedCache(Cache):
                     self.method, n, resolve_budget(n, self.budget, self.ratio), visible, self.progressive
                 )
             )
-
-    def _visible_from(self, layer_idx: int, attention_mask: torch.Tensor | None, length: int) -> list[int]:
-        """First padded position each sample's last query can see in this layer (sliding windows)."""
-        window = self.sliding_windows[layer_idx]
-        if not window:
-            return [0] * len(self.sequences)
-        return [max(0, length - window)] * len(self.sequences)
 
     def _pack(self, layer_idx: int) -> None:
         per_sample = [sequence.release(layer_idx) for sequence in self.sequences]

@@ -109,7 +109,6 @@ class SequenceCompression:
             self.score_fn = SCORES[method.score]
             self.head_fn = HEAD_ALLOCATIONS[method.heads]
             self.allocation = LAYER_ALLOCATIONS[method.layers]
-            self.retention_slack = 0
             if not self.allocation.dynamic:
                 self.layer_slots = self.allocation.allocate(None, self.caps, self.slots, self.total_slots, method)
 
@@ -147,7 +146,6 @@ class SequenceCompression:
         if self.layer_slots is not None:
             self._select(layer, self.layer_slots[layer])
         elif self.progressive:
-            self.retention_slack = key.shape[0] + 2
             seen = layer + 1
             slots = self.allocation.allocate(
                 self.summaries, self.caps[:seen], self.slots, self.total_slots, self.method
@@ -197,13 +195,18 @@ class SequenceCompression:
         entries.final = True
 
     def _retain(self, layer: int, slots: int) -> None:
-        """Provisional shrink: keep enough candidates per head for any later, smaller budget."""
+        """Provisional shrink: keep enough candidates per head for any later, smaller budget.
+
+        A later layer budget can exceed this one by at most one slot after rounding, which moves a
+        head's share by at most ``kv_heads + 2``: that is the slack kept beyond the current need.
+        """
         entries = self.layers[layer]
         padded = self._padded_scores(layer)
         caps = self.head_fn(padded, slots, self.method)
         winners = flattened_winners(padded, slots) if self.method.heads != "uniform" else [0] * len(caps)
+        slack = len(entries.heads) + 2
         entries.heads = [
-            self._own(head.take(max(cap, won) + self.retention_slack))
+            self._own(head.take(max(cap, won) + slack))
             for head, cap, won in zip(entries.heads, caps, winners)
         ]
 
