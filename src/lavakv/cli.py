@@ -1,4 +1,4 @@
-"""Command line: ``lavakv generate`` and ``lavakv demo``."""
+"""Command line: ``lavakv generate``, ``demo``, ``eval`` and ``report``."""
 
 from __future__ import annotations
 
@@ -101,6 +101,114 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _split(text: str | None, kind, name: str) -> list | None:
+    """``"a,b,c"`` -> typed list; a bad item is an error naming the option and the item."""
+    if text is None:
+        return None
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    try:
+        return [kind(item) for item in items]
+    except ValueError:
+        raise ValueError(f"--{name} takes a comma-separated list of {kind.__name__} values, got {text!r}") from None
+
+
+def _model_identity(path: str | None) -> str:
+    if path is None:
+        from .models import EMBEDDED_GGUF
+
+        return f"embedded {EMBEDDED_GGUF}"
+    return str(Path(path).resolve())
+
+
+def cmd_eval(args) -> int:
+    """Evaluate methods x budgets on benchmarks, prefilling each sample once, into a resumable store."""
+    from .eval.benchmarks import BENCHMARKS, build_samples
+    from .eval.runner import PROTOCOLS, _progress, make_pairs, parse_shard, plan, run
+    from .eval.store import ResultStore
+    from .models import load_model
+
+    benchmarks = _split(args.benchmark, str, "benchmark")
+    for name in benchmarks:
+        if name not in BENCHMARKS:
+            raise ValueError(f"unknown benchmark {name!r}; valid: {', '.join(BENCHMARKS)}")
+    if args.protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {args.protocol!r}; valid: {', '.join(PROTOCOLS)}")
+    pairs = make_pairs(_split(args.methods, str, "methods"), _split(args.budgets, int, "budgets") or [], args.window)
+    shard = parse_shard(args.shard)
+    if args.data and not Path(args.data).is_dir():
+        raise FileNotFoundError(f"--data {args.data}: no such directory")
+    model, tokenizer = load_model(args.model, quiet=args.quiet)
+    max_length = args.max_length or model.config.get_text_config().max_position_embeddings
+    identity = {
+        "model": _model_identity(args.model),
+        "protocol": args.protocol,
+        "chat_template": args.chat_template,
+        "max_length": max_length,
+        "seed": args.seed,
+        "window": args.window if args.window is not None else "auto: min(32, budget // 2)",
+    }
+    samples = {
+        name: build_samples(
+            name,
+            tokenizer,
+            data=args.data,
+            datasets=_split(args.datasets, str, "datasets"),
+            lengths=_split(args.lengths, int, "lengths"),
+            depths=_split(args.depths, float, "depths"),
+            limit=args.limit,
+            max_words=args.max_words,
+            seed=args.seed,
+        )
+        for name in benchmarks
+    }
+    with ResultStore(args.out) as store:
+        store.claim_identity(identity)
+        store.log_invocation(" ".join(sys.argv), {k: v for k, v in vars(args).items() if k != "handler"})
+        pending = {name: sum(len(p) for _, p in plan(samples[name], pairs, store, shard)) for name in benchmarks}
+        overall = _progress(sum(pending.values()), "all benchmarks", not args.quiet, position=0)
+        try:
+            for name in benchmarks:
+                run(
+                    model,
+                    tokenizer,
+                    samples[name],
+                    pairs,
+                    store,
+                    protocol=args.protocol,
+                    chat_template=args.chat_template,
+                    max_length=max_length,
+                    shard=shard,
+                    from_scratch=args.from_scratch,
+                    progress=not args.quiet,
+                    description=name,
+                    overall=overall,
+                )
+        finally:
+            overall.close()
+        done = len(store.rows())
+    print(f"{done} results in {Path(args.out) / 'results.sqlite'}; report with: lavakv report {args.out}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    """Tables (md, csv or json) for one or more run directories; with md, also report.md and PNG plots."""
+    from .eval.report import load_runs, render, write_plots
+
+    runs = load_runs(args.runs)
+    plots = {}
+    if args.format == "md" and not args.no_plots:
+        for run in runs:
+            target = Path(args.out) if args.out else run.directory
+            plots[run.name] = write_plots(run, target)
+    text = render(runs, args.format, plots)
+    if args.format == "md":
+        target = Path(args.out) if args.out else runs[0].directory
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "report.md").write_text(text)
+    print(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lavakv", description="KV-cache compression for transformers models")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -121,6 +229,37 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--tokens", type=int, default=1000)
     demo.add_argument("--model", help="transformers model directory or .gguf file (default: embedded SmolLM2)")
     demo.set_defaults(handler=cmd_demo)
+
+    ev = commands.add_parser("eval", help="score methods x budgets on benchmarks (prefill once, resumable)")
+    ev.add_argument("--benchmark", required=True, help="niah, ruler, longbench, infinitebench (comma-separated)")
+    ev.add_argument("--methods", default=",".join(PRESETS), help="comma-separated (default: all)")
+    ev.add_argument("--budgets", default="32,64,128,256", help="comma-separated tokens per KV head per layer")
+    ev.add_argument("--out", required=True, help="run directory (results.sqlite); rerunning resumes")
+    ev.add_argument("--model", help="transformers model directory or .gguf file (default: embedded SmolLM2)")
+    ev.add_argument("--data", help="directory of JSONL files (longbench, infinitebench)")
+    ev.add_argument("--datasets", help="comma-separated dataset or task names (default: all present)")
+    ev.add_argument("--limit", type=int, help="samples per dataset (RULER: per task and length; default 3)")
+    ev.add_argument("--lengths", help="prompt lengths in tokens (niah: 500,1000,2000; ruler: 1024,2048)")
+    ev.add_argument("--depths", help="needle depths in [0, 1] (default 0,0.25,0.5,0.75,1)")
+    ev.add_argument("--max-words", type=int, help="longbench: keep samples of at most this many words")
+    ev.add_argument("--protocol", default="query-aware", help="query-aware (default) or query-agnostic")
+    ev.add_argument(
+        "--chat-template", default="auto", choices=["auto", "on", "off"], help="auto: each benchmark's standard"
+    )
+    ev.add_argument("--max-length", type=int, help="truncate prompts in the middle to this many tokens")
+    ev.add_argument("--window", type=int, help="observation window for every method (default: min(32, budget/2))")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--shard", help="i/N: evaluate every N-th sample from the i-th (processes share --out)")
+    ev.add_argument("--from-scratch", action="store_true", help="prefill every (method, budget) anew (for timing)")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.set_defaults(handler=cmd_eval)
+
+    rep = commands.add_parser("report", help="tables and plots from run directories")
+    rep.add_argument("runs", nargs="+", help="run directories (several: also a comparison table)")
+    rep.add_argument("--format", default="md", choices=["md", "csv", "json"])
+    rep.add_argument("--out", help="where report.md and plots go (default: the first run directory)")
+    rep.add_argument("--no-plots", action="store_true")
+    rep.set_defaults(handler=cmd_report)
     return parser
 
 

@@ -1,0 +1,49 @@
+"""The benchmarks ``lavakv eval`` knows, and how each builds its samples."""
+
+from __future__ import annotations
+
+from .samples import Sample
+
+BENCHMARKS = ("niah", "ruler", "longbench", "infinitebench")
+DEFAULT_NIAH_LENGTHS = [500, 1000, 2000]
+DEFAULT_NIAH_DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
+DEFAULT_RULER_LENGTHS = [1024, 2048]
+DEFAULT_RULER_SAMPLES = 3
+
+
+def build_samples(
+    benchmark: str,
+    tokenizer,
+    data: str | None = None,
+    datasets: list[str] | None = None,
+    lengths: list[int] | None = None,
+    depths: list[float] | None = None,
+    limit: int | None = None,
+    max_words: int | None = None,
+    seed: int = 0,
+) -> list[Sample]:
+    """The samples of ``benchmark``; ``limit`` keeps the first N per dataset (per length for generated ones)."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"--limit must be an integer >= 1, got {limit!r}")
+    if benchmark == "niah":
+        from .niah import niah_samples
+
+        samples = niah_samples(tokenizer, lengths or DEFAULT_NIAH_LENGTHS, depths or DEFAULT_NIAH_DEPTHS, seed=seed)
+        return samples[:limit] if limit else samples
+    if benchmark == "ruler":
+        from .ruler import ruler_samples
+
+        return ruler_samples(
+            tokenizer, datasets, lengths or DEFAULT_RULER_LENGTHS, num_samples=limit or DEFAULT_RULER_SAMPLES, seed=seed
+        )
+    if benchmark in ("longbench", "infinitebench"):
+        if not data:
+            raise ValueError(f"--benchmark {benchmark} reads its samples from a directory: give --data DIR")
+        if benchmark == "longbench":
+            from .longbench import load_longbench
+
+            return load_longbench(data, datasets, limit=limit, max_words=max_words)
+        from .infinitebench import load_infinitebench
+
+        return load_infinitebench(data, datasets, limit=limit)
+    raise ValueError(f"unknown benchmark {benchmark!r}; valid: {', '.join(BENCHMARKS)}")

@@ -1,0 +1,279 @@
+"""LongBench (and LongBench-E) reader: one :class:`Sample` per record, with LongBench's own prompts.
+
+The prompt templates and generation lengths are LongBench's published ones (packaged under
+``data/``, see ``data/NOTICE.md``) so that scores stay comparable with the literature. A data
+directory may carry its own ``_prompts.json`` / ``_maxlen.json`` to override them per dataset.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from lavakv.eval.samples import Sample
+
+__all__ = ["LONGBENCH_DATASETS", "LongBenchSpec", "load_longbench", "longbench_prompts", "longbench_maxlen"]
+
+LONGBENCH_E_SUFFIX = "_e"
+
+
+@dataclass(frozen=True)
+class LongBenchSpec:
+    """How LongBench scores and feeds one dataset.
+
+    ``chat_template`` is False for the few-shot and code-completion sets, which LongBench feeds to
+    chat models as raw text because a chat wrapper breaks the pattern the model must continue.
+    ``first_line`` marks the few-shot sets whose prediction is cut at its first line before scoring,
+    since models keep inventing further examples. ``language`` is ``en``, ``zh`` or ``code``.
+    """
+
+    metric: str
+    chat_template: bool = True
+    first_line: bool = False
+    language: str = "en"
+
+
+LONGBENCH_DATASETS: dict[str, LongBenchSpec] = {
+    "narrativeqa": LongBenchSpec("qa_f1"),
+    "qasper": LongBenchSpec("qa_f1"),
+    "multifieldqa_en": LongBenchSpec("qa_f1"),
+    "multifieldqa_zh": LongBenchSpec("qa_f1_zh", language="zh"),
+    "hotpotqa": LongBenchSpec("qa_f1"),
+    "2wikimqa": LongBenchSpec("qa_f1"),
+    "musique": LongBenchSpec("qa_f1"),
+    "dureader": LongBenchSpec("rouge_l_zh", language="zh"),
+    "gov_report": LongBenchSpec("rouge_l"),
+    "qmsum": LongBenchSpec("rouge_l"),
+    "multi_news": LongBenchSpec("rouge_l"),
+    "vcsum": LongBenchSpec("rouge_l_zh", language="zh"),
+    "trec": LongBenchSpec("classification", chat_template=False, first_line=True),
+    "triviaqa": LongBenchSpec("qa_f1", chat_template=False, first_line=True),
+    "samsum": LongBenchSpec("rouge_l", chat_template=False, first_line=True),
+    "lsht": LongBenchSpec("classification", chat_template=False, first_line=True, language="zh"),
+    "passage_count": LongBenchSpec("count"),
+    "passage_retrieval_en": LongBenchSpec("retrieval"),
+    "passage_retrieval_zh": LongBenchSpec("retrieval_zh", language="zh"),
+    "lcc": LongBenchSpec("code_sim", chat_template=False, language="code"),
+    "repobench-p": LongBenchSpec("code_sim", chat_template=False, language="code"),
+}
+
+_CONTEXT = "{context}"
+_INPUT = "{input}"
+
+
+def _read_packaged(name: str) -> dict:
+    return json.loads(resources.files("lavakv.eval").joinpath("data", name).read_text(encoding="utf-8"))
+
+
+@lru_cache(maxsize=1)
+def _packaged_tables() -> tuple[dict[str, str], dict[str, int]]:
+    return _read_packaged("longbench_prompts.json"), _read_packaged("longbench_maxlen.json")
+
+
+def longbench_prompts() -> dict[str, str]:
+    """LongBench's standard prompt template for each dataset (a copy: callers may edit it)."""
+    return dict(_packaged_tables()[0])
+
+
+def longbench_maxlen() -> dict[str, int]:
+    """LongBench's standard ``max_new_tokens`` for each dataset (a copy: callers may edit it)."""
+    return dict(_packaged_tables()[1])
+
+
+def load_longbench(
+    data_dir: str | Path,
+    datasets: Iterable[str] | str | None = None,
+    limit: int | None = None,
+    max_words: int | None = None,
+) -> list[Sample]:
+    """Read LongBench / LongBench-E ``<name>.jsonl`` files from ``data_dir`` into samples.
+
+    ``datasets=None`` takes every known dataset (plain or ``_e``) present in the directory, in sorted
+    order; other files there are ignored. ``max_words`` keeps samples whose ``length`` field (words for
+    English, characters for Chinese, as LongBench counts) is at most that, so a model with a short
+    window can still be evaluated on the samples it can hold; ``limit`` then keeps the first N of each
+    dataset in file order. Errors name the file, line and field at fault.
+    """
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0 or None, got {limit}")
+    if max_words is not None and max_words < 0:
+        raise ValueError(f"max_words must be >= 0 or None, got {max_words}")
+    root = _check_dir(data_dir, "LongBench")
+    names = _resolve_names(root, datasets, _longbench_names(), "LongBench dataset")
+    prompts, maxlen = _tables_for(root)
+    samples: list[Sample] = []
+    for name in names:
+        base = _base_name(name)
+        spec = LONGBENCH_DATASETS[base]
+        path = root / f"{name}.jsonl"
+        head, tail = _split_template(prompts[base], base)
+        kept = 0
+        seen: set[str] = set()
+        for line_no, record in _read_jsonl(path):
+            if limit is not None and kept >= limit:
+                break
+            where = f"{path}:{line_no}"
+            inp = _string_field(record, "input", where)
+            context = _string_field(record, "context", where)
+            answers = _answers(record, where)
+            language = record.get("language") or spec.language
+            length = record.get("length")
+            if max_words is not None:
+                if length is None:
+                    length = _approx_length(context + inp, language)
+                elif not isinstance(length, int) or isinstance(length, bool):
+                    raise ValueError(f"{where}: field 'length' must be an integer, got {length!r}")
+                if length > max_words:
+                    continue
+            sample_id = str(record["_id"]) if record.get("_id") is not None else f"{name}-{line_no}"
+            _check_unique(sample_id, seen, where)
+            samples.append(
+                Sample(
+                    benchmark="longbench",
+                    dataset=name,
+                    sample_id=sample_id,
+                    context=head.replace(_INPUT, inp) + context,
+                    question=tail.replace(_INPUT, inp),
+                    answers=answers,
+                    max_new_tokens=maxlen[base],
+                    metric=spec.metric,
+                    chat_template=spec.chat_template,
+                    extra={
+                        "all_classes": record.get("all_classes"),
+                        "length": length,
+                        "language": language,
+                        "first_line": spec.first_line,
+                    },
+                )
+            )
+            kept += 1
+    return samples
+
+
+def _longbench_names() -> list[str]:
+    return sorted([*LONGBENCH_DATASETS, *(n + LONGBENCH_E_SUFFIX for n in LONGBENCH_DATASETS)])
+
+
+def _base_name(name: str) -> str:
+    if name not in LONGBENCH_DATASETS and name.endswith(LONGBENCH_E_SUFFIX):
+        return name[: -len(LONGBENCH_E_SUFFIX)]
+    return name
+
+
+def _split_template(template: str, dataset: str) -> tuple[str, str]:
+    """Template text up to ``{context}`` and after it, so the document ends the compressed part."""
+    if template.count(_CONTEXT) != 1:
+        raise ValueError(f"prompt template for {dataset!r} must contain {_CONTEXT} exactly once: {template!r}")
+    head, tail = template.split(_CONTEXT)
+    return head, tail
+
+
+def _approx_length(text: str, language: str) -> int:
+    """LongBench's ``length`` when a record lacks it: characters for Chinese, words otherwise."""
+    return len(text) if language == "zh" else len(text.split())
+
+
+def _tables_for(root: Path) -> tuple[dict[str, str], dict[str, int]]:
+    prompts, maxlen = longbench_prompts(), longbench_maxlen()
+    prompts.update(_override(root / "_prompts.json", str))
+    maxlen.update(_override(root / "_maxlen.json", int))
+    return prompts, maxlen
+
+
+def _override(path: Path, kind: type) -> dict:
+    """The entries of a data-directory override file that name known datasets."""
+    if not path.is_file():
+        return {}
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(table, dict):
+        raise ValueError(f"{path}: expected a JSON object mapping dataset names to values")
+    out = {}
+    for name, value in table.items():
+        if name not in LONGBENCH_DATASETS:
+            continue
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ValueError(f"{path}: entry {name!r} must be a {kind.__name__}, got {value!r}")
+        if kind is str:
+            _split_template(value, f"{name} in {path}")
+        out[name] = value
+    return out
+
+
+# Helpers shared with the other benchmark readers.
+
+
+def _check_dir(data_dir: str | Path, benchmark: str) -> Path:
+    root = Path(data_dir)
+    if not root.exists():
+        raise FileNotFoundError(f"{benchmark} data directory {root} does not exist")
+    if not root.is_dir():
+        raise FileNotFoundError(f"{benchmark} data directory {root} is not a directory")
+    return root
+
+
+def _resolve_names(root: Path, requested: Iterable[str] | str | None, known: list[str], kind: str) -> list[str]:
+    """The dataset names to read: the requested ones (checked), or every known one present."""
+    present = [name for name in known if (root / f"{name}.jsonl").is_file()]
+    if requested is None:
+        if not present:
+            raise FileNotFoundError(
+                f"no {kind} file found in {root}; expected one or more of: {', '.join(f'{n}.jsonl' for n in known)}"
+            )
+        return present
+    names = [requested] if isinstance(requested, str) else list(dict.fromkeys(requested))
+    for name in names:
+        if name not in known:
+            raise ValueError(f"unknown {kind} {name!r}; valid names: {', '.join(known)}")
+        path = root / f"{name}.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{kind} file {path} not found; {kind} files present in {root}: {', '.join(present) or 'none'}"
+            )
+    return names
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield ``(line number, record)``, skipping blank lines; bad lines fail with ``file:line``."""
+    with path.open(encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg})") from err
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
+            yield line_no, record
+
+
+def _string_field(record: Mapping[str, Any], field: str, where: str) -> str:
+    if field not in record:
+        raise ValueError(f"{where}: missing required field {field!r}")
+    value = record[field]
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: field {field!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _answers(record: Mapping[str, Any], where: str) -> list[str]:
+    if "answers" not in record:
+        raise ValueError(f"{where}: missing required field 'answers'")
+    answers = record["answers"]
+    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+        raise ValueError(f"{where}: field 'answers' must be a non-empty list of strings, got {answers!r:.200}")
+    return answers
+
+
+def _check_unique(sample_id: str, seen: set[str], where: str) -> None:
+    if sample_id in seen:
+        raise ValueError(f"{where}: duplicate sample id {sample_id!r} (ids key the results store)")
+    seen.add(sample_id)

@@ -1,0 +1,254 @@
+"""Reports from one or more run directories: markdown/CSV/JSON tables and PNG plots.
+
+Scores are means over samples, in percent, per ``(benchmark, dataset, method, budget)``; a
+benchmark's average is the mean of its datasets' scores, as the LongBench papers report it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import mean
+
+from .store import ResultRow, ResultStore
+
+FORMATS = ("md", "csv", "json")
+METHOD_ORDER = ["full", "streamingllm", "h2o", "snapkv", "pyramidkv", "ada-snapkv", "ada-pyramidkv", "cake", "lava"]
+
+
+@dataclass
+class Run:
+    name: str
+    directory: Path
+    identity: dict
+    rows: list[ResultRow]
+
+
+@dataclass
+class Cell:
+    """Aggregate of one ``(benchmark, dataset, method, budget)``."""
+
+    benchmark: str
+    dataset: str
+    method: str
+    budget: int
+    samples: int
+    score: float
+    kept_fraction: float
+    kv_mib: float
+    compress_seconds: float
+    decode_ms_per_token: float
+
+
+def load_runs(directories: list[str | Path]) -> list[Run]:
+    """Every run directory's identity and rows; a missing or empty store is a clear error."""
+    if not directories:
+        raise ValueError("give at least one run directory")
+    runs = []
+    for directory in directories:
+        with ResultStore(directory, create=False) as store:
+            runs.append(Run(Path(directory).name or str(directory), Path(directory), store.identity(), store.rows()))
+    return runs
+
+
+def aggregate(rows: list[ResultRow]) -> list[Cell]:
+    groups: dict[tuple, list[ResultRow]] = defaultdict(list)
+    for row in rows:
+        groups[(row.benchmark, row.dataset, row.method, row.budget)].append(row)
+    cells = []
+    for (benchmark, dataset, method, budget), group in groups.items():
+        tokens = sum(r.new_tokens for r in group)
+        cells.append(
+            Cell(
+                benchmark=benchmark,
+                dataset=dataset,
+                method=method,
+                budget=budget,
+                samples=len(group),
+                score=100 * mean(r.score for r in group),
+                kept_fraction=mean(r.kept_entries / r.full_entries for r in group),
+                kv_mib=mean(r.kv_bytes for r in group) / 2**20,
+                compress_seconds=mean(r.compress_seconds for r in group),
+                decode_ms_per_token=1000 * sum(r.decode_seconds for r in group) / max(tokens, 1),
+            )
+        )
+    return sorted(cells, key=lambda c: (c.benchmark, c.dataset, _method_rank(c.method), c.budget))
+
+
+def _method_rank(method: str) -> tuple[int, str]:
+    return (METHOD_ORDER.index(method), method) if method in METHOD_ORDER else (len(METHOD_ORDER), method)
+
+
+def benchmark_averages(cells: list[Cell]) -> dict[tuple[str, str, int], float]:
+    """``(benchmark, method, budget)`` -> mean over datasets of the dataset scores."""
+    by_key: dict[tuple[str, str, int], list[float]] = defaultdict(list)
+    for cell in cells:
+        by_key[(cell.benchmark, cell.method, cell.budget)].append(cell.score)
+    return {key: mean(scores) for key, scores in by_key.items()}
+
+
+def _budgets(cells: list[Cell]) -> list[int]:
+    return sorted({c.budget for c in cells if c.method != "full"})
+
+
+def _methods(cells: list[Cell]) -> list[str]:
+    return sorted({c.method for c in cells}, key=_method_rank)
+
+
+def _table(title_column: str, lines: list[tuple[str, dict[int, float]]], budgets: list[int]) -> str:
+    header = f"| {title_column} | " + " | ".join(f"B={b}" for b in budgets) + " |"
+    rule = "|---|" + "---:|" * len(budgets)
+    body = []
+    for label, values in lines:
+        body.append(f"| {label} | " + " | ".join(_fmt(values.get(b)) for b in budgets) + " |")
+    return "\n".join([header, rule, *body])
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1f}"
+
+
+def _method_lines(values: dict[tuple[str, int], float], methods: list[str], budgets: list[int]):
+    lines = []
+    for method in methods:
+        if method == "full":
+            full = values.get(("full", 0))
+            lines.append(("full cache", {b: full for b in budgets}))
+        else:
+            lines.append((method, {b: values[(method, b)] for b in budgets if (method, b) in values}))
+    return lines
+
+
+def markdown(runs: list[Run], plots: dict[str, list[Path]] | None = None) -> str:
+    """Tables per run (benchmark averages, then each dataset), then a comparison when several runs are given."""
+    parts = []
+    for run in runs:
+        cells = aggregate(run.rows)
+        parts.append(f"## Run `{run.name}`\n")
+        parts.append(_identity_line(run))
+        if not cells:
+            parts.append("No results yet.\n")
+            continue
+        budgets = _budgets(cells) or [0]
+        averages = benchmark_averages(cells)
+        for benchmark in sorted({c.benchmark for c in cells}):
+            subset = [c for c in cells if c.benchmark == benchmark]
+            datasets = sorted({c.dataset for c in subset})
+            methods = _methods(subset)
+            values = {(m, b): v for (bench, m, b), v in averages.items() if bench == benchmark}
+            samples = {c.dataset: c.samples for c in subset if c.method == methods[0]}
+            parts.append(
+                f"### {benchmark}: average over {len(datasets)} dataset(s), score in %\n\n"
+                f"Samples per dataset: {', '.join(f'{d} {n}' for d, n in sorted(samples.items()))}.\n"
+            )
+            parts.append(_table("method", _method_lines(values, methods, budgets), budgets) + "\n")
+            parts.append(_memory_line(subset, budgets))
+            if len(datasets) > 1:
+                for dataset in datasets:
+                    in_dataset = {(c.method, c.budget): c.score for c in subset if c.dataset == dataset}
+                    parts.append(f"#### {benchmark} / {dataset}\n")
+                    parts.append(_table("method", _method_lines(in_dataset, methods, budgets), budgets) + "\n")
+            for path in (plots or {}).get(run.name, []):
+                if path.name.startswith(benchmark):
+                    parts.append(f"![{path.stem}]({path.name})\n")
+        incomplete = _incomplete(cells)
+        if incomplete:
+            parts.append("Cells with fewer samples than the rest of their dataset: " + ", ".join(incomplete) + ".\n")
+    if len(runs) > 1:
+        parts.append(comparison(runs))
+    return "\n".join(parts)
+
+
+def _identity_line(run: Run) -> str:
+    if not run.identity:
+        return ""
+    return "Settings: " + ", ".join(f"{k}={v}" for k, v in sorted(run.identity.items())) + ".\n"
+
+
+def _memory_line(cells: list[Cell], budgets: list[int]) -> str:
+    full = [c for c in cells if c.method == "full"]
+    lines = []
+    for budget in budgets:
+        kept = [c.kept_fraction for c in cells if c.budget == budget and c.method != "full"]
+        if kept:
+            lines.append(f"B={budget}: {100 * mean(kept):.1f}%")
+    text = "Kept prompt entries (share of the full cache, mean over methods and samples): " + ", ".join(lines)
+    if full:
+        text += f"; full cache holds {mean(c.kv_mib for c in full):.1f} MiB per sample on average"
+    return text + ".\n"
+
+
+def _incomplete(cells: list[Cell]) -> list[str]:
+    most: dict[tuple[str, str], int] = defaultdict(int)
+    for c in cells:
+        most[(c.benchmark, c.dataset)] = max(most[(c.benchmark, c.dataset)], c.samples)
+    return [
+        f"{c.benchmark}/{c.dataset} {c.method}@{c.budget} ({c.samples}/{most[(c.benchmark, c.dataset)]})"
+        for c in cells
+        if c.samples < most[(c.benchmark, c.dataset)]
+    ]
+
+
+def comparison(runs: list[Run]) -> str:
+    """Benchmark averages of several runs side by side: one line per (run, method)."""
+    all_cells = {run.name: aggregate(run.rows) for run in runs}
+    budgets = sorted({b for cells in all_cells.values() for b in _budgets(cells)}) or [0]
+    parts = ["## Comparison of runs\n"]
+    benchmarks = sorted({c.benchmark for cells in all_cells.values() for c in cells})
+    for benchmark in benchmarks:
+        lines = []
+        for run in runs:
+            averages = benchmark_averages([c for c in all_cells[run.name] if c.benchmark == benchmark])
+            values = {(m, b): v for (_, m, b), v in averages.items()}
+            methods = sorted({m for m, _ in values}, key=_method_rank)
+            lines += [(f"{run.name}: {label}", vals) for label, vals in _method_lines(values, methods, budgets)]
+        parts.append(f"### {benchmark}\n\n" + _table("run: method", lines, budgets) + "\n")
+    return "\n".join(parts)
+
+
+def records(runs: list[Run]) -> list[dict]:
+    """One flat record per run and cell (for CSV and JSON)."""
+    out = []
+    for run in runs:
+        for cell in aggregate(run.rows):
+            out.append({"run": run.name, **cell.__dict__})
+    return out
+
+
+def render(runs: list[Run], fmt: str, plots: dict[str, list[Path]] | None = None) -> str:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
+    if fmt == "md":
+        return markdown(runs, plots)
+    table = records(runs)
+    if fmt == "json":
+        return json.dumps(table, indent=2)
+    buffer = io.StringIO()
+    columns = ["run", *Cell.__dataclass_fields__]
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(table)
+    return buffer.getvalue()
+
+
+def write_plots(run: Run, out_dir: Path) -> list[Path]:
+    """PNG plots for one run: score vs budget, needle heat maps, per-layer budgets of dynamic methods."""
+    from . import plots
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cells = aggregate(run.rows)
+    written = []
+    for benchmark in sorted({c.benchmark for c in cells}):
+        rows = [r for r in run.rows if r.benchmark == benchmark]
+        subset = [c for c in cells if c.benchmark == benchmark]
+        written.append(plots.score_vs_budget(benchmark, subset, out_dir / f"{benchmark}_score_vs_budget.png"))
+        if benchmark == "niah":
+            written += plots.needle_heatmaps(rows, out_dir)
+        layer_plot = plots.layer_budgets(benchmark, rows, out_dir / f"{benchmark}_layer_budgets.png")
+        if layer_plot is not None:
+            written.append(layer_plot)
+    return written

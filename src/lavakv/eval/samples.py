@@ -1,0 +1,38 @@
+"""What every benchmark hands the runner: one :class:`Sample` per prompt."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Sample:
+    """One evaluation prompt, split into the part that is compressed and the part after it.
+
+    The prompt is exactly ``context + question``. In the query-agnostic protocol only
+    ``context`` is prefilled and compressed, then ``question`` is fed through the compressed
+    cache; in the query-aware protocol the whole prompt is prefilled and compressed. Templates
+    therefore put everything up to and including the long document in ``context`` and the
+    instructions and question that follow it in ``question``.
+
+    ``sample_id`` is stable across runs (it keys the results store), unique within
+    ``(benchmark, dataset)``. ``metric`` names a function in :mod:`lavakv.eval.metrics`.
+    ``chat_template`` is the benchmark's standard choice for this sample (the runner may
+    override it). ``extra`` carries what metrics or plots need (``all_classes``, ``depth``,
+    ``length``, ``first_line``...); it must be JSON-serialisable.
+    """
+
+    benchmark: str
+    dataset: str
+    sample_id: str
+    context: str
+    question: str
+    answers: list[str]
+    max_new_tokens: int
+    metric: str
+    chat_template: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def prompt(self) -> str:
+        return self.context + self.question

@@ -1,0 +1,177 @@
+"""The results store: one SQLite file per run directory, safe to resume and to share between processes.
+
+Every finished ``(sample, method, budget)`` is one row, committed on its own, so a run killed at
+any point (``kill -9`` included) loses at most the pair it was computing, and rerunning the same
+command skips every committed row. SQLite's write-ahead log and a busy timeout let several
+processes (``--shard i/N``) write to one file. The run's identity (model, protocol, prompt format,
+seed, window rule) is stored once; a rerun that differs in any of them is refused rather than
+mixed into the same results.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+STORE_NAME = "results.sqlite"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS identity (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS invocations (started REAL, command TEXT, config TEXT);
+CREATE TABLE IF NOT EXISTS results (
+    benchmark TEXT NOT NULL,
+    dataset TEXT NOT NULL,
+    sample_id TEXT NOT NULL,
+    method TEXT NOT NULL,
+    budget INTEGER NOT NULL,
+    window INTEGER,
+    prediction TEXT NOT NULL,
+    score REAL NOT NULL,
+    answers TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    truncated INTEGER NOT NULL,
+    kept_entries INTEGER NOT NULL,
+    full_entries INTEGER NOT NULL,
+    kv_bytes INTEGER NOT NULL,
+    new_tokens INTEGER NOT NULL,
+    prefill_seconds REAL NOT NULL,
+    compress_seconds REAL NOT NULL,
+    decode_seconds REAL NOT NULL,
+    layer_budgets TEXT NOT NULL,
+    extra TEXT NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (benchmark, dataset, sample_id, method, budget)
+);
+"""
+
+
+@dataclass
+class ResultRow:
+    """One scored ``(sample, method, budget)``; ``budget`` is 0 for the full cache."""
+
+    benchmark: str
+    dataset: str
+    sample_id: str
+    method: str
+    budget: int
+    window: int | None
+    prediction: str
+    score: float
+    answers: list[str]
+    prompt_tokens: int
+    truncated: bool
+    kept_entries: int
+    full_entries: int
+    kv_bytes: int
+    new_tokens: int
+    prefill_seconds: float
+    compress_seconds: float
+    decode_seconds: float
+    layer_budgets: list[float]
+    extra: dict
+
+    @property
+    def key(self) -> tuple[str, str, str, str, int]:
+        return (self.benchmark, self.dataset, self.sample_id, self.method, self.budget)
+
+
+_JSON_FIELDS = ("answers", "layer_budgets", "extra")
+_COLUMNS = [f.name for f in fields(ResultRow)]
+
+
+class ResultStore:
+    """Rows of one run directory (``<dir>/results.sqlite``)."""
+
+    def __init__(self, directory: str | Path, create: bool = True):
+        self.directory = Path(directory)
+        self.path = self.directory / STORE_NAME
+        if not create and not self.path.is_file():
+            raise FileNotFoundError(f"no results store in {self.directory} (expected {self.path})")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.connection = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+        self.connection.execute("PRAGMA busy_timeout = 60000")
+        self.connection.execute("PRAGMA journal_mode = WAL")
+        self.connection.execute("PRAGMA synchronous = FULL")
+        self.connection.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.connection.close()
+
+    def __enter__(self) -> ResultStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def claim_identity(self, identity: dict[str, object]) -> None:
+        """Record the run's identity, or check it against the one recorded (first writer wins)."""
+        with self._transaction():
+            for key, value in identity.items():
+                self.connection.execute(
+                    "INSERT OR IGNORE INTO identity (key, value) VALUES (?, ?)", (key, json.dumps(value))
+                )
+        stored = self.identity()
+        for key, value in identity.items():
+            if stored.get(key) != json.loads(json.dumps(value)):
+                raise ValueError(
+                    f"{self.directory} holds a run with {key}={stored.get(key)!r}, not {value!r}; "
+                    "use another --out directory to run with different settings"
+                )
+
+    def identity(self) -> dict[str, object]:
+        rows = self.connection.execute("SELECT key, value FROM identity").fetchall()
+        return {key: json.loads(value) for key, value in rows}
+
+    def log_invocation(self, command: str, config: dict) -> None:
+        self.connection.execute(
+            "INSERT INTO invocations VALUES (?, ?, ?)", (time.time(), command, json.dumps(config, sort_keys=True))
+        )
+
+    def done_keys(self) -> set[tuple[str, str, str, str, int]]:
+        rows = self.connection.execute("SELECT benchmark, dataset, sample_id, method, budget FROM results")
+        return {tuple(row) for row in rows}
+
+    def add(self, row: ResultRow) -> bool:
+        """Commit one row; ``False`` if another process had already written the same key."""
+        values = asdict(row)
+        for name in _JSON_FIELDS:
+            values[name] = json.dumps(values[name])
+        values["truncated"] = int(row.truncated)
+        columns = _COLUMNS + ["created"]
+        placeholders = ", ".join("?" for _ in columns)
+        with self._transaction():
+            cursor = self.connection.execute(
+                f"INSERT OR IGNORE INTO results ({', '.join(columns)}) VALUES ({placeholders})",
+                [values[name] for name in _COLUMNS] + [time.time()],
+            )
+        return cursor.rowcount == 1
+
+    def rows(self) -> list[ResultRow]:
+        cursor = self.connection.execute(f"SELECT {', '.join(_COLUMNS)} FROM results ORDER BY rowid")
+        rows = []
+        for record in cursor:
+            values = dict(zip(_COLUMNS, record))
+            for name in _JSON_FIELDS:
+                values[name] = json.loads(values[name])
+            values["truncated"] = bool(values["truncated"])
+            rows.append(ResultRow(**values))
+        return rows
+
+    def _transaction(self):
+        return _Transaction(self.connection)
+
+
+class _Transaction:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``: takes the write lock up front so concurrent writers queue."""
+
+    def __init__(self, connection: sqlite3.Connection):
+        self.connection = connection
+
+    def __enter__(self) -> None:
+        self.connection.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.connection.execute("ROLLBACK" if exc_type else "COMMIT")

@@ -1,0 +1,83 @@
+"""Prefill once, compress many ways: a recorded full prefill from which compressed caches are derived.
+
+Compression never changes the prefill itself (every layer attends over the full prompt, then the
+cache keeps a subset), so the queries, keys and values each layer produces are the same whichever
+method runs. :class:`PrefillRecord` runs the prefill once, keeps them, and replays them into a
+fresh :class:`~lavakv.cache.CompressedCache` for each ``(method, budget)``: the result is the cache
+that prefilling with that method would have built, at the cost of the scoring alone.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .attention import prepare_model
+from .cache import CompressedCache
+from .methods import Method
+
+
+class _RecordingCache(CompressedCache):
+    """A cache whose prefill hook stores each layer's tensors instead of compressing them."""
+
+    def __init__(self, model):
+        super().__init__(model, method="full")
+        self.recorded: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]] = []
+        self.prefill_mask: torch.Tensor | None = None
+
+    def compress_layer(self, layer_idx, query, key, value, attention_mask, scaling) -> None:
+        self._prefilling = None
+        if layer_idx == 0:
+            self.prefill_mask = attention_mask
+        self.recorded.append((query, key, value, scaling))
+
+
+class PrefillRecord:
+    """The full prefill of a batch of prompts, kept so that many compressed caches can come from it.
+
+    >>> record = PrefillRecord(model, input_ids)
+    >>> cache = record.compress("lava", budget=128)     # as if prefilled with CompressedCache(model, "lava", 128)
+
+    ``logits`` are the last position's logits (the first generated token is the same for every
+    method in the query-aware protocol). Memory: every layer's queries, keys and values of the
+    prompt, so this suits evaluation, not serving.
+    """
+
+    def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        prepare_model(model)
+        self.config = model.config
+        recording = _RecordingCache(model)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            output = model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                past_key_values=recording,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        self.seconds = time.perf_counter() - start
+        if len(recording.recorded) != recording.num_layers:
+            raise RuntimeError(
+                f"recorded {len(recording.recorded)} of {recording.num_layers} layers: the model's attention "
+                "does not go through lavakv"
+            )
+        self.logits = output.logits[:, -1]
+        self.layers = recording.recorded
+        self.attention_mask = recording.prefill_mask
+        self.prompt_length = input_ids.shape[1]
+
+    def compress(
+        self,
+        method: str | Method,
+        budget: int | None = None,
+        ratio: float | None = None,
+        **options,
+    ) -> CompressedCache:
+        """A new cache holding what ``method`` keeps of the recorded prompt, ready for decoding."""
+        cache = CompressedCache(self.config, method=method, budget=budget, ratio=ratio, progressive=False, **options)
+        with torch.inference_mode():
+            for layer_idx, (query, key, value, scaling) in enumerate(self.layers):
+                cache.compress_layer(layer_idx, query, key, value, self.attention_mask, scaling)
+        return cache

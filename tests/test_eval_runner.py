@@ -1,0 +1,260 @@
+"""The evaluation runner, the results store (resume, crashes, shards) and reports, on tiny models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TinyTokenizer, random_prompt, tiny_model
+from eval_worker import PAIRS, tiny_samples
+
+import lavakv
+from lavakv.eval.report import load_runs, render, write_plots
+from lavakv.eval.runner import Pair, evaluate_sample, fit_context, make_pairs, parse_shard, prepare, run
+from lavakv.eval.samples import Sample
+from lavakv.eval.store import ResultStore
+from lavakv.recording import PrefillRecord
+
+WORKER = Path(__file__).resolve().parent / "eval_worker.py"
+METHODS = ["full", "snapkv", "pyramidkv", "ada-snapkv", "cake", "lava", "h2o", "streamingllm"]
+
+
+def _key(row):
+    return row.key
+
+
+def _predictions(store_dir) -> dict:
+    with ResultStore(store_dir, create=False) as store:
+        return {row.key: (row.prediction, row.kept_entries) for row in store.rows()}
+
+
+def _complete_run(directory: Path) -> dict:
+    with ResultStore(directory) as store:
+        run(tiny_model("llama"), TinyTokenizer(), tiny_samples(), PAIRS, store, progress=False)
+    return _predictions(directory)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral-sliding", "gemma3"])
+@pytest.mark.parametrize("protocol", ["query-aware", "query-agnostic"])
+def test_prefill_once_gives_the_predictions_of_separate_prefills(kind, protocol):
+    model, tokenizer = tiny_model(kind), TinyTokenizer()
+    sample = tiny_samples(1)[0]
+    pairs = make_pairs(METHODS, [24, 40])
+    prepared = prepare(tokenizer, sample, "auto", 2048)
+    shared = list(evaluate_sample(model, tokenizer, prepared, pairs, protocol))
+    separate = list(evaluate_sample(model, tokenizer, prepared, pairs, protocol, from_scratch=True))
+    assert [r.prediction for r in shared] == [r.prediction for r in separate]
+    assert [r.kept_entries for r in shared] == [r.kept_entries for r in separate]
+    assert {r.method for r in shared} == set(METHODS)
+    question = " 7 8 9" if protocol == "query-agnostic" else None
+    context = sample.context if question else sample.prompt
+    for row in shared:
+        budget = row.budget or None
+        out = (
+            lavakv.generate(
+                model,
+                tokenizer,
+                context,
+                method=row.method,
+                budget=budget,
+                max_new_tokens=5,
+                question=question,
+                window=row.window,
+            )
+            if row.method != "full"
+            else lavakv.generate(model, tokenizer, context, method="full", max_new_tokens=5, question=question)
+        )
+        assert row.prediction == out.text, (row.method, row.budget)
+
+
+def test_rows_record_budgets_and_bytes():
+    model, tokenizer = tiny_model("llama"), TinyTokenizer()
+    sample = tiny_samples(1)[0]
+    rows = list(evaluate_sample(model, tokenizer, prepare(tokenizer, sample, "auto", 2048), PAIRS, "query-aware"))
+    layers, kv_heads, dim = 4, 2, 16
+    length = rows[0].prompt_tokens
+    for row in rows:
+        kept = min(row.budget or length, length) * kv_heads * layers
+        assert row.kept_entries == kept
+        assert row.full_entries == length * kv_heads * layers
+        appended = (row.new_tokens - 1) * kv_heads * layers
+        assert row.kv_bytes == (kept + appended) * 2 * dim * 4
+        assert abs(sum(row.layer_budgets) / layers - kept / kv_heads / layers) < 1e-6
+        assert 0.0 <= row.score <= 1.0
+
+
+def test_record_replay_matches_a_compressing_prefill():
+    model = tiny_model("qwen3")
+    ids = torch.tensor([random_prompt(200, seed=4)])
+    record = PrefillRecord(model, ids)
+    for method in ("lava", "cake", "ada-pyramidkv"):
+        replayed = record.compress(method, budget=40)
+        direct = lavakv.CompressedCache(model, method=method, budget=40)
+        with torch.inference_mode():
+            model(input_ids=ids, past_key_values=direct, use_cache=True)
+        for a, b in zip(replayed.layers, direct.layers):
+            assert torch.equal(a.prefix_positions, b.prefix_positions)
+            assert torch.equal(a.prefix_keys, b.prefix_keys)
+
+
+def test_rerun_skips_finished_rows(tmp_path):
+    first = _complete_run(tmp_path / "run")
+    assert len(first) == len(tiny_samples()) * len(PAIRS)
+    with ResultStore(tmp_path / "run") as store:
+        written = run(tiny_model("llama"), TinyTokenizer(), tiny_samples(), PAIRS, store, progress=False)
+    assert written == 0
+    assert _predictions(tmp_path / "run") == first
+
+
+def test_killed_run_resumes_without_losing_or_duplicating(tmp_path):
+    reference = _complete_run(tmp_path / "reference")
+    crashed = tmp_path / "crashed"
+    for die_after in (3, 7):
+        result = subprocess.run([sys.executable, str(WORKER), str(crashed), "--die-after", str(die_after)])
+        assert result.returncode == -9
+    assert 0 < len(_predictions(crashed)) < len(reference)
+    subprocess.run([sys.executable, str(WORKER), str(crashed)], check=True)
+    assert _predictions(crashed) == reference
+
+
+def test_two_shards_write_one_store(tmp_path):
+    reference = _complete_run(tmp_path / "reference")
+    shared = tmp_path / "shared"
+    workers = [subprocess.Popen([sys.executable, str(WORKER), str(shared), "--shard", f"{i}/2"]) for i in range(2)]
+    assert [w.wait() for w in workers] == [0, 0]
+    assert _predictions(shared) == reference
+
+
+def test_store_refuses_a_rerun_with_other_settings(tmp_path):
+    with ResultStore(tmp_path) as store:
+        store.claim_identity({"model": "a", "protocol": "query-aware"})
+        store.claim_identity({"model": "a", "protocol": "query-aware"})
+        with pytest.raises(ValueError, match="protocol='query-aware'.*query-agnostic"):
+            store.claim_identity({"model": "a", "protocol": "query-agnostic"})
+
+
+def test_report_tables_and_plots(tmp_path):
+    _complete_run(tmp_path / "run")
+    runs = load_runs([tmp_path / "run"])
+    rows = runs[0].rows
+    expected = {}
+    for row in rows:
+        expected.setdefault((row.dataset, row.method, row.budget), []).append(row.score)
+    records = json.loads(render(runs, "json"))
+    assert len(records) == len(expected)
+    for record in records:
+        scores = expected[(record["dataset"], record["method"], record["budget"])]
+        assert record["score"] == pytest.approx(100 * sum(scores) / len(scores))
+        assert record["samples"] == 3
+    csv_text = render(runs, "csv")
+    assert csv_text.splitlines()[0].startswith("run,benchmark,dataset,method,budget,samples,score")
+    assert len(csv_text.splitlines()) == len(expected) + 1
+    markdown = render(runs, "md")
+    assert "| full cache |" in markdown and "| lava |" in markdown and "B=24" in markdown
+    plots = write_plots(runs[0], tmp_path / "plots")
+    names = {p.name for p in plots}
+    assert {"tiny_score_vs_budget.png", "tiny_layer_budgets.png"} <= names
+    assert all(p.stat().st_size > 1000 for p in plots)
+
+
+def test_report_compares_runs(tmp_path):
+    _complete_run(tmp_path / "a")
+    _complete_run(tmp_path / "b")
+    markdown = render(load_runs([tmp_path / "a", tmp_path / "b"]), "md")
+    assert "Comparison of runs" in markdown and "| a: lava |" in markdown and "| b: lava |" in markdown
+
+
+def test_report_of_a_directory_without_results(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no results store"):
+        load_runs([tmp_path])
+
+
+def test_needle_heat_maps(tmp_path):
+    sample_rows = []
+    with ResultStore(tmp_path / "niah") as store:
+        for depth in (0.0, 0.5, 1.0):
+            for length in (100, 200):
+                for method, budget, score in (("full", 0, 1.0), ("lava", 32, depth)):
+                    row = _fake_row(
+                        f"len{length}-depth{depth}", method, budget, score, {"depth": depth, "length": length}
+                    )
+                    store.add(row)
+                    sample_rows.append(row)
+    plots = write_plots(load_runs([tmp_path / "niah"])[0], tmp_path / "niah")
+    assert (tmp_path / "niah" / "niah_heatmap_b32.png") in plots
+
+
+def _fake_row(sample_id, method, budget, score, extra):
+    from lavakv.eval.store import ResultRow
+
+    return ResultRow(
+        "niah",
+        "niah",
+        sample_id,
+        method,
+        budget,
+        None,
+        "x",
+        score,
+        ["x"],
+        10,
+        False,
+        5,
+        10,
+        100,
+        1,
+        0.1,
+        0.0,
+        0.1,
+        [1.0, 2.0],
+        extra,
+    )
+
+
+def test_pairs_and_shards_are_validated():
+    assert make_pairs(["full", "lava"], [32, 64]) == [Pair("full", 0, None), Pair("lava", 32, 16), Pair("lava", 64, 32)]
+    with pytest.raises(ValueError, match="unknown method 'lavva'"):
+        make_pairs(["lavva"], [64])
+    with pytest.raises(ValueError, match="needs at least one budget"):
+        make_pairs(["lava"], [])
+    with pytest.raises(ValueError, match="window 64 must be smaller than budget 64"):
+        make_pairs(["lava"], [64], window=64)
+    assert parse_shard("1/3") == (1, 3)
+    for bad in ("3/3", "a/b", "1", "-1/2"):
+        with pytest.raises(ValueError, match="--shard"):
+            parse_shard(bad)
+
+
+def test_middle_truncation_keeps_both_ends():
+    context, truncated = fit_context(list(range(100)), [1, 2], max_new_tokens=8, max_length=50)
+    assert truncated and len(context) == 40
+    assert context[:20] == list(range(20)) and context[20:] == list(range(80, 100))
+    same, truncated = fit_context(list(range(10)), [1], 4, 50)
+    assert same == list(range(10)) and not truncated
+    with pytest.raises(ValueError, match="leave no room"):
+        fit_context([1, 2, 3], [1] * 40, 10, 50)
+
+
+def test_chat_template_split_keeps_question_separate(smollm2):
+    model, tokenizer = smollm2
+    sample = Sample(
+        "t",
+        "d",
+        "1",
+        "Some document text.\n\n",
+        "Question: what is it?\nAnswer:",
+        ["x"],
+        4,
+        "qa_f1",
+        chat_template=True,
+    )
+    prepared = prepare(tokenizer, sample, "auto", 8192)
+    context, question = tokenizer.decode(prepared.context), tokenizer.decode(prepared.question)
+    assert "Some document text." in context and "what is it" not in context
+    assert question.startswith("Question: what is it?") and "assistant" in question
+    plain = prepare(tokenizer, sample, "off", 8192)
+    assert tokenizer.decode(plain.context + plain.question) == sample.prompt
