@@ -1,0 +1,405 @@
+"""Scoring functions for every benchmark, keyed by the name a :class:`Sample` carries in ``metric``.
+
+Each metric has the signature ``(prediction, answers, extra) -> float`` and returns a score in
+[0, 1]; ``extra`` is :attr:`Sample.extra`. Unless its docstring says otherwise a metric scores the
+prediction against each reference answer and keeps the best score, as LongBench does. An empty (or
+whitespace-only) prediction scores 0.0 under every metric; an empty ``answers`` list is a
+:class:`ValueError`, since it would otherwise silently score 0.
+
+The formulas follow LongBench (Bai et al. 2023), RULER (Hsieh et al. 2024) and InfiniteBench
+(Zhang et al. 2024); they are reimplemented here in pure Python so that scoring needs no extra
+dependency (no jieba, rouge or fuzzywuzzy).
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import re
+import string
+import unicodedata
+from collections import Counter
+from collections.abc import Callable, Sequence
+
+from lavakv.eval.samples import Sample
+
+Metric = Callable[[str, list[str], dict], float]
+
+__all__ = ["METRICS", "Metric", "score"]
+
+_ASCII_PUNCT = frozenset(string.punctuation)
+# Full-width forms (U+FF01-FF5E) of the ASCII punctuation, common in Chinese text; several are
+# Unicode symbols (category S), not punctuation (category P), so they are listed explicitly.
+_FULLWIDTH_PUNCT = frozenset(chr(ord(c) + 0xFEE0) for c in string.punctuation)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_WORD = re.compile(r"\w+")
+# Chinese tokens: a run of (Latin) letters or digits is one token, anything else one character.
+_ZH_TOKEN = re.compile(r"[0-9a-z\u00c0-\u024f]+|\S")
+_INT = re.compile(r"[0-9]+")
+_NUMBER = re.compile(r"-?[0-9]+(?:\.[0-9]+)?")
+_OPTION_LETTER = re.compile(r"(?<![\w-])[A-D](?![\w-])")
+# What follows a bare "A" used as the article: a lowercase word, but not "is/was/and/or" ("A is right").
+_ARTICLE_AFTER = re.compile(r"\s+(?!(?:is|was|and|or)\b)[a-z]")
+_LETTERS = "ABCD"
+
+#: Words :func:`needle_recall` ignores in the answer, besides one-character words.
+NEEDLE_STOP_WORDS = frozenset({"a", "an", "the", "and", "or", "of", "to", "in", "on", "at", "by", "for", "with", "is"})
+
+
+def _is_punct(char: str) -> bool:
+    return char in _ASCII_PUNCT or char in _FULLWIDTH_PUNCT or unicodedata.category(char).startswith("P")
+
+
+def _check_answers(answers: Sequence[str]) -> None:
+    if isinstance(answers, str):
+        raise TypeError(f"answers must be a list of strings, not a string: {answers!r}")
+    if len(answers) == 0:
+        raise ValueError("answers is empty: a sample needs at least one reference answer to be scored")
+
+
+def _best_over_answers(fn: Callable[[str, str, dict], float]) -> Metric:
+    """Turn a (prediction, one answer, extra) scorer into a metric taking the max over answers."""
+
+    @functools.wraps(fn)
+    def metric(prediction: str, answers: list[str], extra: dict | None = None) -> float:
+        _check_answers(answers)
+        if not prediction.strip():
+            return 0.0
+        return max(fn(prediction, answer, extra or {}) for answer in answers)
+
+    return metric
+
+
+def _all_answers(fn: Callable[[str, list[str], dict], float]) -> Metric:
+    """Add the shared empty-answers / empty-prediction handling to a metric that sees all answers."""
+
+    @functools.wraps(fn)
+    def metric(prediction: str, answers: list[str], extra: dict | None = None) -> float:
+        _check_answers(answers)
+        if not prediction.strip():
+            return 0.0
+        return fn(prediction, list(answers), extra or {})
+
+    return metric
+
+
+def _f1(pred_tokens: Sequence[str], ref_tokens: Sequence[str]) -> float:
+    same = sum((Counter(pred_tokens) & Counter(ref_tokens)).values())
+    if same == 0:
+        return 0.0
+    precision = same / len(pred_tokens)
+    recall = same / len(ref_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    """Length of the longest common subsequence, by the bit-parallel algorithm (Hyyrö 2004).
+
+    Python integers serve as bit vectors over the positions of ``a``, so long summaries (thousands
+    of Chinese characters) are scored in milliseconds instead of a quadratic pure-Python table.
+    """
+    if not a or not b:
+        return 0
+    masks: dict[str, int] = {}
+    for i, token in enumerate(a):
+        masks[token] = masks.get(token, 0) | (1 << i)
+    full = (1 << len(a)) - 1
+    v = full
+    for token in b:
+        u = v & masks.get(token, 0)
+        v = ((v + u) | (v - u)) & full
+    return len(a) - v.bit_count()
+
+
+def _rouge_l_f(pred_tokens: Sequence[str], ref_tokens: Sequence[str]) -> float:
+    lcs = _lcs_length(pred_tokens, ref_tokens)
+    if lcs == 0:
+        return 0.0
+    precision = lcs / len(pred_tokens)
+    recall = lcs / len(ref_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _normalize_en(text: str) -> str:
+    """SQuAD-style normalisation: lowercase, drop ASCII punctuation and articles, collapse whitespace."""
+    text = "".join(c for c in text.lower() if c not in _ASCII_PUNCT)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def _zh_tokens(text: str) -> list[str]:
+    return [t for t in _ZH_TOKEN.findall(text.lower()) if not (len(t) == 1 and _is_punct(t))]
+
+
+# --------------------------------------------------------------------------------------- LongBench
+
+
+@_best_over_answers
+def qa_f1(prediction: str, answer: str, extra: dict) -> float:
+    """Token-level F1 after SQuAD-style normalisation (LongBench, Bai et al. 2023: ``qa_f1_score``).
+
+    Lowercase, remove ASCII punctuation, remove the articles a/an/the, split on whitespace; F1 of
+    the bag-of-tokens overlap. Max over answers.
+    """
+    return _f1(_normalize_en(prediction).split(), _normalize_en(answer).split())
+
+
+@_best_over_answers
+def qa_f1_zh(prediction: str, answer: str, extra: dict) -> float:
+    """Chinese token F1 (LongBench, Bai et al. 2023: ``qa_f1_zh_score``), without jieba.
+
+    LongBench segments Chinese with jieba; to avoid that dependency this tokenises at the
+    character level instead: every Chinese (or other non-Latin) character is one token, a run of
+    Latin letters or digits is one token, and Chinese and English punctuation and whitespace are
+    dropped. Scores are therefore not identical to LongBench's (character F1 is usually somewhat
+    higher than word F1), but rank systems the same way. Max over answers.
+    """
+    return _f1(_zh_tokens(prediction), _zh_tokens(answer))
+
+
+@_best_over_answers
+def rouge_l(prediction: str, answer: str, extra: dict) -> float:
+    """ROUGE-L F-measure (beta = 1) over lowercased word tokens (LongBench, Bai et al. 2023: ``rouge_score``).
+
+    Tokens are the ``\\w+`` runs of the lowercased text (punctuation is a separator); the score is
+    the harmonic mean of LCS/len(prediction) and LCS/len(answer). Max over answers.
+    """
+    return _rouge_l_f(_WORD.findall(prediction.lower()), _WORD.findall(answer.lower()))
+
+
+@_best_over_answers
+def rouge_l_zh(prediction: str, answer: str, extra: dict) -> float:
+    """ROUGE-L F-measure over Chinese characters (LongBench, Bai et al. 2023: ``rouge_zh_score``), without jieba.
+
+    Same tokens as :func:`qa_f1_zh` (characters, Latin words kept whole, punctuation and whitespace
+    dropped) instead of LongBench's jieba words. Max over answers.
+    """
+    return _rouge_l_f(_zh_tokens(prediction), _zh_tokens(answer))
+
+
+@_best_over_answers
+def classification(prediction: str, answer: str, extra: dict) -> float:
+    """Class-name matching (LongBench, Bai et al. 2023: ``classification_score``); needs ``extra["all_classes"]``.
+
+    The class names of ``all_classes`` that occur as substrings of the prediction are matched; a
+    matched name that is part of the answer without being it is dropped (it matched only because
+    the answer contains it). Score 1/len(matched) if the answer is matched, else 0, so naming
+    several classes is penalised. Case-sensitive. Max over answers.
+    """
+    all_classes = extra.get("all_classes")
+    if not all_classes:
+        raise ValueError("the classification metric needs a non-empty extra['all_classes']")
+    matched = list(dict.fromkeys(c for c in all_classes if c and c in prediction))
+    kept = [m for m in matched if m == answer or m not in answer]
+    return 1.0 / len(kept) if answer in kept else 0.0
+
+
+def _fraction_equal(prediction: str, target: str) -> float:
+    numbers = _INT.findall(prediction)
+    if not numbers:
+        return 0.0
+    return sum(n == target for n in numbers) / len(numbers)
+
+
+def _retrieval(prediction: str, answer: str, label: str) -> float:
+    found = re.search(re.escape(label) + r"\s*([0-9]+)", answer)
+    if found is None:
+        raise ValueError(f"retrieval answer {answer!r} does not look like '{label}<number>'")
+    return _fraction_equal(prediction, found.group(1))
+
+
+@_best_over_answers
+def retrieval(prediction: str, answer: str, extra: dict) -> float:
+    """Passage retrieval (LongBench, Bai et al. 2023: ``retrieval_score``), answers like ``"Paragraph 12"``.
+
+    The fraction of the numbers in the prediction that equal the answer's paragraph number (0 if
+    the prediction has no number), so naming several paragraphs earns partial credit. Max over answers.
+    """
+    return _retrieval(prediction, answer, "Paragraph")
+
+
+@_best_over_answers
+def retrieval_zh(prediction: str, answer: str, extra: dict) -> float:
+    """Chinese passage retrieval (LongBench, Bai et al. 2023: ``retrieval_zh_score``), answers like ``"段落12"``.
+
+    As :func:`retrieval`. Max over answers.
+    """
+    return _retrieval(prediction, answer, "段落")
+
+
+@_best_over_answers
+def count(prediction: str, answer: str, extra: dict) -> float:
+    """Passage counting (LongBench, Bai et al. 2023: ``count_score``).
+
+    The fraction of the numbers in the prediction that equal the answer (0 if there is no number).
+    Max over answers.
+    """
+    return _fraction_equal(prediction, answer.strip())
+
+
+@_best_over_answers
+def code_sim(prediction: str, answer: str, extra: dict) -> float:
+    """Edit similarity of the first code line (LongBench, Bai et al. 2023: ``code_sim_score``).
+
+    The first line of the prediction (leading newlines stripped) that contains no backtick, ``#``
+    or ``//`` (markdown fences and comments, as LongBench filters them) is compared with
+    the answer by :class:`difflib.SequenceMatcher` ratio, which is what fuzzywuzzy's ``fuzz.ratio``
+    computes (divided by 100, unrounded). No such line scores 0. Max over answers.
+    """
+    line = next(
+        (ln for ln in prediction.lstrip("\n").split("\n") if not any(mark in ln for mark in ("`", "#", "//"))),
+        "",
+    )
+    if not line or not answer:
+        return 0.0
+    return difflib.SequenceMatcher(None, line, answer, autojunk=False).ratio()
+
+
+# ------------------------------------------------------------------------------------------- RULER
+
+
+@_all_answers
+def string_match_all(prediction: str, answers: list[str], extra: dict) -> float:
+    """Fraction of the references found in the prediction, case-insensitive (RULER, Hsieh et al. 2024).
+
+    Uses all references together (no max): finding 2 of 3 needles scores 2/3.
+    """
+    text = prediction.lower()
+    return sum(answer.lower() in text for answer in answers) / len(answers)
+
+
+@_all_answers
+def string_match_part(prediction: str, answers: list[str], extra: dict) -> float:
+    """1.0 if any reference occurs in the prediction, case-insensitive (RULER, Hsieh et al. 2024)."""
+    text = prediction.lower()
+    return float(any(answer.lower() in text for answer in answers))
+
+
+# ------------------------------------------------------------------------------ Needle in a haystack
+
+
+def _needle_words(text: str) -> list[str]:
+    return [w for w in _WORD.findall(text.lower()) if len(w) > 1 and w not in NEEDLE_STOP_WORDS]
+
+
+@_best_over_answers
+def needle_recall(prediction: str, answer: str, extra: dict) -> float:
+    """Fraction of the needle's content words that the prediction contains (needle-in-a-haystack).
+
+    Words are the lowercased ``\\w+`` runs (punctuation separates words); in the answer,
+    one-character words and :data:`NEEDLE_STOP_WORDS` are skipped, so recall measures the facts,
+    not the phrasing. An answer made only of skipped words is scored on all its words. Max over answers.
+    """
+    words = _needle_words(answer) or _WORD.findall(answer.lower())
+    if not words:
+        return 0.0
+    predicted = set(_WORD.findall(prediction.lower()))
+    return sum(w in predicted for w in words) / len(words)
+
+
+# ----------------------------------------------------------------------------------- InfiniteBench
+
+
+@_best_over_answers
+def first_int_match(prediction: str, answer: str, extra: dict) -> float:
+    """The first run of digits in the prediction equals the answer (InfiniteBench, Zhang et al. 2024).
+
+    Used for passkey and number_string retrieval.
+    """
+    found = _INT.search(prediction)
+    return float(found is not None and found.group() == answer.strip())
+
+
+@_best_over_answers
+def kv_match(prediction: str, answer: str, extra: dict) -> float:
+    """The answer value is one of the prediction's tokens (InfiniteBench, Zhang et al. 2024: kv_retrieval).
+
+    The prediction is split on whitespace and on every punctuation character except ``-`` (which
+    UUID-like values contain); the answer must equal one of the pieces exactly.
+    """
+    cleaned = "".join(" " if c != "-" and _is_punct(c) else c for c in prediction)
+    return float(answer.strip() in cleaned.split())
+
+
+@_best_over_answers
+def first_number_match(prediction: str, answer: str, extra: dict) -> float:
+    """The first number in the prediction equals the answer numerically (InfiniteBench, Zhang et al. 2024: math_find).
+
+    Numbers are integers or decimals with an optional minus sign, so ``"-3.0"`` matches ``"-3"``.
+    """
+    try:
+        target = float(answer.strip())
+    except ValueError:
+        raise ValueError(f"first_number_match needs a numeric answer, got {answer!r}") from None
+    found = _NUMBER.search(prediction)
+    return float(found is not None and float(found.group()) == target)
+
+
+def _first_option_letter(prediction: str) -> str | None:
+    for found in _OPTION_LETTER.finditer(prediction):
+        # "A good answer is B": a capital "A" before a lowercase word is the article, not an option.
+        if found.group() != "A" or _ARTICLE_AFTER.match(prediction, found.end()) is None:
+            return found.group()
+    return None
+
+
+@_best_over_answers
+def choice(prediction: str, answer: str, extra: dict) -> float:
+    """Multiple choice among ``extra["options"]`` (InfiniteBench, Zhang et al. 2024: longbook_choice_eng, code_debug).
+
+    ``options`` are the option texts in order A, B, C, D; the answer is the correct option's text
+    or its letter. The first standalone capital letter A-D in the prediction ("B", "(B)", "B.",
+    "Answer: B"; a bare "A" followed by a lowercase word other than is/was/and/or is read as the
+    article) is the choice. If there is none, the prediction scores 1 when it contains the correct
+    option's text and no other option's text (case-insensitive). Max over answers.
+    """
+    options = extra.get("options")
+    if not options:
+        raise ValueError("the choice metric needs a non-empty extra['options']")
+    options = list(options)[: len(_LETTERS)]
+    if answer in options:
+        correct = options.index(answer)
+    elif len(answer.strip()) == 1 and answer.strip().upper() in _LETTERS[: len(options)]:
+        correct = _LETTERS.index(answer.strip().upper())
+    else:
+        raise ValueError(f"choice answer {answer!r} is neither an option letter nor one of the options {options!r}")
+    letter = _first_option_letter(prediction)
+    if letter is not None:
+        return float(letter == _LETTERS[correct])
+    text = prediction.lower()
+    found = {i for i, option in enumerate(options) if option.strip() and option.strip().lower() in text}
+    return float(found == {correct})
+
+
+METRICS: dict[str, Metric] = {
+    "qa_f1": qa_f1,
+    "qa_f1_zh": qa_f1_zh,
+    "rouge_l": rouge_l,
+    "rouge_l_zh": rouge_l_zh,
+    "classification": classification,
+    "retrieval": retrieval,
+    "retrieval_zh": retrieval_zh,
+    "count": count,
+    "code_sim": code_sim,
+    "string_match_all": string_match_all,
+    "string_match_part": string_match_part,
+    "needle_recall": needle_recall,
+    "first_int_match": first_int_match,
+    "kv_match": kv_match,
+    "first_number_match": first_number_match,
+    "choice": choice,
+}
+
+
+def score(sample: Sample, prediction: str) -> float:
+    """Score ``prediction`` for ``sample`` with the metric it names, applying ``extra["first_line"]``.
+
+    With ``first_line`` set, only the prediction's first line counts (after leading newlines are
+    stripped), as LongBench does for trec, triviaqa, samsum and lsht, whose few-shot prompts make
+    models continue with further made-up examples.
+    """
+    metric = METRICS.get(sample.metric)
+    if metric is None:
+        raise ValueError(f"unknown metric {sample.metric!r}; valid metrics: {', '.join(sorted(METRICS))}")
+    if sample.extra.get("first_line"):
+        prediction = prediction.lstrip("\n").split("\n", 1)[0]
+    return metric(prediction, sample.answers, sample.extra)

@@ -1,0 +1,359 @@
+"""Hand-computed cases for every metric in lavakv.eval.metrics."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from lavakv.eval import metrics
+from lavakv.eval.metrics import METRICS, score
+from lavakv.eval.samples import Sample
+
+# A valid (answers, extra) pair for every metric, used by the tests that run over all of them.
+VALID_INPUTS = {
+    "qa_f1": (["Paris"], {}),
+    "qa_f1_zh": (["北京"], {}),
+    "rouge_l": (["the cat sat"], {}),
+    "rouge_l_zh": (["我喜欢猫"], {}),
+    "classification": (["city"], {"all_classes": ["city", "country"]}),
+    "retrieval": (["Paragraph 3"], {}),
+    "retrieval_zh": (["段落3"], {}),
+    "count": (["4"], {}),
+    "code_sim": (["return x"], {}),
+    "string_match_all": (["123", "456"], {}),
+    "string_match_part": (["123", "456"], {}),
+    "needle_recall": (["eat a sandwich"], {}),
+    "first_int_match": (["71432"], {}),
+    "kv_match": (["a1b2-c3d4"], {}),
+    "first_number_match": (["-3"], {}),
+    "choice": (["London"], {"options": ["Paris", "London", "Berlin", "Rome"]}),
+}
+
+
+def make_sample(metric: str, answers: list[str], **extra) -> Sample:
+    return Sample(
+        benchmark="test",
+        dataset="test",
+        sample_id="0",
+        context="",
+        question="",
+        answers=answers,
+        max_new_tokens=8,
+        metric=metric,
+        extra=extra,
+    )
+
+
+def test_metric_names():
+    assert set(METRICS) == set(VALID_INPUTS)
+
+
+# ------------------------------------------------------------------------------------ shared rules
+
+
+@pytest.mark.parametrize("name", sorted(VALID_INPUTS))
+@pytest.mark.parametrize("prediction", ["", "  \n\n "])
+def test_empty_prediction_scores_zero(name, prediction):
+    answers, extra = VALID_INPUTS[name]
+    assert METRICS[name](prediction, answers, extra) == 0.0
+
+
+@pytest.mark.parametrize("name", sorted(VALID_INPUTS))
+def test_empty_answers_raise(name):
+    _, extra = VALID_INPUTS[name]
+    with pytest.raises(ValueError, match="answers is empty"):
+        METRICS[name]("some prediction 3", [], extra)
+
+
+@pytest.mark.parametrize("name", sorted(VALID_INPUTS))
+def test_answers_given_as_a_string_raise(name):
+    _, extra = VALID_INPUTS[name]
+    with pytest.raises(TypeError, match="list of strings"):
+        METRICS[name]("some prediction 3", "Paris", extra)
+
+
+def test_unknown_metric_names_the_metric_and_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown metric 'bleu'") as info:
+        score(make_sample("bleu", ["x"]), "x")
+    assert "qa_f1" in str(info.value) and "string_match_all" in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------- qa_f1
+
+
+def test_qa_f1_partial_overlap():
+    # "the"/"a" are dropped: prediction [cat, sat], answer [cat, sat, down]: P = 2/2, R = 2/3, F1 = 0.8.
+    assert METRICS["qa_f1"]("the cat sat", ["a cat sat down"], {}) == pytest.approx(0.8)
+
+
+def test_qa_f1_normalisation():
+    assert METRICS["qa_f1"]("The Cat, sat!", ["cat sat"], {}) == pytest.approx(1.0)
+    assert METRICS["qa_f1"]("An apple.", ["apple"], {}) == pytest.approx(1.0)
+    # "there" is not the article "the".
+    assert METRICS["qa_f1"]("there", ["the"], {}) == 0.0
+
+
+def test_qa_f1_counts_repeated_tokens_once_per_occurrence():
+    # prediction [cat, cat], answer [cat]: overlap 1, P = 1/2, R = 1, F1 = 2/3.
+    assert METRICS["qa_f1"]("cat cat", ["cat"], {}) == pytest.approx(2 / 3)
+
+
+def test_qa_f1_max_over_answers():
+    # vs "paris france": P = 1, R = 1/2, F1 = 2/3; vs "London": 0.
+    assert METRICS["qa_f1"]("Paris", ["London", "Paris France"], {}) == pytest.approx(2 / 3)
+    assert METRICS["qa_f1"]("Paris", ["London", "Paris France", "paris"], {}) == pytest.approx(1.0)
+    assert METRICS["qa_f1"]("Rome", ["London", "Paris"], {}) == 0.0
+
+
+def test_qa_f1_zh_character_level():
+    # 4 characters vs 2, overlap 2: P = 1/2, R = 1, F1 = 2/3.
+    assert METRICS["qa_f1_zh"]("北京大学", ["北京"], {}) == pytest.approx(2 / 3)
+    # Chinese and full-width punctuation and whitespace are removed.
+    assert METRICS["qa_f1_zh"]("（北 京，大学。）", ["北京大学"], {}) == pytest.approx(1.0)
+    # A Latin word stays one token: [gpt4, 模, 型] vs [gpt4]: P = 1/3, R = 1, F1 = 0.5.
+    assert METRICS["qa_f1_zh"]("GPT4模型", ["gpt4"], {}) == pytest.approx(0.5)
+    assert METRICS["qa_f1_zh"]("上海", ["北京", "南京"], {}) == 0.0
+    # Max over answers: vs 北京 2/3 (above), vs 北京大学 1.
+    assert METRICS["qa_f1_zh"]("北京大学", ["北京", "北京大学"], {}) == pytest.approx(1.0)
+
+
+# -------------------------------------------------------------------------------------- rouge_l
+
+
+def test_rouge_l_known_lcs():
+    # LCS "the cat on the mat" = 5 of 6 tokens on both sides: P = R = F = 5/6.
+    assert METRICS["rouge_l"]("The cat sat on the mat.", ["the cat is on the mat"], {}) == pytest.approx(5 / 6)
+    # LCS of [a, b, c, d] and [b, d, e] is [b, d]: P = 2/4, R = 2/3, F = 4/7.
+    assert METRICS["rouge_l"]("a b c d", ["b d e"], {}) == pytest.approx(4 / 7)
+
+
+def test_rouge_l_depends_on_order_unlike_f1():
+    # Same bag of words, but the longest common subsequence has only 2 of 4 tokens.
+    prediction, answers = "police killed the gunman", ["the gunman police killed"]
+    assert METRICS["rouge_l"](prediction, answers, {}) == pytest.approx(0.5)
+    assert METRICS["qa_f1"](prediction, answers, {}) == pytest.approx(1.0)
+
+
+def test_rouge_l_max_over_answers():
+    assert METRICS["rouge_l"]("a b c d", ["x y", "b d e", "a b c d"], {}) == pytest.approx(1.0)
+    assert METRICS["rouge_l"]("a b c d", ["x y", "b d e"], {}) == pytest.approx(4 / 7)
+
+
+def test_rouge_l_zh_characters():
+    # 我喜欢猫 vs 我也喜欢猫: LCS 4, P = 4/4, R = 4/5, F = 8/9; punctuation ignored.
+    assert METRICS["rouge_l_zh"]("我喜欢猫！", ["我也喜欢猫。"], {}) == pytest.approx(8 / 9)
+    assert METRICS["rouge_l_zh"]("猫喜欢我", ["我喜欢猫"], {}) == pytest.approx(0.5)
+
+
+def test_lcs_matches_dynamic_programming():
+    def lcs_table(a, b):
+        prev = [0] * (len(b) + 1)
+        for x in a:
+            cur = [0]
+            for j, y in enumerate(b):
+                cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+            prev = cur
+        return prev[-1]
+
+    rng = random.Random(0)
+    for _ in range(300):
+        a = [rng.choice("abcde") for _ in range(rng.randint(0, 40))]
+        b = [rng.choice("abcde") for _ in range(rng.randint(0, 40))]
+        assert metrics._lcs_length(a, b) == lcs_table(a, b)
+
+
+# ------------------------------------------------------------------------------- classification
+
+CLASSES = {"all_classes": ["entity", "other entity", "city", "country"]}
+
+
+def test_classification_overlapping_class_names():
+    # "entity" only matched inside "other entity", so it is dropped.
+    assert METRICS["classification"]("other entity", ["other entity"], CLASSES) == pytest.approx(1.0)
+    # The answer "entity" is kept even though it is inside "other entity": 2 matches, 1/2.
+    assert METRICS["classification"]("other entity", ["entity"], CLASSES) == pytest.approx(0.5)
+    # LongBench drops only matches that sit inside the answer: city, entity, other entity all count: 1/3.
+    assert METRICS["classification"]("city or other entity", ["city"], CLASSES) == pytest.approx(1 / 3)
+
+
+def test_classification_wrong_and_exact():
+    assert METRICS["classification"]("country", ["city"], CLASSES) == 0.0
+    assert METRICS["classification"]("It is a city.", ["city"], CLASSES) == pytest.approx(1.0)
+    # Case-sensitive, as in LongBench.
+    assert METRICS["classification"]("City", ["city"], CLASSES) == 0.0
+
+
+def test_classification_needs_all_classes():
+    with pytest.raises(ValueError, match="all_classes"):
+        METRICS["classification"]("city", ["city"], {})
+
+
+# -------------------------------------------------------------------------- retrieval and count
+
+
+def test_retrieval_several_numbers():
+    # Numbers 12, 3, 12: two of three are right.
+    prediction = "Paragraph 12, Paragraph 3 and Paragraph 12"
+    assert METRICS["retrieval"](prediction, ["Paragraph 12"], {}) == pytest.approx(2 / 3)
+    assert METRICS["retrieval"]("Paragraph 1", ["Paragraph 12"], {}) == 0.0
+    assert METRICS["retrieval"]("I do not know", ["Paragraph 12"], {}) == 0.0
+
+
+def test_retrieval_zh():
+    assert METRICS["retrieval_zh"]("段落12和段落5", ["段落12"], {}) == pytest.approx(0.5)
+    assert METRICS["retrieval_zh"]("段落5", ["段落12"], {}) == 0.0
+
+
+def test_retrieval_rejects_malformed_answer():
+    with pytest.raises(ValueError, match="Paragraph"):
+        METRICS["retrieval"]("Paragraph 3", ["3"], {})
+
+
+def test_count_several_numbers():
+    # Numbers 5, 6, 5: two of three equal the answer.
+    prediction = "There are 5 unique paragraphs, not 6 or 5."
+    assert METRICS["count"](prediction, ["5"], {}) == pytest.approx(2 / 3)
+    assert METRICS["count"](prediction, ["6"], {}) == pytest.approx(1 / 3)
+    assert METRICS["count"](prediction, ["6", "5"], {}) == pytest.approx(2 / 3)
+    assert METRICS["count"]("fifteen", ["15"], {}) == 0.0
+
+
+# ------------------------------------------------------------------------------------- code_sim
+
+
+def test_code_sim_skips_fences_and_comments():
+    prediction = "\n\n```python\n# add one\n    // not python either\n    return x + 1\n```"
+    assert METRICS["code_sim"](prediction, ["    return x + 1"], {}) == pytest.approx(1.0)
+
+
+def test_code_sim_partial():
+    # Matching blocks "abc": ratio = 2 * 3 / (4 + 4) = 0.75.
+    assert METRICS["code_sim"]("// comment\nabcd\nzzzz", ["abce"], {}) == pytest.approx(0.75)
+    # Only the first code line counts: "zzzz" shares nothing with "abce".
+    assert METRICS["code_sim"]("zzzz\nabce", ["abce"], {}) == 0.0
+    assert METRICS["code_sim"]("# only a comment", ["abce"], {}) == 0.0
+    # LongBench skips any line containing a comment marker, trailing comments included.
+    assert METRICS["code_sim"]("x = 1  # set\nabce", ["abce"], {}) == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------------------- RULER
+
+
+def test_string_match_all_partial_credit():
+    prediction = "The special numbers are 123 and 456."
+    assert METRICS["string_match_all"](prediction, ["123", "456", "789"], {}) == pytest.approx(2 / 3)
+    assert METRICS["string_match_all"]("APPLE and Pear", ["apple", "pear"], {}) == pytest.approx(1.0)
+    assert METRICS["string_match_all"]("nothing", ["apple", "pear"], {}) == 0.0
+
+
+def test_string_match_part():
+    assert METRICS["string_match_part"]("it is 456", ["123", "456"], {}) == 1.0
+    assert METRICS["string_match_part"]("It is PEAR", ["pear"], {}) == 1.0
+    assert METRICS["string_match_part"]("it is 45", ["123", "456"], {}) == 0.0
+
+
+# ------------------------------------------------------------------------------- needle_recall
+
+NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
+
+
+def test_needle_recall_partial_credit():
+    # Content words: best thing do san francisco eat sandwich sit dolores park sunny day (12); 4 found.
+    assert METRICS["needle_recall"]("Eat a sandwich in Dolores Park.", [NEEDLE], {}) == pytest.approx(4 / 12)
+    assert METRICS["needle_recall"](NEEDLE.upper(), [NEEDLE], {}) == pytest.approx(1.0)
+    # alice, owns, red, car ("a" skipped): "owns" missing, punctuation separates words.
+    assert METRICS["needle_recall"]("Alice's car is red!", ["Alice owns a red car"], {}) == pytest.approx(3 / 4)
+
+
+def test_needle_recall_max_over_answers_and_stop_word_only_answer():
+    assert METRICS["needle_recall"]("red car", ["blue boat", "Alice owns a red car"], {}) == pytest.approx(2 / 4)
+    # An answer made only of skipped words is scored on all its words.
+    assert METRICS["needle_recall"]("the end", ["to the"], {}) == pytest.approx(1 / 2)
+    assert METRICS["needle_recall"]("nothing relevant", [NEEDLE], {}) == 0.0
+
+
+# ------------------------------------------------------------------------------- InfiniteBench
+
+
+def test_first_int_match():
+    assert METRICS["first_int_match"]("The passkey is 71432. Remember it.", ["71432"], {}) == 1.0
+    assert METRICS["first_int_match"]("The passkey is 7143 2.", ["71432"], {}) == 0.0
+    # Only the first number counts.
+    assert METRICS["first_int_match"]("Among 12 keys the passkey is 71432", ["71432"], {}) == 0.0
+
+
+def test_kv_match():
+    key = "a1b2c3d4-e5f6-7890-abcd-ef0123456789"
+    assert METRICS["kv_match"](f'The value is "{key}".', [key], {}) == 1.0
+    assert METRICS["kv_match"](f"value:{key},", [key], {}) == 1.0
+    assert METRICS["kv_match"](f"The value is {key[:-1]}.", [key], {}) == 0.0
+    # Part of a longer token is not a match.
+    assert METRICS["kv_match"](f"The value is x{key}.", [key], {}) == 0.0
+
+
+def test_first_number_match():
+    assert METRICS["first_number_match"]("The answer is -3.0, not 5", ["-3"], {}) == 1.0
+    assert METRICS["first_number_match"]("x = 42.", ["42"], {}) == 1.0
+    assert METRICS["first_number_match"]("First 5, then -3", ["-3"], {}) == 0.0
+    assert METRICS["first_number_match"]("It is 3", ["-3"], {}) == 0.0
+    with pytest.raises(ValueError, match="numeric"):
+        METRICS["first_number_match"]("3", ["three"], {})
+
+
+OPTIONS = {"options": ["Paris", "London", "Berlin", "Rome"]}
+
+
+@pytest.mark.parametrize(
+    ("prediction", "expected"),
+    [
+        ("B", 1.0),
+        ("(B)", 1.0),
+        ("B. London", 1.0),
+        ("Answer: B", 1.0),
+        ("A good guess is B", 1.0),  # the article "A" is not an option letter
+        ("A is right", 0.0),
+        ("The answer is C", 0.0),
+        ("C. London", 0.0),  # the letter wins over the text
+        ("It must be london.", 1.0),  # no letter: the correct text alone
+        ("London or Paris", 0.0),  # no letter: two option texts
+        ("Berlin", 0.0),
+    ],
+)
+def test_choice(prediction, expected):
+    assert METRICS["choice"](prediction, ["London"], OPTIONS) == expected
+
+
+def test_choice_letter_answer_and_errors():
+    assert METRICS["choice"]("(B)", ["B"], OPTIONS) == 1.0
+    assert METRICS["choice"]("London", ["B"], OPTIONS) == 1.0
+    assert METRICS["choice"]("D", ["B"], OPTIONS) == 0.0
+    with pytest.raises(ValueError, match="neither an option letter"):
+        METRICS["choice"]("B", ["Madrid"], OPTIONS)
+    with pytest.raises(ValueError, match="options"):
+        METRICS["choice"]("B", ["London"], {})
+
+
+# ---------------------------------------------------------------------------------------- score
+
+
+def test_score_first_line():
+    prediction = "\n\nParis\nQuestion: what else? Answer: London"
+    assert score(make_sample("qa_f1", ["Paris"], first_line=True), prediction) == pytest.approx(1.0)
+    # Whole prediction: [paris, question, what, else, answer, london] vs [paris]: P = 1/6, R = 1, F1 = 2/7.
+    assert score(make_sample("qa_f1", ["Paris"]), prediction) == pytest.approx(2 / 7)
+    assert score(make_sample("qa_f1", ["Paris"], first_line=False), prediction) == pytest.approx(2 / 7)
+
+
+def test_score_first_line_classification():
+    sample = make_sample("classification", ["city"], first_line=True, **CLASSES)
+    assert score(sample, "city\ncountry") == pytest.approx(1.0)
+    assert score(make_sample("classification", ["city"], **CLASSES), "city\ncountry") == pytest.approx(0.5)
+    # A prediction that is only newlines has an empty first line.
+    assert score(sample, "\n\n\n") == 0.0
+
+
+def test_score_passes_all_answers_and_extra():
+    sample = make_sample("string_match_all", ["123", "456", "789"])
+    assert score(sample, "123 and 456") == pytest.approx(2 / 3)
+    assert score(make_sample("choice", ["London"], **OPTIONS), "B") == 1.0
