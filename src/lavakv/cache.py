@@ -189,6 +189,8 @@ class CompressedCache(Cache):
     only its config) switches it to lavakv's attention function, which is plain ``sdpa``
     whenever no lavakv cache is in use. ``progressive`` (default: on for dynamic layer budgets)
     compresses layer by layer during the prefill so that peak memory stays bounded.
+    ``score_memo`` (a dict shared by caches derived from one :class:`~lavakv.recording.PrefillRecord`)
+    lets them compute each layer's scores once per score configuration.
     """
 
     def __init__(
@@ -198,6 +200,7 @@ class CompressedCache(Cache):
         budget: int | None = None,
         ratio: float | None = None,
         progressive: bool | None = None,
+        score_memo: dict | None = None,
         **options,
     ):
         config = getattr(model_or_config, "config", model_or_config)
@@ -217,6 +220,7 @@ class CompressedCache(Cache):
         self.padding: list[int] = []
         self.prompt_length = 0
         self.peak_prefill_bytes = 0
+        self.score_memo = score_memo
         self._prefilling: int | None = None
 
     # transformers' side
@@ -294,7 +298,12 @@ class CompressedCache(Cache):
             visible = [min(n, window) if window else n for window in self.sliding_windows]
             self.sequences.append(
                 SequenceCompression(
-                    self.method, n, resolve_budget(n, self.budget, self.ratio), visible, self.progressive
+                    self.method,
+                    n,
+                    resolve_budget(n, self.budget, self.ratio),
+                    visible,
+                    self.progressive,
+                    None if self.score_memo is None else self.score_memo.setdefault(len(self.sequences), {}),
                 )
             )
 

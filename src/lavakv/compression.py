@@ -10,6 +10,7 @@ from the retained candidates exactly as the one-shot selection is computed from 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -90,8 +91,10 @@ class SequenceCompression:
         budget: int,
         visible_lengths: list[int],
         progressive: bool,
+        score_memo: dict | None = None,
     ):
         self.method = method
+        self.score_memo = score_memo
         self.length = length
         self.budget = budget
         self.num_layers = len(visible_lengths)
@@ -136,7 +139,7 @@ class SequenceCompression:
         layer_input = LayerInput(
             query, key, value, scaling, observed=min(self.method.window, visible), prefix_length=prefix
         )
-        scores = self.score_fn(layer_input, self.method).float()
+        scores = self._score(layer, layer_input)
         self.summaries.append(self.allocation.summarize(layer_input, scores, self.method))
         heads = [
             Candidates(positions[:prefix], key[h, :prefix], value[h, :prefix], scores[h]) for h in range(key.shape[0])
@@ -155,6 +158,15 @@ class SequenceCompression:
         else:
             entries.heads = [self._own(head) for head in entries.heads]
         self._after_layer(layer)
+
+    def _score(self, layer: int, layer_input: LayerInput) -> torch.Tensor:
+        """The layer's scores; with a memo, computed once per score configuration (scores ignore budgets)."""
+        if self.score_memo is None:
+            return self.score_fn(layer_input, self.method).float()
+        key = (layer, layer_input.prefix_length, dataclasses.replace(self.method, heads="uniform", layers="uniform"))
+        if key not in self.score_memo:
+            self.score_memo[key] = self.score_fn(layer_input, self.method).float()
+        return self.score_memo[key]
 
     def _entries(self, heads, positions, key, value, prefix, final) -> LayerEntries:
         return LayerEntries(
@@ -206,8 +218,7 @@ class SequenceCompression:
         winners = flattened_winners(padded, slots) if self.method.heads != "uniform" else [0] * len(caps)
         slack = len(entries.heads) + 2
         entries.heads = [
-            self._own(head.take(max(cap, won) + slack))
-            for head, cap, won in zip(entries.heads, caps, winners)
+            self._own(head.take(max(cap, won) + slack)) for head, cap, won in zip(entries.heads, caps, winners)
         ]
 
     @staticmethod

@@ -67,6 +67,7 @@ class PrefillRecord:
         self.layers = recording.recorded
         self.attention_mask = recording.prefill_mask
         self.prompt_length = input_ids.shape[1]
+        self.score_memo: dict = {}
 
     def compress(
         self,
@@ -76,7 +77,15 @@ class PrefillRecord:
         **options,
     ) -> CompressedCache:
         """A new cache holding what ``method`` keeps of the recorded prompt, ready for decoding."""
-        cache = CompressedCache(self.config, method=method, budget=budget, ratio=ratio, progressive=False, **options)
+        cache = CompressedCache(
+            self.config,
+            method=method,
+            budget=budget,
+            ratio=ratio,
+            progressive=False,
+            score_memo=self.score_memo,
+            **options,
+        )
         with torch.inference_mode():
             for layer_idx, (query, key, value, scaling) in enumerate(self.layers):
                 cache.compress_layer(layer_idx, query, key, value, self.attention_mask, scaling)

@@ -130,16 +130,31 @@ def stop_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def greedy_decode(model, cache, first_token: int, max_new_tokens: int, stop_ids: set[int]) -> list[int]:
-    """Greedy tokens after ``first_token`` through ``cache``, until a stop token or ``max_new_tokens``."""
+def greedy_decode(
+    model,
+    cache,
+    first_token: int,
+    max_new_tokens: int,
+    stop_ids: set[int],
+    finished: Callable[[list[int]], bool] | None = None,
+) -> list[int]:
+    """Greedy tokens after ``first_token`` through ``cache``, until a stop token, ``finished`` or the limit."""
     tokens = [first_token]
     device = model.device
     with torch.inference_mode():
         while len(tokens) < max_new_tokens and tokens[-1] not in stop_ids:
+            if finished is not None and finished(tokens):
+                break
             step = torch.tensor([[tokens[-1]]], device=device)
             logits = model(input_ids=step, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
             tokens.append(int(logits[0, -1].argmax()))
     return tokens
+
+
+def first_line(text: str) -> str:
+    """``text`` up to its first line break after leading whitespace."""
+    stripped = text.lstrip()
+    return text[: len(text) - len(stripped)] + stripped.split("\n", 1)[0]
 
 
 def _continue_with(model, cache, question: list[int], prefill_logits: torch.Tensor) -> int:
@@ -190,6 +205,12 @@ def evaluate_sample(
     after_prefill = [] if aware else prepared.question
     input_ids = torch.tensor([prefilled], device=model.device)
     stop_ids = stop_token_ids(model, tokenizer)
+    finished = None
+    if sample.stop_at_newline:
+
+        def finished(tokens: list[int]) -> bool:
+            return "\n" in tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
+
     record = None if from_scratch else PrefillRecord(model, input_ids)
     for pair in pairs:
         options = _method_options(pair)
@@ -207,9 +228,11 @@ def evaluate_sample(
             prefill_logits = record.logits
         decode_start = time.perf_counter()
         first = _continue_with(model, cache, after_prefill, prefill_logits)
-        tokens = greedy_decode(model, cache, first, sample.max_new_tokens, stop_ids)
+        tokens = greedy_decode(model, cache, first, sample.max_new_tokens, stop_ids, finished)
         decode_seconds = time.perf_counter() - decode_start
         prediction = tokenizer.decode([t for t in tokens if t not in stop_ids], skip_special_tokens=True)
+        if sample.stop_at_newline:
+            prediction = first_line(prediction)
         yield _row(sample, pair, prepared, cache, prediction, tokens, prefill_seconds, compress_seconds, decode_seconds)
 
 

@@ -19,7 +19,10 @@ class Sample:
     ``(benchmark, dataset)``. ``metric`` names a function in :mod:`lavakv.eval.metrics`.
     ``chat_template`` is the benchmark's standard choice for this sample (the runner may
     override it). ``extra`` carries what metrics or plots need (``all_classes``, ``depth``,
-    ``length``, ``first_line``...); it must be JSON-serialisable.
+    ``length``, ``first_line``...); it must be JSON-serialisable. ``stop_at_newline`` ends the
+    answer at its first line break after some text: for answers that are one line, so that a
+    model rambling on (often repeating the question, needle words included) neither costs decode
+    time nor earns credit.
     """
 
     benchmark: str
@@ -32,6 +35,7 @@ class Sample:
     metric: str
     chat_template: bool = False
     extra: dict = field(default_factory=dict)
+    stop_at_newline: bool = False
 
     @property
     def prompt(self) -> str:
