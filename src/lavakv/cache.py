@@ -331,6 +331,13 @@ class CompressedCache(Cache):
         """Prompt entries kept, summed over layers, KV heads and samples."""
         return sum(int(layer.counts.sum()) for layer in self.layers if layer.counts is not None)
 
+    def full_entries(self) -> int:
+        """Prompt entries an uncompressed cache would hold (a sliding-window layer holds only its window)."""
+        if self.sequences is None:
+            raise RuntimeError("nothing has been prefilled into this cache yet")
+        kv_heads = self.layers[0].counts.shape[1]
+        return sum(sum(sequence.visible_lengths) for sequence in self.sequences) * kv_heads
+
     def sequence_stats(self) -> list[SequenceStats]:
         """Per sample: kept positions per layer and head, head and layer budgets, entry counts."""
         if self.sequences is None:
@@ -358,7 +365,7 @@ class CompressedCache(Cache):
                     head_budgets=head_budgets,
                     layer_budgets=[sum(heads) / kv_heads for heads in head_budgets],
                     kept_entries=kept_entries,
-                    full_entries=sequence.length * kv_heads * self.num_layers,
+                    full_entries=sum(sequence.visible_lengths) * kv_heads,
                 )
             )
         return stats

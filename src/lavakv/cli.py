@@ -19,7 +19,7 @@ def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
     for name in OPTION_NAMES:
         kind = str if name == "pooling" else (int if name in ("window", "kernel", "sink") else float)
         parser.add_argument(f"--{name}", type=kind, help="method option (see README)")
-    parser.add_argument("--model", help="transformers model directory or .gguf file (default: embedded SmolLM2)")
+    parser.add_argument("--model", help="smollm2 (default), gemma3-270m, transformers model directory or .gguf file")
 
 
 def _method_options(args) -> dict:
@@ -113,11 +113,10 @@ def _split(text: str | None, kind, name: str) -> list | None:
 
 
 def _model_identity(path: str | None) -> str:
-    if path is None:
-        from .models import EMBEDDED_GGUF
+    from .models import DEFAULT_MODEL, MODELS
 
-        return f"embedded {EMBEDDED_GGUF}"
-    return str(Path(path).resolve())
+    name = DEFAULT_MODEL if path is None else path
+    return name if name in MODELS else str(Path(path).resolve())
 
 
 def cmd_eval(args) -> int:
@@ -227,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="passkey demo: full cache vs compressed caches on the embedded model")
     demo.add_argument("--budget", type=int, default=64)
     demo.add_argument("--tokens", type=int, default=1000)
-    demo.add_argument("--model", help="transformers model directory or .gguf file (default: embedded SmolLM2)")
+    demo.add_argument("--model", help="smollm2 (default), gemma3-270m, transformers model directory or .gguf file")
     demo.set_defaults(handler=cmd_demo)
 
     ev = commands.add_parser("eval", help="score methods x budgets on benchmarks (prefill once, resumable)")
@@ -235,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--methods", default=",".join(PRESETS), help="comma-separated (default: all)")
     ev.add_argument("--budgets", default="32,64,128,256", help="comma-separated tokens per KV head per layer")
     ev.add_argument("--out", required=True, help="run directory (results.sqlite); rerunning resumes")
-    ev.add_argument("--model", help="transformers model directory or .gguf file (default: embedded SmolLM2)")
+    ev.add_argument("--model", help="smollm2 (default), gemma3-270m, transformers model directory or .gguf file")
     ev.add_argument("--data", help="directory of JSONL files (longbench, infinitebench)")
     ev.add_argument("--datasets", help="comma-separated dataset or task names (default: all present)")
     ev.add_argument("--limit", type=int, help="samples per dataset (RULER: per task and length; default 3)")

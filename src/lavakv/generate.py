@@ -19,8 +19,9 @@ class GenerationStats:
     """What compression did for one prompt.
 
     ``kept_entries`` prompt entries are kept after prefill out of ``full_entries``
-    (``prompt_length * kv_heads * layers``); ``kv_bytes`` are the bytes of key/value tensors the
-    cache holds for this prompt at the end (kept entries plus generated tokens) and
+    (``prompt_length * kv_heads`` per layer, the window's length on a sliding-window layer);
+    ``kv_bytes`` are the bytes of key/value tensors the cache holds for this prompt at the end
+    (kept entries plus generated tokens) and
     ``full_kv_bytes`` what an uncompressed cache would hold. ``kept_positions[layer][kv_head]``
     lists the prompt positions kept; ``head_budgets[layer][kv_head]`` their count and
     ``layer_budgets[layer]`` the average per head.

@@ -135,7 +135,7 @@ def convert_gguf(gguf: str | os.PathLike, quiet: bool = False) -> Path:
     target = _converted_dir(gguf)
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    _status(f"lavakv: converting {gguf.name} once (about 30 s); cached in {target}", quiet)
+    _status(f"lavakv: converting {gguf.name} once (30 s to 2 min); cached in {target}", quiet)
     try:
         with _quiet_progress(quiet):
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

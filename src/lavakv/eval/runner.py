@@ -237,7 +237,6 @@ def evaluate_sample(
 
 
 def _row(sample, pair, prepared, cache, prediction, tokens, prefill_s, compress_s, decode_s) -> ResultRow:
-    kv_heads = cache.layers[0].counts.shape[1]
     return ResultRow(
         benchmark=sample.benchmark,
         dataset=sample.dataset,
@@ -251,7 +250,7 @@ def _row(sample, pair, prepared, cache, prediction, tokens, prefill_s, compress_
         prompt_tokens=len(prepared.context) + len(prepared.question),
         truncated=prepared.truncated,
         kept_entries=cache.kept_entries(),
-        full_entries=cache.prompt_length * kv_heads * cache.num_layers,
+        full_entries=cache.full_entries(),
         kv_bytes=cache.kv_bytes(),
         new_tokens=len(tokens),
         prefill_seconds=prefill_s,
