@@ -132,9 +132,12 @@ def test_two_shards_write_one_store(tmp_path):
 def test_store_refuses_a_rerun_with_other_settings(tmp_path):
     with ResultStore(tmp_path) as store:
         store.claim_identity({"model": "a", "protocol": "query-aware"})
-        store.claim_identity({"model": "a", "protocol": "query-aware"})
-        with pytest.raises(ValueError, match="protocol='query-aware'.*query-agnostic"):
-            store.claim_identity({"model": "a", "protocol": "query-agnostic"})
+        store.claim_identity({"model": "a", "protocol": "query-agnostic"})
+        assert store.identity()["protocol"] == "query-agnostic", "a store without results takes new settings"
+        store.add(_fake_row("s1", "full", 0, 1.0, {}))
+        store.claim_identity({"model": "a", "protocol": "query-agnostic"})
+        with pytest.raises(ValueError, match="protocol='query-agnostic'.*query-aware"):
+            store.claim_identity({"model": "a", "protocol": "query-aware"})
 
 
 def test_report_tables_and_plots(tmp_path):
@@ -258,3 +261,47 @@ def test_chat_template_split_keeps_question_separate(smollm2):
     assert question.startswith("Question: what is it?") and "assistant" in question
     plain = prepare(tokenizer, sample, "off", 8192)
     assert tokenizer.decode(plain.context + plain.question) == sample.prompt
+
+
+def test_report_of_only_the_full_cache_and_missing_datasets(tmp_path):
+    from lavakv.eval.store import ResultRow
+
+    with ResultStore(tmp_path / "x" / "run") as store:
+        for dataset, score in (("a", 1.0), ("b", 0.5)):
+            store.add(
+                ResultRow(
+                    "bench",
+                    dataset,
+                    "s",
+                    "full",
+                    0,
+                    None,
+                    "p",
+                    score,
+                    ["p"],
+                    9,
+                    False,
+                    9,
+                    9,
+                    9,
+                    2,
+                    0.1,
+                    0.0,
+                    0.1,
+                    [1.0],
+                    {},
+                )
+            )
+        store.add(
+            ResultRow(
+                "bench", "a", "s", "lava", 64, 32, "p", 1.0, ["p"], 9, False, 4, 9, 9, 2, 0.1, 0.0, 0.1, [1.0], {}
+            )
+        )
+    with ResultStore(tmp_path / "y" / "run") as store:
+        store.add(_fake_row("s", "full", 0, 1.0, {"depth": 0.5, "length": 10}))
+    markdown = render(load_runs([tmp_path / "x" / "run"]), "md")
+    assert "| full cache | 75.0 |" in markdown
+    assert "No average (results missing on some datasets) for: lava@64" in markdown
+    runs = load_runs([tmp_path / "x" / "run", tmp_path / "y" / "run"])
+    assert len({run.name for run in runs}) == 2
+    assert "| score |" in render(load_runs([tmp_path / "y" / "run"]), "md")

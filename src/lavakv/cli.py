@@ -124,6 +124,7 @@ def cmd_eval(args) -> int:
     from .eval.benchmarks import BENCHMARKS, build_samples
     from .eval.runner import PROTOCOLS, _progress, make_pairs, parse_shard, plan, run
     from .eval.store import ResultStore
+    from .generate import context_length
     from .models import load_model
 
     benchmarks = _split(args.benchmark, str, "benchmark")
@@ -136,8 +137,12 @@ def cmd_eval(args) -> int:
     shard = parse_shard(args.shard)
     if args.data and not Path(args.data).is_dir():
         raise FileNotFoundError(f"--data {args.data}: no such directory")
+    if args.max_length is not None and args.max_length < 1:
+        raise ValueError(f"--max-length must be >= 1, got {args.max_length}")
     model, tokenizer = load_model(args.model, quiet=args.quiet)
-    max_length = args.max_length or model.config.get_text_config().max_position_embeddings
+    max_length = args.max_length or context_length(model)
+    if max_length is None:
+        raise ValueError("the model's config states no context length: give --max-length")
     identity = {
         "model": _model_identity(args.model),
         "protocol": args.protocol,
@@ -194,16 +199,16 @@ def cmd_report(args) -> int:
     from .eval.report import load_runs, render, write_plots
 
     runs = load_runs(args.runs)
+    target = Path(args.out) if args.out else runs[0].directory
     plots = {}
     if args.format == "md" and not args.no_plots:
-        for run in runs:
-            target = Path(args.out) if args.out else run.directory
-            plots[run.name] = write_plots(run, target)
-    text = render(runs, args.format, plots)
+        for index, run in enumerate(runs):
+            folder = target if len(runs) == 1 else target / "plots" / f"{index}-{Path(run.name).name}"
+            plots[run.name] = write_plots(run, folder)
+    text = render(runs, args.format, plots, report_dir=target)
     if args.format == "md":
-        target = Path(args.out) if args.out else runs[0].directory
         target.mkdir(parents=True, exist_ok=True)
-        (target / "report.md").write_text(text)
+        (target / "report.md").write_text(text, encoding="utf-8")
     print(text)
     return 0
 

@@ -156,12 +156,21 @@ def _generate_one_query_agnostic(
     )[0]
 
 
-def _context_length(model) -> int | None:
+def context_length(model) -> int | None:
+    """The model's context length in tokens, if its config states one."""
     return getattr(model.config.get_text_config(), "max_position_embeddings", None)
 
 
+def stop_token_ids(model, tokenizer) -> set[int]:
+    """End-of-sequence ids: the generation config's, else the tokenizer's."""
+    eos = model.generation_config.eos_token_id
+    if eos is not None:
+        return set(eos if isinstance(eos, list) else [eos])
+    return {tokenizer.eos_token_id} if getattr(tokenizer, "eos_token_id", None) is not None else set()
+
+
 def _generate_ids(model, tokenizer, encoded, question_ids, method, budget, ratio, max_new_tokens, progressive):
-    limit = _context_length(model)
+    limit = context_length(model)
     for ids in encoded:
         total = len(ids) + len(question_ids or []) + max_new_tokens
         if limit is not None and total > limit:
@@ -238,8 +247,7 @@ def _generate_ids(model, tokenizer, encoded, question_ids, method, budget, ratio
 
 
 def _strip_after_eos(tokens: list[int], tokenizer, model) -> list[int]:
-    eos = model.generation_config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else {tokenizer.eos_token_id}
+    eos_ids = stop_token_ids(model, tokenizer)
     for index, token in enumerate(tokens):
         if token in eos_ids:
             return tokens[: index + 1]

@@ -40,7 +40,16 @@ def _build(benchmark, tokenizer, data, datasets, lengths, depths, limit, max_wor
         from .niah import niah_samples
 
         samples = niah_samples(tokenizer, lengths or DEFAULT_NIAH_LENGTHS, depths or DEFAULT_NIAH_DEPTHS, seed=seed)
-        return samples[:limit] if limit else samples
+        if limit:
+            per_length: dict[int, int] = {}
+            kept = []
+            for sample in samples:
+                length = sample.extra["length"]
+                per_length[length] = per_length.get(length, 0) + 1
+                if per_length[length] <= limit:
+                    kept.append(sample)
+            samples = kept
+        return samples
     if benchmark == "ruler":
         from .ruler import ruler_samples
 

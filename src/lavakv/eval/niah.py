@@ -38,12 +38,9 @@ class Needle:
         return f"{self.cue} {self.answer}."
 
 
+# Facts a model cannot guess from the cue. The first two are answered by SmolLM2 with the full
+# cache and not without the needle; the tomato-soup answer is half guessable ("smoked paprika").
 NEEDLES: tuple[Needle, ...] = (
-    Needle(
-        "The secret ingredient in Grandma Rosa's tomato soup is",
-        "smoked paprika and a spoonful of honey",
-        "What is the secret ingredient in Grandma Rosa's tomato soup?",
-    ),
     Needle(
         "The lighthouse keeper on Marrow Island spends every evening",
         "painting seagulls with old watercolors",
@@ -53,6 +50,11 @@ NEEDLES: tuple[Needle, ...] = (
         "The password to the vault of the old city library is",
         "purple elephants dancing in the rain",
         "What is the password to the vault of the old city library?",
+    ),
+    Needle(
+        "The secret ingredient in Grandma Rosa's tomato soup is",
+        "smoked paprika and a spoonful of honey",
+        "What is the secret ingredient in Grandma Rosa's tomato soup?",
     ),
     Needle(
         "The best way to calm a nervous horse is",

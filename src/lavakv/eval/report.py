@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
 
+from ..methods import PRESETS
 from .store import ResultRow, ResultStore
 
 FORMATS = ("md", "csv", "json")
-METHOD_ORDER = ["full", "streamingllm", "h2o", "snapkv", "pyramidkv", "ada-snapkv", "ada-pyramidkv", "cake", "lava"]
+METHOD_ORDER = list(PRESETS)
 
 
 @dataclass
@@ -41,7 +42,8 @@ class Cell:
     kept_fraction: float
     kv_mib: float
     compress_seconds: float
-    decode_ms_per_token: float
+    decode_ms_per_step: float
+    truncated: int
 
 
 def load_runs(directories: list[str | Path]) -> list[Run]:
@@ -51,8 +53,18 @@ def load_runs(directories: list[str | Path]) -> list[Run]:
     runs = []
     for directory in directories:
         with ResultStore(directory, create=False) as store:
-            runs.append(Run(Path(directory).name or str(directory), Path(directory), store.identity(), store.rows()))
+            runs.append(Run(_run_name(Path(directory)), Path(directory), store.identity(), store.rows()))
+    names = [run.name for run in runs]
+    for run in runs:
+        if names.count(run.name) > 1:
+            run.name = str(run.directory)
+    if len({run.name for run in runs}) != len(runs):
+        raise ValueError(f"the same run directory is given twice: {[str(d) for d in directories]}")
     return runs
+
+
+def _run_name(directory: Path) -> str:
+    return directory.resolve().name or str(directory)
 
 
 def aggregate(rows: list[ResultRow]) -> list[Cell]:
@@ -61,7 +73,7 @@ def aggregate(rows: list[ResultRow]) -> list[Cell]:
         groups[(row.benchmark, row.dataset, row.method, row.budget)].append(row)
     cells = []
     for (benchmark, dataset, method, budget), group in groups.items():
-        tokens = sum(r.new_tokens for r in group)
+        steps = sum(max(r.new_tokens - 1, 1) for r in group)
         cells.append(
             Cell(
                 benchmark=benchmark,
@@ -73,7 +85,8 @@ def aggregate(rows: list[ResultRow]) -> list[Cell]:
                 kept_fraction=mean(r.kept_entries / r.full_entries for r in group),
                 kv_mib=mean(r.kv_bytes for r in group) / 2**20,
                 compress_seconds=mean(r.compress_seconds for r in group),
-                decode_ms_per_token=1000 * sum(r.decode_seconds for r in group) / max(tokens, 1),
+                decode_ms_per_step=1000 * sum(r.decode_seconds for r in group) / steps,
+                truncated=sum(r.truncated for r in group),
             )
         )
     return sorted(cells, key=lambda c: (c.benchmark, c.dataset, _method_rank(c.method), c.budget))
@@ -84,11 +97,17 @@ def _method_rank(method: str) -> tuple[int, str]:
 
 
 def benchmark_averages(cells: list[Cell]) -> dict[tuple[str, str, int], float]:
-    """``(benchmark, method, budget)`` -> mean over datasets of the dataset scores."""
-    by_key: dict[tuple[str, str, int], list[float]] = defaultdict(list)
+    """``(benchmark, method, budget)`` -> mean over datasets of the dataset scores.
+
+    Only for a method and budget that have results on every dataset of the benchmark: an average
+    over a subset would not compare with the others.
+    """
+    datasets: dict[str, set[str]] = defaultdict(set)
+    by_key: dict[tuple[str, str, int], dict[str, float]] = defaultdict(dict)
     for cell in cells:
-        by_key[(cell.benchmark, cell.method, cell.budget)].append(cell.score)
-    return {key: mean(scores) for key, scores in by_key.items()}
+        datasets[cell.benchmark].add(cell.dataset)
+        by_key[(cell.benchmark, cell.method, cell.budget)][cell.dataset] = cell.score
+    return {key: mean(scores.values()) for key, scores in by_key.items() if set(scores) == datasets[key[0]]}
 
 
 def _budgets(cells: list[Cell]) -> list[int]:
@@ -100,7 +119,7 @@ def _methods(cells: list[Cell]) -> list[str]:
 
 
 def _table(title_column: str, lines: list[tuple[str, dict[int, float]]], budgets: list[int]) -> str:
-    header = f"| {title_column} | " + " | ".join(f"B={b}" for b in budgets) + " |"
+    header = f"| {title_column} | " + " | ".join(f"B={b}" if b else "score" for b in budgets) + " |"
     rule = "|---|" + "---:|" * len(budgets)
     body = []
     for label, values in lines:
@@ -117,13 +136,22 @@ def _method_lines(values: dict[tuple[str, int], float], methods: list[str], budg
     for method in methods:
         if method == "full":
             full = values.get(("full", 0))
-            lines.append(("full cache", {b: full for b in budgets}))
+            lines.append(("full cache", {b: full for b in budgets} if full is not None else {}))
         else:
             lines.append((method, {b: values[(method, b)] for b in budgets if (method, b) in values}))
     return lines
 
 
-def markdown(runs: list[Run], plots: dict[str, list[Path]] | None = None) -> str:
+def _relative(path: Path, base: Path | None) -> str:
+    if base is None:
+        return path.name
+    try:
+        return path.resolve().relative_to(base.resolve()).as_posix()
+    except ValueError:
+        return path.resolve().as_posix()
+
+
+def markdown(runs: list[Run], plots: dict[str, list[Path]] | None = None, report_dir: Path | None = None) -> str:
     """Tables per run (benchmark averages, then each dataset), then a comparison when several runs are given."""
     parts = []
     for run in runs:
@@ -140,13 +168,29 @@ def markdown(runs: list[Run], plots: dict[str, list[Path]] | None = None) -> str
             datasets = sorted({c.dataset for c in subset})
             methods = _methods(subset)
             values = {(m, b): v for (bench, m, b), v in averages.items() if bench == benchmark}
-            samples = {c.dataset: c.samples for c in subset if c.method == methods[0]}
+            samples: dict[str, int] = defaultdict(int)
+            for c in subset:
+                samples[c.dataset] = max(samples[c.dataset], c.samples)
             parts.append(
                 f"### {benchmark}: average over {len(datasets)} dataset(s), score in %\n\n"
                 f"Samples per dataset: {', '.join(f'{d} {n}' for d, n in sorted(samples.items()))}.\n"
             )
             parts.append(_table("method", _method_lines(values, methods, budgets), budgets) + "\n")
+            missing = sorted({(c.method, c.budget) for c in subset} - set(values))
+            if missing:
+                parts.append(
+                    "No average (results missing on some datasets) for: "
+                    + ", ".join(f"{m}@{b}" if b else m for m, b in missing)
+                    + ".\n"
+                )
             parts.append(_memory_line(subset, budgets))
+            truncated = {c.dataset: c.truncated for c in subset if c.method == "full" and c.truncated}
+            if truncated:
+                parts.append(
+                    "Prompts cut in the middle to fit the context: "
+                    + ", ".join(f"{d} {n}" for d, n in sorted(truncated.items()))
+                    + ".\n"
+                )
             if len(datasets) > 1:
                 for dataset in datasets:
                     in_dataset = {(c.method, c.budget): c.score for c in subset if c.dataset == dataset}
@@ -154,7 +198,7 @@ def markdown(runs: list[Run], plots: dict[str, list[Path]] | None = None) -> str
                     parts.append(_table("method", _method_lines(in_dataset, methods, budgets), budgets) + "\n")
             for path in (plots or {}).get(run.name, []):
                 if path.name.startswith(benchmark):
-                    parts.append(f"![{path.stem}]({path.name})\n")
+                    parts.append(f"![{path.stem}]({_relative(path, report_dir)})\n")
         incomplete = _incomplete(cells)
         if incomplete:
             parts.append("Cells with fewer samples than the rest of their dataset: " + ", ".join(incomplete) + ".\n")
@@ -176,10 +220,12 @@ def _memory_line(cells: list[Cell], budgets: list[int]) -> str:
         kept = [c.kept_fraction for c in cells if c.budget == budget and c.method != "full"]
         if kept:
             lines.append(f"B={budget}: {100 * mean(kept):.1f}%")
-    text = "Kept prompt entries (share of the full cache, mean over methods and samples): " + ", ".join(lines)
+    parts = []
+    if lines:
+        parts.append("Kept prompt entries as a share of the full cache's (mean over datasets): " + ", ".join(lines))
     if full:
-        text += f"; full cache holds {mean(c.kv_mib for c in full):.1f} MiB per sample on average"
-    return text + ".\n"
+        parts.append(f"the full cache holds {mean(c.kv_mib for c in full):.1f} MiB per sample on average")
+    return ("; ".join(parts) + ".\n") if parts else ""
 
 
 def _incomplete(cells: list[Cell]) -> list[str]:
@@ -219,11 +265,13 @@ def records(runs: list[Run]) -> list[dict]:
     return out
 
 
-def render(runs: list[Run], fmt: str, plots: dict[str, list[Path]] | None = None) -> str:
+def render(
+    runs: list[Run], fmt: str, plots: dict[str, list[Path]] | None = None, report_dir: Path | None = None
+) -> str:
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
     if fmt == "md":
-        return markdown(runs, plots)
+        return markdown(runs, plots, report_dir)
     table = records(runs)
     if fmt == "json":
         return json.dumps(table, indent=2)

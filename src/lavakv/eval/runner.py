@@ -10,12 +10,14 @@ compressing cache, as ``lavakv.generate`` does: the same predictions, for measur
 from __future__ import annotations
 
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from ..cache import CompressedCache
+from ..generate import context_length, stop_token_ids
 from ..methods import PRESETS
 from ..recording import PrefillRecord
 from .metrics import score
@@ -34,17 +36,13 @@ class Pair:
     budget: int
     window: int | None
 
-    @property
-    def label(self) -> str:
-        return "full" if self.method == "full" else f"{self.method}@{self.budget}"
-
 
 def eval_window(method: str, budget: int, window: int | None) -> int | None:
     """The observation window for ``method`` at ``budget``.
 
-    Given explicitly, ``window`` is used as is. Otherwise the method's own window (32), halved
-    for budgets of 64 or less: ``min(32, budget // 2)``, so that small budgets still leave room
-    for the scored entries (a budget counts its window's tokens).
+    Given explicitly, ``window`` is used as is. Otherwise ``min(method window, budget // 2)``
+    (16 at budget 32, the method's own 32 from budget 64 on), so that small budgets still leave
+    room for the scored entries (a budget counts its window's tokens).
     """
     if method == "full":
         return None
@@ -57,6 +55,8 @@ def make_pairs(methods: list[str], budgets: list[int], window: int | None = None
     """Every method at every budget; ``full`` once. Names and budgets are checked here, before any work."""
     if not methods:
         raise ValueError("give at least one method")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be an integer >= 1, got {window!r}")
     pairs: list[Pair] = []
     for name in methods:
         if name not in PRESETS:
@@ -104,7 +104,7 @@ def _question_start(text: str, sample: Sample) -> int:
 
 
 def fit_context(
-    context: list[int], question: list[int], max_new_tokens: int, max_length: int
+    context: list[int], question: list[int], max_new_tokens: int, max_length: int, name: str = "the sample"
 ) -> tuple[list[int], bool]:
     """Cut the middle of ``context`` so that the prompt plus the answer fit in ``max_length`` tokens.
 
@@ -113,21 +113,13 @@ def fit_context(
     room = max_length - len(question) - max_new_tokens
     if room < 2:
         raise ValueError(
-            f"the question ({len(question)} tokens) and the answer ({max_new_tokens} tokens) leave no room for the "
-            f"context in {max_length} tokens"
+            f"{name}: the question ({len(question)} tokens) and the answer ({max_new_tokens} tokens) leave no room "
+            f"for the context in max_length={max_length} tokens"
         )
     if len(context) <= room:
         return context, False
     head = room // 2
     return context[:head] + context[len(context) - (room - head) :], True
-
-
-def stop_token_ids(model, tokenizer) -> set[int]:
-    eos = model.generation_config.eos_token_id
-    ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
-    if getattr(tokenizer, "eos_token_id", None) is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
 
 
 def greedy_decode(
@@ -184,7 +176,8 @@ class Prepared:
 def prepare(tokenizer, sample: Sample, chat_template: str, max_length: int) -> Prepared:
     use_template = sample.chat_template if chat_template == "auto" else chat_template == "on"
     context, question = encode_sample(tokenizer, sample, use_template)
-    context, truncated = fit_context(context, question, sample.max_new_tokens, max_length)
+    name = f"sample {sample.benchmark}/{sample.dataset}/{sample.sample_id}"
+    context, truncated = fit_context(context, question, sample.max_new_tokens, max_length, name)
     return Prepared(sample, context, question, truncated)
 
 
@@ -215,25 +208,32 @@ def evaluate_sample(
     for pair in pairs:
         options = _method_options(pair)
         budget = pair.budget or None
-        start = time.perf_counter()
+        start = _now(model)
         if record is None:
             cache = CompressedCache(model, method=pair.method, budget=budget, **options)
             with torch.inference_mode():
                 logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-            prefill_seconds, compress_seconds = time.perf_counter() - start, 0.0
+            prefill_seconds, compress_seconds = _now(model) - start, 0.0
             prefill_logits = logits[:, -1]
         else:
             cache = record.compress(pair.method, budget=budget, **options)
-            prefill_seconds, compress_seconds = record.seconds, time.perf_counter() - start
+            prefill_seconds, compress_seconds = record.seconds, _now(model) - start
             prefill_logits = record.logits
-        decode_start = time.perf_counter()
+        decode_start = _now(model)
         first = _continue_with(model, cache, after_prefill, prefill_logits)
         tokens = greedy_decode(model, cache, first, sample.max_new_tokens, stop_ids, finished)
-        decode_seconds = time.perf_counter() - decode_start
+        decode_seconds = _now(model) - decode_start
         prediction = tokenizer.decode([t for t in tokens if t not in stop_ids], skip_special_tokens=True)
         if sample.stop_at_newline:
             prediction = first_line(prediction)
         yield _row(sample, pair, prepared, cache, prediction, tokens, prefill_seconds, compress_seconds, decode_seconds)
+
+
+def _now(model) -> float:
+    """A timestamp after the device's queued work is done (CUDA runs asynchronously)."""
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    return time.perf_counter()
 
 
 def _row(sample, pair, prepared, cache, prediction, tokens, prefill_s, compress_s, decode_s) -> ResultRow:
@@ -296,7 +296,9 @@ def run(
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
     if max_length is None:
-        max_length = getattr(model.config.get_text_config(), "max_position_embeddings", None) or 2**31
+        max_length = context_length(model) or 2**31
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"max_length must be an integer >= 1, got {max_length!r}")
     work = plan(samples, pairs, store, shard)
     bar = _progress(sum(len(pending) for _, pending in work), description, progress)
     written = 0
@@ -318,15 +320,21 @@ def run(
 def plan(
     samples: list[Sample], pairs: list[Pair], store: ResultStore, shard: tuple[int, int] = (0, 1)
 ) -> list[tuple[Sample, list[Pair]]]:
-    """This shard's samples with the pairs the store does not hold yet (samples are dealt round-robin)."""
+    """This shard's samples with the pairs the store does not hold yet.
+
+    A sample's shard is a hash of its key, so processes agree on it whatever else they were asked.
+    """
     index, count = shard
     done = store.done_keys()
     ids = [(s.benchmark, s.dataset, s.sample_id) for s in samples]
-    if len(set(ids)) != len(ids):
-        raise ValueError("two samples share a (benchmark, dataset, sample_id); sample ids must be unique")
+    seen = set()
+    for key in ids:
+        if key in seen:
+            raise ValueError(f"two samples share the id {'/'.join(key)}; sample ids must be unique")
+        seen.add(key)
     work = []
     for position, sample in enumerate(samples):
-        if position % count != index:
+        if zlib.crc32("/".join(ids[position]).encode()) % count != index:
             continue
         pending = [p for p in pairs if (*ids[position], p.method, p.budget) not in done]
         if pending:

@@ -90,6 +90,11 @@ class ResultStore:
         self.path = self.directory / STORE_NAME
         if not create and not self.path.is_file():
             raise FileNotFoundError(f"no results store in {self.directory} (expected {self.path})")
+        if not create:
+            uri = f"{self.path.resolve().as_uri()}?mode=ro"
+            self.connection = sqlite3.connect(uri, uri=True, timeout=60.0, isolation_level=None)
+            self.connection.execute("PRAGMA busy_timeout = 60000")
+            return
         self.directory.mkdir(parents=True, exist_ok=True)
         self.connection = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
         self.connection.execute("PRAGMA busy_timeout = 60000")
@@ -107,8 +112,14 @@ class ResultStore:
         self.close()
 
     def claim_identity(self, identity: dict[str, object]) -> None:
-        """Record the run's identity, or check it against the one recorded (first writer wins)."""
+        """Record the run's identity, or check it against the one recorded (first writer wins).
+
+        A store without results yet takes the new identity, so a run refused at its first sample
+        (a typo in a setting) does not lock its directory.
+        """
         with self._transaction():
+            if self.connection.execute("SELECT COUNT(*) FROM results").fetchone()[0] == 0:
+                self.connection.execute("DELETE FROM identity")
             for key, value in identity.items():
                 self.connection.execute(
                     "INSERT OR IGNORE INTO identity (key, value) VALUES (?, ?)", (key, json.dumps(value))
