@@ -1,6 +1,6 @@
 """What prefilling each sample once saves: the same evaluation run twice, shared prefill vs one prefill per pair.
 
-    .venv/bin/python benchmarks/prefill_once_speedup.py [--lengths 1000,2000] [--depths 0.25,0.75]
+    .venv/bin/python benchmarks/prefill_once_speedup.py [--lengths 1000] [--depths 0.25,0.75]
                                                           [--budgets 64,128] [--repeats 1]
 
 Runs ``lavakv eval --benchmark niah`` over every method (each at every budget, plus the full cache)
@@ -39,7 +39,7 @@ def timed_run(model, tokenizer, samples, pairs, directory: Path, from_scratch: b
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", default="1000,2000")
+    parser.add_argument("--lengths", default="1000")
     parser.add_argument("--depths", default="0.25,0.75")
     parser.add_argument("--budgets", default="64,128")
     parser.add_argument("--repeats", type=int, default=1)

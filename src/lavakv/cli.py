@@ -139,6 +139,21 @@ def cmd_eval(args) -> int:
         raise FileNotFoundError(f"--data {args.data}: no such directory")
     if args.max_length is not None and args.max_length < 1:
         raise ValueError(f"--max-length must be >= 1, got {args.max_length}")
+
+    def samples_of(name: str, tokenizer) -> list:
+        return build_samples(
+            name,
+            tokenizer,
+            data=args.data,
+            datasets=_split(args.datasets, str, "datasets"),
+            lengths=_split(args.lengths, int, "lengths"),
+            depths=_split(args.depths, float, "depths"),
+            limit=args.limit,
+            max_words=args.max_words,
+            seed=args.seed,
+        )
+
+    read_from_files = {name: samples_of(name, None) for name in benchmarks if name in ("longbench", "infinitebench")}
     model, tokenizer = load_model(args.model, quiet=args.quiet)
     max_length = args.max_length or context_length(model)
     if max_length is None:
@@ -151,20 +166,7 @@ def cmd_eval(args) -> int:
         "seed": args.seed,
         "window": args.window if args.window is not None else "auto: min(32, budget // 2)",
     }
-    samples = {
-        name: build_samples(
-            name,
-            tokenizer,
-            data=args.data,
-            datasets=_split(args.datasets, str, "datasets"),
-            lengths=_split(args.lengths, int, "lengths"),
-            depths=_split(args.depths, float, "depths"),
-            limit=args.limit,
-            max_words=args.max_words,
-            seed=args.seed,
-        )
-        for name in benchmarks
-    }
+    samples = {name: read_from_files.get(name) or samples_of(name, tokenizer) for name in benchmarks}
     with ResultStore(args.out) as store:
         store.claim_identity(identity)
         store.log_invocation(" ".join(sys.argv), {k: v for k, v in vars(args).items() if k != "handler"})
