@@ -40,7 +40,15 @@ RULER_TASKS: tuple[str, ...] = (
     "fwe",
 )
 
-_MAX_NEW_TOKENS = {"niah_multivalue": 48, "niah_multiquery": 48, "vt": 32, "cwe": 64, "fwe": 32}
+# Room for the whole answer: a UUID alone takes about 36 tokens when digits are single tokens.
+_MAX_NEW_TOKENS = {
+    "niah_single_uuids": 48,
+    "niah_multivalue": 48,
+    "niah_multiquery": 48,
+    "vt": 32,
+    "cwe": 64,
+    "fwe": 32,
+}
 _UNBOUNDED = 10**9
 _NOISE = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
 
