@@ -136,7 +136,7 @@ def test_ruler_lengths_fields_and_ids(ruler_set):
     for task in RULER_TASKS:
         ids = [s.sample_id for s in ruler_set if s.dataset == task]
         assert ids == ["len300-0", "len300-1", "len300-2", "len3000-0", "len3000-1", "len3000-2"]
-    expected_new_tokens = {"niah_multivalue": 48, "niah_multiquery": 48, "cwe": 64}
+    expected_new_tokens = {"niah_single_uuids": 48, "niah_multivalue": 48, "niah_multiquery": 48, "cwe": 64}
     for sample in ruler_set:
         check_length(tokenizer, sample, sample.extra["length"])
         assert (sample.benchmark, sample.metric, sample.chat_template) == ("ruler", "string_match_all", False)
