@@ -65,11 +65,12 @@ def needle_heatmaps(rows: list[ResultRow], out_dir: Path) -> list[Path]:
         ]
         columns = min(len(panels), 5)
         rows_count = -(-len(panels) // columns)
-        figure, axes = plt.subplots(rows_count, columns, figsize=(2.6 * columns, 2.4 * rows_count), squeeze=False)
+        figure, axes = plt.subplots(rows_count, columns, figsize=(2.8 * columns, 2.7 * rows_count), squeeze=False)
+        figure.subplots_adjust(hspace=0.45, wspace=0.3)
         for axis in axes.flat:
             axis.set_visible(False)
         image = None
-        for axis, (method, b) in zip(axes.flat, panels):
+        for index, (axis, (method, b)) in enumerate(zip(axes.flat, panels)):
             grid = scores[(method, b)]
             values = [[100 * mean(grid[(d, n)]) if (d, n) in grid else float("nan") for n in lengths] for d in depths]
             axis.set_visible(True)
@@ -77,8 +78,10 @@ def needle_heatmaps(rows: list[ResultRow], out_dir: Path) -> list[Path]:
             axis.set_title("full cache" if method == "full" else method, fontsize=9)
             axis.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
             axis.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
-            axis.set_xlabel("length (tokens)", fontsize=7)
-            axis.set_ylabel("depth", fontsize=7)
+            if index + columns >= len(panels):
+                axis.set_xlabel("length (tokens)", fontsize=7)
+            if index % columns == 0:
+                axis.set_ylabel("depth", fontsize=7)
         if image is not None:
             figure.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="needle recall (%)")
         figure.suptitle(f"needle in a haystack, budget {budget}" if budget else "needle in a haystack")
