@@ -98,7 +98,7 @@ def test_e_suffix_uses_base_template(tmp_path):
     assert s.dataset == "trec_e"
     assert s.prompt == _filled(longbench_prompts()["trec"], "document 0 text", "question 0?")
     assert (s.metric, s.max_new_tokens) == ("classification", 64)
-    assert s.chat_template is False and s.extra["first_line"] is True
+    assert s.chat_template is False and s.extra["first_line"] is True and s.stop_at_newline is True
     assert s.extra["all_classes"] == ["A", "B"]
 
 

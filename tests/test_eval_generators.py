@@ -74,7 +74,7 @@ def test_niah_lengths_fields_and_ids(niah_set):
 def test_niah_answers_in_context_question_separate(niah_set):
     for sample in niah_set:
         needle = next(n for n in NEEDLES if n.sentence == sample.extra["needle"])
-        assert sample.answers == [needle.answer]
+        assert sample.answers == [needle.answer] and sample.stop_at_newline
         assert sample.context.count(needle.sentence) == 1
         assert sample.context.startswith(NIAH_INSTRUCTION)
         assert needle.question in sample.question and needle.question not in sample.context

@@ -22,18 +22,7 @@ def build_samples(
     max_words: int | None = None,
     seed: int = 0,
 ) -> list[Sample]:
-    """The samples of ``benchmark``; ``limit`` keeps the first N per dataset (per length for generated ones).
-
-    Needle answers are one line, so needle samples stop at the first line break; so do
-    the LongBench datasets scored on their first line only.
-    """
-    samples = _build(benchmark, tokenizer, data, datasets, lengths, depths, limit, max_words, seed)
-    for sample in samples:
-        sample.stop_at_newline = benchmark == "niah" or bool(sample.extra.get("first_line"))
-    return samples
-
-
-def _build(benchmark, tokenizer, data, datasets, lengths, depths, limit, max_words, seed) -> list[Sample]:
+    """The samples of ``benchmark``; ``limit`` keeps the first N per dataset (per length for generated ones)."""
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"--limit must be an integer >= 1, got {limit!r}")
     if benchmark == "niah":

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lavakv.eval.longbench import _check_dir, _check_unique, _read_jsonl, _resolve_names, _string_field
+from lavakv.eval.jsonl import check_dir, check_unique, read_jsonl, resolve_names, string_field
 from lavakv.eval.samples import Sample
 
 __all__ = ["INFINITEBENCH_TASKS", "InfiniteBenchTask", "load_infinitebench"]
@@ -97,23 +97,23 @@ def load_infinitebench(
     """
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0 or None, got {limit}")
-    root = _check_dir(data_dir, "InfiniteBench")
-    names = _resolve_names(root, datasets, sorted(INFINITEBENCH_TASKS), "InfiniteBench task")
+    root = check_dir(data_dir, "InfiniteBench")
+    names = resolve_names(root, datasets, sorted(INFINITEBENCH_TASKS), "InfiniteBench task")
     samples: list[Sample] = []
     for name in names:
         task = INFINITEBENCH_TASKS[name]
         path = root / f"{name}.jsonl"
         seen: set[str] = set()
-        for count, (line_no, record) in enumerate(_read_jsonl(path)):
+        for count, (line_no, record) in enumerate(read_jsonl(path)):
             if limit is not None and count >= limit:
                 break
             where = f"{path}:{line_no}"
-            context = _string_field(record, "context", where)
-            inp = _string_field(record, "input", where)
+            context = string_field(record, "context", where)
+            inp = string_field(record, "input", where)
             answers = _answers(record, where)
             options = _options(record, where) if task.choice else None
             sample_id = str(record["id"]) if record.get("id") is not None else f"{name}-{line_no}"
-            _check_unique(sample_id, seen, where)
+            check_unique(sample_id, seen, where)
             samples.append(
                 Sample(
                     benchmark="infinitebench",

@@ -8,13 +8,14 @@ directory may carry its own ``_prompts.json`` / ``_maxlen.json`` to override the
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from lavakv.eval.jsonl import check_dir, check_unique, read_jsonl, resolve_names, string_field
 from lavakv.eval.samples import Sample
 
 __all__ = ["LONGBENCH_DATASETS", "LongBenchSpec", "load_longbench", "longbench_prompts", "longbench_maxlen"]
@@ -103,8 +104,8 @@ def load_longbench(
         raise ValueError(f"limit must be >= 0 or None, got {limit}")
     if max_words is not None and max_words < 0:
         raise ValueError(f"max_words must be >= 0 or None, got {max_words}")
-    root = _check_dir(data_dir, "LongBench")
-    names = _resolve_names(root, datasets, _longbench_names(), "LongBench dataset")
+    root = check_dir(data_dir, "LongBench")
+    names = resolve_names(root, datasets, _longbench_names(), "LongBench dataset")
     prompts, maxlen = _tables_for(root)
     samples: list[Sample] = []
     for name in names:
@@ -114,12 +115,12 @@ def load_longbench(
         head, tail = _split_template(prompts[base], base)
         kept = 0
         seen: set[str] = set()
-        for line_no, record in _read_jsonl(path):
+        for line_no, record in read_jsonl(path):
             if limit is not None and kept >= limit:
                 break
             where = f"{path}:{line_no}"
-            inp = _string_field(record, "input", where)
-            context = _string_field(record, "context", where)
+            inp = string_field(record, "input", where)
+            context = string_field(record, "context", where)
             answers = _answers(record, where)
             language = record.get("language") or spec.language
             length = record.get("length")
@@ -131,7 +132,7 @@ def load_longbench(
                 if length > max_words:
                     continue
             sample_id = str(record["_id"]) if record.get("_id") is not None else f"{name}-{line_no}"
-            _check_unique(sample_id, seen, where)
+            check_unique(sample_id, seen, where)
             samples.append(
                 Sample(
                     benchmark="longbench",
@@ -149,6 +150,7 @@ def load_longbench(
                         "language": language,
                         "first_line": spec.first_line,
                     },
+                    stop_at_newline=spec.first_line,
                 )
             )
             kept += 1
@@ -207,63 +209,6 @@ def _override(path: Path, kind: type) -> dict:
     return out
 
 
-# Helpers shared with the other benchmark readers.
-
-
-def _check_dir(data_dir: str | Path, benchmark: str) -> Path:
-    root = Path(data_dir)
-    if not root.exists():
-        raise FileNotFoundError(f"{benchmark} data directory {root} does not exist")
-    if not root.is_dir():
-        raise FileNotFoundError(f"{benchmark} data directory {root} is not a directory")
-    return root
-
-
-def _resolve_names(root: Path, requested: Iterable[str] | str | None, known: list[str], kind: str) -> list[str]:
-    """The dataset names to read: the requested ones (checked), or every known one present."""
-    present = [name for name in known if (root / f"{name}.jsonl").is_file()]
-    if requested is None:
-        if not present:
-            raise FileNotFoundError(
-                f"no {kind} file found in {root}; expected one or more of: {', '.join(f'{n}.jsonl' for n in known)}"
-            )
-        return present
-    names = [requested] if isinstance(requested, str) else list(dict.fromkeys(requested))
-    for name in names:
-        if name not in known:
-            raise ValueError(f"unknown {kind} {name!r}; valid names: {', '.join(known)}")
-        path = root / f"{name}.jsonl"
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{kind} file {path} not found; {kind} files present in {root}: {', '.join(present) or 'none'}"
-            )
-    return names
-
-
-def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield ``(line number, record)``, skipping blank lines; bad lines fail with ``file:line``."""
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg})") from err
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
-            yield line_no, record
-
-
-def _string_field(record: Mapping[str, Any], field: str, where: str) -> str:
-    if field not in record:
-        raise ValueError(f"{where}: missing required field {field!r}")
-    value = record[field]
-    if not isinstance(value, str):
-        raise ValueError(f"{where}: field {field!r} must be a string, got {type(value).__name__}")
-    return value
-
-
 def _answers(record: Mapping[str, Any], where: str) -> list[str]:
     if "answers" not in record:
         raise ValueError(f"{where}: missing required field 'answers'")
@@ -271,9 +216,3 @@ def _answers(record: Mapping[str, Any], where: str) -> list[str]:
     if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
         raise ValueError(f"{where}: field 'answers' must be a non-empty list of strings, got {answers!r:.200}")
     return answers
-
-
-def _check_unique(sample_id: str, seen: set[str], where: str) -> None:
-    if sample_id in seen:
-        raise ValueError(f"{where}: duplicate sample id {sample_id!r} (ids key the results store)")
-    seen.add(sample_id)

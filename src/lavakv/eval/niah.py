@@ -362,4 +362,5 @@ def _niah_sample(tokenizer, haystack: EssayHaystack, needle: Needle, length: int
             "needle_start_token": _token_index(tokenizer, context, start),
             "needle": needle.sentence,
         },
+        stop_at_newline=True,
     )

@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ..methods import LAYER_ALLOCATIONS, PRESETS  # noqa: E402
-from .report import Cell, _method_rank  # noqa: E402
+from .report import Cell, method_rank  # noqa: E402
 from .store import ResultRow  # noqa: E402
 
 
@@ -27,7 +27,7 @@ def score_vs_budget(benchmark: str, cells: list[Cell], path: Path) -> Path:
     for cell in cells:
         per_method[cell.method][cell.budget].append(cell.score)
     figure, axes = plt.subplots(figsize=(6.5, 4.2))
-    for method in sorted(per_method, key=_method_rank):
+    for method in sorted(per_method, key=method_rank):
         values = per_method[method]
         if method == "full":
             axes.axhline(mean(values[0]), color="black", linestyle="--", label="full cache")
@@ -57,7 +57,7 @@ def needle_heatmaps(rows: list[ResultRow], out_dir: Path) -> list[Path]:
     depths = sorted({d for grid in scores.values() for d, _ in grid})
     lengths = sorted({n for grid in scores.values() for _, n in grid})
     budgets = sorted({b for m, b in scores if m != "full"})
-    methods = sorted({m for m, _ in scores if m != "full"}, key=_method_rank)
+    methods = sorted({m for m, _ in scores if m != "full"}, key=method_rank)
     paths = []
     for budget in budgets or [0]:
         panels = ([("full", 0)] if ("full", 0) in scores else []) + [
@@ -98,7 +98,7 @@ def layer_budgets(benchmark: str, rows: list[ResultRow], path: Path) -> Path | N
     for row in rows:
         if _dynamic_layers(row.method):
             curves[(row.method, row.budget)].append(row.layer_budgets)
-    dynamic = sorted({m for m, _ in curves}, key=_method_rank)
+    dynamic = sorted({m for m, _ in curves}, key=method_rank)
     if not dynamic:
         return None
     budgets = sorted({b for _, b in curves})

@@ -89,10 +89,10 @@ def aggregate(rows: list[ResultRow]) -> list[Cell]:
                 truncated=sum(r.truncated for r in group),
             )
         )
-    return sorted(cells, key=lambda c: (c.benchmark, c.dataset, _method_rank(c.method), c.budget))
+    return sorted(cells, key=lambda c: (c.benchmark, c.dataset, method_rank(c.method), c.budget))
 
 
-def _method_rank(method: str) -> tuple[int, str]:
+def method_rank(method: str) -> tuple[int, str]:
     return (METHOD_ORDER.index(method), method) if method in METHOD_ORDER else (len(METHOD_ORDER), method)
 
 
@@ -115,7 +115,7 @@ def _budgets(cells: list[Cell]) -> list[int]:
 
 
 def _methods(cells: list[Cell]) -> list[str]:
-    return sorted({c.method for c in cells}, key=_method_rank)
+    return sorted({c.method for c in cells}, key=method_rank)
 
 
 def _table(title_column: str, lines: list[tuple[str, dict[int, float]]], budgets: list[int]) -> str:
@@ -250,7 +250,7 @@ def comparison(runs: list[Run]) -> str:
         for run in runs:
             averages = benchmark_averages([c for c in all_cells[run.name] if c.benchmark == benchmark])
             values = {(m, b): v for (_, m, b), v in averages.items()}
-            methods = sorted({m for m, _ in values}, key=_method_rank)
+            methods = sorted({m for m, _ in values}, key=method_rank)
             lines += [(f"{run.name}: {label}", vals) for label, vals in _method_lines(values, methods, budgets)]
         parts.append(f"### {benchmark}\n\n" + _table("run: method", lines, budgets) + "\n")
     return "\n".join(parts)

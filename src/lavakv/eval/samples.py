@@ -20,7 +20,8 @@ class Sample:
     ``chat_template`` is the benchmark's standard choice for this sample (the runner may
     override it). ``extra`` carries what metrics or plots need (``all_classes``, ``depth``,
     ``length``, ``first_line``...); it must be JSON-serialisable. ``stop_at_newline`` ends the
-    answer at its first line break after some text: for answers that are one line, so that a
+    answer at its first line break after some text (needle answers, and the LongBench datasets
+    scored on their first line): for answers that are one line, so that a
     model rambling on (often repeating the question, needle words included) neither costs decode
     time nor earns credit.
     """
