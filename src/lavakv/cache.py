@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
 from .attention import active_update, prepare_model
-from .compression import SequenceCompression, resolve_budget
+from .compression import PhaseClock, SequenceCompression, resolve_budget
 from .methods import Method, resolve_method
 
 NOT_SUPPORTED = "lavakv's CompressedCache does not support {what}; use greedy or sampling with one sequence per prompt"
@@ -44,8 +44,9 @@ class CompressedLayer(CacheLayerMixin):
         self.prefix_values: torch.Tensor | None = None
         self.prefix_positions: torch.Tensor | None = None
         self.gather_index: torch.Tensor | None = None
-        self.gather_valid: torch.Tensor | None = None
+        self.prefix_mask: torch.Tensor | None = None
         self.gather_positions: torch.Tensor | None = None
+        self.longest = 0
         self.appended_keys: torch.Tensor | None = None
         self.appended_values: torch.Tensor | None = None
         self.counts: torch.Tensor | None = None
@@ -82,7 +83,12 @@ class CompressedLayer(CacheLayerMixin):
         return -1
 
     def pack(self, per_sample: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]], padding: list[int]) -> None:
-        """Store each (sample, head)'s kept ``(positions, keys, values)`` packed, and build the gather index."""
+        """Store each (sample, head)'s kept ``(positions, keys, values)`` packed, and how to read them back.
+
+        When every head kept the same number of entries the packed tensors already are a dense
+        ``[B, H_kv, n, d]`` layout and decode reads them as a view; otherwise a flat gather index
+        and a validity mask give each head a padded row.
+        """
         batch, kv_heads = len(per_sample), len(per_sample[0])
         counts = torch.tensor([[len(p) for p, _, _ in heads] for heads in per_sample], dtype=torch.long)
         self.prefix_positions = torch.cat([p + pad for heads, pad in zip(per_sample, padding) for p, _, _ in heads]).to(
@@ -90,42 +96,57 @@ class CompressedLayer(CacheLayerMixin):
         )
         self.prefix_keys = torch.cat([k for heads in per_sample for _, k, _ in heads])
         self.prefix_values = torch.cat([v for heads in per_sample for _, _, v in heads])
-        longest = int(counts.max())
-        starts = (counts.reshape(-1).cumsum(0) - counts.reshape(-1)).reshape(batch, kv_heads)
-        offsets = torch.arange(longest)
-        valid = offsets[None, None, :] < counts[:, :, None]
-        index = torch.where(valid, starts[:, :, None] + offsets, torch.zeros((), dtype=torch.long))
         device = self.prefix_keys.device
         self.counts = counts
-        self.gather_index = index.to(device)
-        self.gather_valid = None if bool(valid.all()) else valid.to(device)
-        self.gather_positions = self.prefix_positions[self.gather_index] if self.sliding_window else None
+        self.longest = int(counts.max())
+        if bool((counts == self.longest).all()):
+            self.gather_index = self.prefix_mask = None
+            slot_positions = self.prefix_positions.view(batch, kv_heads, self.longest)
+        else:
+            starts = (counts.reshape(-1).cumsum(0) - counts.reshape(-1)).reshape(batch, kv_heads)
+            offsets = torch.arange(self.longest)
+            valid = offsets[None, None, :] < counts[:, :, None]
+            index = torch.where(valid, starts[:, :, None] + offsets, torch.zeros((), dtype=torch.long))
+            self.gather_index = index.reshape(-1).to(device)
+            self.prefix_mask = valid[:, :, None, :].to(device)
+            slot_positions = self.prefix_positions[self.gather_index].view(batch, kv_heads, self.longest)
+        self.gather_positions = slot_positions if self.sliding_window else None
         self.prompt_length = self.owner.prompt_length
+
+    def _padded(self, packed: torch.Tensor) -> torch.Tensor:
+        """``[B, H_kv, longest, d]`` rows of the packed prefix (a view when no head is padded)."""
+        batch, kv_heads = self.counts.shape
+        if self.gather_index is not None:
+            packed = packed.index_select(0, self.gather_index)
+        return packed.view(batch, kv_heads, self.longest, packed.shape[-1])
 
     def attend(self, query: torch.Tensor, scaling: float, sliding_window: int | None) -> torch.Tensor:
         """Exact attention of ``query[B, H, q, d]`` over each head's kept entries; returns ``[B, q, H, d]``."""
         batch, heads, q_len, dim = query.shape
-        kv_heads = self.gather_index.shape[1]
+        kv_heads = self.counts.shape[1]
         group = heads // kv_heads
-        keys = torch.cat([self.prefix_keys[self.gather_index], self.appended_keys], dim=2)
-        values = torch.cat([self.prefix_values[self.gather_index], self.appended_values], dim=2)
-        mask = self._mask(q_len, sliding_window)
-        if mask is not None:
-            mask = mask[:, :, None].expand(-1, -1, group, -1, -1).reshape(batch, kv_heads, group * q_len, -1)
+        keys, values = self._padded(self.prefix_keys), self._padded(self.prefix_values)
+        if self.appended_keys is not None:
+            keys = torch.cat([keys, self.appended_keys], dim=2)
+            values = torch.cat([values, self.appended_values], dim=2)
+        mask = self._mask(q_len, group, sliding_window)
         grouped = query.reshape(batch, kv_heads, group * q_len, dim)
         output = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scaling)
         return output.reshape(batch, heads, q_len, dim).transpose(1, 2).contiguous()
 
-    def _mask(self, q_len: int, sliding_window: int | None) -> torch.Tensor | None:
-        """``[B, H_kv, q, entries]`` visibility, or ``None`` when every entry is visible to every query."""
+    def _mask(self, q_len: int, group: int, sliding_window: int | None) -> torch.Tensor | None:
+        """Visibility for the grouped query ``[B, H_kv, group * q, entries]`` (or broadcastable), ``None`` if all."""
         steps = self.appended
-        if self.gather_valid is None and q_len == 1 and not sliding_window:
-            return None
-        batch, kv_heads, longest = self.gather_index.shape
-        device = self.gather_index.device
-        prefix = torch.ones(batch, kv_heads, q_len, longest, dtype=torch.bool, device=device)
-        if self.gather_valid is not None:
-            prefix &= self.gather_valid[:, :, None, :]
+        batch, kv_heads = self.counts.shape
+        if q_len == 1 and not sliding_window:
+            if self.prefix_mask is None:
+                return None
+            appended = self.prefix_mask.new_ones(batch, kv_heads, 1, steps)
+            return torch.cat([self.prefix_mask, appended], dim=-1)
+        device = self.prefix_keys.device
+        prefix = torch.ones(batch, kv_heads, q_len, self.longest, dtype=torch.bool, device=device)
+        if self.prefix_mask is not None:
+            prefix &= self.prefix_mask
         step_index = torch.arange(steps, device=device)
         query_step = torch.arange(steps - q_len, steps, device=device)
         appended = (step_index[None, :] <= query_step[:, None]).expand(batch, kv_heads, -1, -1)
@@ -134,7 +155,8 @@ class CompressedLayer(CacheLayerMixin):
             distance = query_position[None, None, :, None] - self.gather_positions[:, :, None, :].long()
             prefix &= distance < sliding_window
             appended = appended & ((query_step[:, None] - step_index[None, :]) < sliding_window)
-        return torch.cat([prefix, appended], dim=-1)
+        mask = torch.cat([prefix, appended], dim=-1)
+        return mask[:, :, None].expand(-1, -1, group, -1, -1).reshape(batch, kv_heads, group * q_len, -1)
 
     def nbytes(self) -> tuple[int, int]:
         """(bytes of the key/value tensors held, bytes of the index tensors held)."""
@@ -144,10 +166,10 @@ class CompressedLayer(CacheLayerMixin):
             if t is not None
         )
         index = sum(
-            t.nbytes
-            for t in (self.prefix_positions, self.gather_index, self.gather_valid, self.gather_positions, self.counts)
-            if t is not None
+            t.nbytes for t in (self.prefix_positions, self.gather_index, self.prefix_mask, self.counts) if t is not None
         )
+        if self.gather_index is not None and self.gather_positions is not None:
+            index += self.gather_positions.nbytes
         return kv, index
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -221,6 +243,7 @@ class CompressedCache(Cache):
         self.prompt_length = 0
         self.peak_prefill_bytes = 0
         self.score_memo = score_memo
+        self.clock = PhaseClock()
         self._prefilling: int | None = None
 
     # transformers' side
@@ -263,6 +286,10 @@ class CompressedCache(Cache):
     ) -> None:
         """Hand one layer's prefill to each sequence's compression and store what is final."""
         self._prefilling = None
+        with self.clock.phase("total"):
+            self._compress_layer(layer_idx, query, key, value, attention_mask, scaling)
+
+    def _compress_layer(self, layer_idx, query, key, value, attention_mask, scaling) -> None:
         batch, _, length, _ = key.shape
         if layer_idx == 0:
             self._start(batch, length, attention_mask)
@@ -304,6 +331,7 @@ class CompressedCache(Cache):
                     visible,
                     self.progressive,
                     None if self.score_memo is None else self.score_memo.setdefault(len(self.sequences), {}),
+                    self.clock,
                 )
             )
 

@@ -1,4 +1,4 @@
-"""Command line: ``lavakv generate``, ``demo``, ``eval`` and ``report``."""
+"""Command line: ``lavakv generate``, ``demo``, ``eval``, ``report`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -215,6 +215,37 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    """Quick speed and memory table: full cache vs methods at one prompt length and a few budgets."""
+    import torch
+
+    from .bench import bench_prompt, check_bench_arguments, format_table, load_bench_model, run_bench
+
+    methods = _split(args.methods, str, "methods")
+    budgets = _split(args.budgets, int, "budgets")
+    check_bench_arguments(methods, budgets, args.length, args.decode_tokens)
+    model, tokenizer, name = load_bench_model(args.model)
+    limit = model.config.get_text_config().max_position_embeddings
+    if args.length + args.decode_tokens > limit:
+        raise ValueError(
+            f"--length {args.length} plus {args.decode_tokens} decode tokens exceeds the model's context of {limit}"
+        )
+    input_ids = bench_prompt(tokenizer, args.length, model.config.vocab_size)
+
+    def progress(result) -> None:
+        if not args.json:
+            print(f"  measured {result.method} budget={result.budget}", file=sys.stderr, flush=True)
+
+    print(f"lavakv bench: {name}, {args.length}-token prompt, {torch.get_num_threads()} threads", file=sys.stderr)
+    results = run_bench(model, input_ids, methods, budgets, args.decode_tokens, name, on_result=progress)
+    if args.json:
+        from .bench import ratios
+
+        Path(args.json).write_text(json.dumps(ratios(results), indent=1))
+    print(format_table(results))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lavakv", description="KV-cache compression for transformers models")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -266,6 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", help="where report.md and plots go (default: the first run directory)")
     rep.add_argument("--no-plots", action="store_true")
     rep.set_defaults(handler=cmd_report)
+
+    bench = commands.add_parser("bench", help="quick speed and memory table: full cache vs compressed caches")
+    bench.add_argument("--model", help="smollm2 (default), llama3-layout-1b (random weights), a directory or .gguf")
+    bench.add_argument("--length", type=int, default=2048, help="prompt tokens (default 2048)")
+    bench.add_argument("--budgets", default="128,512", help="comma-separated (default 128,512)")
+    bench.add_argument("--methods", default="snapkv,ada-snapkv,cake,lava", help="comma-separated")
+    bench.add_argument("--decode-tokens", type=int, default=64, help="greedy steps timed per configuration")
+    bench.add_argument("--json", help="also write the measurements and ratios to this JSON file")
+    bench.set_defaults(handler=cmd_bench)
     return parser
 
 

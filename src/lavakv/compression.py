@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 
@@ -74,6 +77,26 @@ class LayerEntries:
 RELEASED = LayerEntries([], torch.empty(0), torch.empty(0, 0, 0), torch.empty(0, 0, 0), final=True)
 
 
+@dataclass
+class PhaseClock:
+    """Seconds a cache spent compressing, summed over layers and samples.
+
+    ``score`` is computing the scores, ``allocate`` the layer and head allocations, and ``total``
+    everything compression adds to a prefill (selection, copies and packing included). Used by
+    ``lavakv bench`` to show what compression costs on top of the model's own prefill.
+    """
+
+    seconds: dict[str, float] = field(default_factory=lambda: {"score": 0.0, "allocate": 0.0, "total": 0.0})
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - start
+
+
 def resolve_budget(length: int, budget: int | None, ratio: float | None) -> int:
     """Tokens per KV head per layer for a prompt of ``length`` tokens."""
     if ratio is not None:
@@ -92,8 +115,10 @@ class SequenceCompression:
         visible_lengths: list[int],
         progressive: bool,
         score_memo: dict | None = None,
+        clock: PhaseClock | None = None,
     ):
         self.method = method
+        self.clock = clock or PhaseClock()
         self.score_memo = score_memo
         self.length = length
         self.budget = budget
@@ -139,8 +164,10 @@ class SequenceCompression:
         layer_input = LayerInput(
             query, key, value, scaling, observed=min(self.method.window, visible), prefix_length=prefix
         )
-        scores = self._score(layer, layer_input)
-        self.summaries.append(self.allocation.summarize(layer_input, scores, self.method))
+        with self.clock.phase("score"):
+            scores = self._score(layer, layer_input)
+        with self.clock.phase("allocate"):
+            self.summaries.append(self.allocation.summarize(layer_input, scores, self.method))
         heads = [
             Candidates(positions[:prefix], key[h, :prefix], value[h, :prefix], scores[h]) for h in range(key.shape[0])
         ]
@@ -150,9 +177,10 @@ class SequenceCompression:
             self._select(layer, self.layer_slots[layer])
         elif self.progressive:
             seen = layer + 1
-            slots = self.allocation.allocate(
-                self.summaries, self.caps[:seen], self.slots, self.total_slots, self.method
-            )
+            with self.clock.phase("allocate"):
+                slots = self.allocation.allocate(
+                    self.summaries, self.caps[:seen], self.slots, self.total_slots, self.method
+                )
             for earlier in range(seen):
                 self._retain(earlier, slots[earlier])
         else:
@@ -179,9 +207,10 @@ class SequenceCompression:
 
     def _after_layer(self, layer: int) -> None:
         if layer == self.num_layers - 1 and self.compresses and self.layer_slots is None:
-            self.layer_slots = self.allocation.allocate(
-                self.summaries, self.caps, self.slots, self.total_slots, self.method
-            )
+            with self.clock.phase("allocate"):
+                self.layer_slots = self.allocation.allocate(
+                    self.summaries, self.caps, self.slots, self.total_slots, self.method
+                )
             for index in range(self.num_layers):
                 if not self.layers[index].final:
                     self._select(index, self.layer_slots[index])
@@ -197,7 +226,8 @@ class SequenceCompression:
     def _select(self, layer: int, slots: int) -> None:
         """Final selection: each head keeps its own best ``cap_h`` entries under the head allocation."""
         entries = self.layers[layer]
-        caps = self.head_fn(self._padded_scores(layer), slots, self.method)
+        with self.clock.phase("allocate"):
+            caps = self.head_fn(self._padded_scores(layer), slots, self.method)
         for head, cap in zip(entries.heads, caps):
             if cap > len(head.positions):
                 raise RuntimeError(
@@ -211,15 +241,21 @@ class SequenceCompression:
 
         A later layer budget can exceed this one by at most one slot after rounding, which moves a
         head's share by at most ``kv_heads + 2``: that is the slack kept beyond the current need.
+        A layer is shrunk only once it holds more than twice what it needs, so that each layer is
+        re-selected a few times rather than after every later layer; memory stays within twice
+        the need.
         """
         entries = self.layers[layer]
-        padded = self._padded_scores(layer)
-        caps = self.head_fn(padded, slots, self.method)
-        winners = flattened_winners(padded, slots) if self.method.heads != "uniform" else [0] * len(caps)
+        with self.clock.phase("allocate"):
+            padded = self._padded_scores(layer)
+            caps = self.head_fn(padded, slots, self.method)
+            winners = flattened_winners(padded, slots) if self.method.heads != "uniform" else [0] * len(caps)
         slack = len(entries.heads) + 2
-        entries.heads = [
-            self._own(head.take(max(cap, won) + slack)) for head, cap, won in zip(entries.heads, caps, winners)
-        ]
+        needs = [max(cap, won) + slack for cap, won in zip(caps, winners)]
+        if all(len(head.positions) <= 2 * need for head, need in zip(entries.heads, needs)):
+            entries.heads = [self._own(head) for head in entries.heads]
+            return
+        entries.heads = [self._own(head.take(need)) for head, need in zip(entries.heads, needs)]
 
     @staticmethod
     def _own(head: Candidates) -> Candidates:

@@ -88,9 +88,9 @@ class PreferenceLayers:
     dynamic: bool = True
 
     def summarize(self, layer: LayerInput, scores: torch.Tensor, method) -> float:
-        prefix = layer.window_attention[:, :, : layer.prefix_length].double()
-        dispersion = float(-(prefix * torch.log(prefix.clamp_min(1e-300))).sum())
-        shift = float(prefix.var(dim=1, unbiased=False).sum()) if prefix.shape[1] > 1 else 0.0
+        prefix = layer.window_attention[:, :, : layer.prefix_length].float()
+        dispersion = float(torch.special.entr(prefix).sum(dtype=torch.float64))
+        shift = float(prefix.var(dim=1, unbiased=False).sum(dtype=torch.float64)) if prefix.shape[1] > 1 else 0.0
         return max(dispersion, 0.0) ** (1 / method.tau1) * max(shift, 0.0) ** (1 / method.tau2)
 
     def allocate(self, summaries, caps: list[int], slots: int, total: int, method) -> list[int]:

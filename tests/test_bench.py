@@ -1,0 +1,133 @@
+"""The speed and memory benchmark: what it measures must be right even where the timings are noise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_prompt, tiny_model
+
+from lavakv.bench import (
+    RANDOM_MODELS,
+    PeakResident,
+    check_bench_arguments,
+    format_table,
+    random_model,
+    ratios,
+    resident_bytes,
+    run_bench,
+)
+from lavakv.cli import main
+
+LENGTH, BUDGETS, DECODE = 160, (48, 96), 3
+
+
+@pytest.fixture(scope="module")
+def measured():
+    model = tiny_model("llama")
+    input_ids = torch.tensor([random_prompt(LENGTH)])
+    return model, run_bench(model, input_ids, budgets=BUDGETS, decode_tokens=DECODE, model_name="tiny")
+
+
+def test_every_configuration_is_measured_once(measured):
+    _, results = measured
+    keys = [(m.method, m.budget) for m in results]
+    expected = [("full", None)] + [("reference", b) for b in BUDGETS]
+    expected += [(method, b) for b in BUDGETS for method in ("snapkv", "ada-snapkv", "cake", "lava")]
+    assert keys == expected
+    assert all(m.decode_tokens == DECODE and m.decode_ms_per_token > 0 for m in results)
+
+
+def test_cache_bytes_are_the_kept_entries_bytes(measured):
+    model, results = measured
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    per_entry = 2 * head_dim * 4
+    layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
+    full = results[0]
+    assert full.kv_bytes == LENGTH * kv_heads * layers * per_entry
+    for m in results[1 + len(BUDGETS) :]:
+        assert m.kept_entry_bytes == m.budget * kv_heads * layers * per_entry, (m.method, m.budget)
+        assert m.kept_entry_bytes <= m.kv_bytes <= 1.05 * m.kept_entry_bytes, (m.method, m.budget)
+        assert m.index_bytes > 0
+
+
+def test_compression_time_is_split_into_its_phases(measured):
+    _, results = measured
+    for m in results:
+        if m.method in ("full", "reference"):
+            assert m.compress_seconds == 0
+            continue
+        assert m.compress_seconds > 0
+        assert m.score_seconds > 0
+        assert m.score_seconds + m.allocate_seconds <= m.compress_seconds
+        assert m.compress_seconds < m.prefill_seconds
+
+
+def test_ratios_are_relative_to_the_full_cache_of_the_same_run(measured):
+    _, results = measured
+    rows = ratios(results)
+    full = results[0]
+    for row, m in zip(rows, results):
+        assert row["kv_bytes_fraction"] == pytest.approx(m.kv_bytes / full.kv_bytes)
+        assert row["decode_speedup"] == pytest.approx(full.decode_ms_per_token / m.decode_ms_per_token)
+    table = format_table(results)
+    assert len(table.splitlines()) == 2 + len(results)
+    assert "| lava | 96 |" in table
+
+
+def test_peak_resident_memory_sees_a_transient_allocation():
+    if resident_bytes() is None:
+        pytest.skip("no /proc/self/statm on this system")
+    with PeakResident() as peak:
+        before = resident_bytes()
+        block = torch.ones(64 * 2**20 // 4)
+        del block
+    assert peak.peak - before >= 48 * 2**20
+
+
+def test_a_resumed_run_skips_what_is_done():
+    model = tiny_model("llama")
+    input_ids = torch.tensor([random_prompt(80)])
+    seen = []
+    results = run_bench(
+        model,
+        input_ids,
+        methods=["lava"],
+        budgets=[48],
+        decode_tokens=1,
+        done=lambda m: m.method in ("full", "reference"),
+        on_result=seen.append,
+    )
+    assert [(m.method, m.budget) for m in results] == [("lava", 48)] == [(m.method, m.budget) for m in seen]
+
+
+@pytest.mark.parametrize(
+    "methods, budgets, length, decode, message",
+    [
+        (["lava"], [32], 160, 4, "must exceed lava's window of 32"),
+        (["lava"], [200], 160, 4, "must be smaller than the prompt (160 tokens)"),
+        (["full"], [64], 160, 4, "does not compress"),
+        (["nope"], [64], 160, 4, "nope"),
+        (["lava"], [64], 160, 0, "decode tokens must be an integer >= 1, got 0"),
+    ],
+)
+def test_bad_benchmark_requests_are_refused(methods, budgets, length, decode, message):
+    with pytest.raises(ValueError, match=None) as error:
+        check_bench_arguments(methods, budgets, length, decode)
+    assert message in str(error.value)
+
+
+def test_cli_bench_refuses_bad_input(capsys):
+    assert main(["bench", "--budgets", "16", "--model", "/no/such/model"]) == 2
+    assert "must exceed" in capsys.readouterr().err
+    assert main(["bench", "--budgets", "64,x"]) == 2
+    assert "--budgets" in capsys.readouterr().err
+    assert main(["bench", "--model", "/no/such/model"]) == 2
+    assert "/no/such/model" in capsys.readouterr().err
+
+
+def test_random_models_have_llama3_attention_layout():
+    for name, config in RANDOM_MODELS.items():
+        assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (32, 8, 128)
+    with pytest.raises(ValueError, match="llama3-layout-1b"):
+        random_model("llama3-layout-7b")
