@@ -3,10 +3,11 @@
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/decode_profile.py [--length 4096] [--budget 128]
         [--steps 16] [--label after] [--out benchmarks/results/decode_profile.json]
 
-On SmolLM2 with one prompt of ``--length`` tokens it profiles ``--steps`` decode steps for the full
-cache, a full cache of ``--budget`` tokens (the ideal), and snapkv, ada-snapkv and lava at
-``--budget``. Operators are grouped into matmul (the model's projections), attention (sdpa
-kernels), cache reads and writes (gathers, concatenations, masks) and the rest (norms, RoPE,
+On SmolLM2 with one prompt of ``--length`` tokens it times (round-robin) and then profiles
+``--steps`` decode steps for the full cache, a full cache of ``--budget`` tokens (the ideal),
+and snapkv, ada-snapkv and lava at ``--budget``. Operators are grouped into matmul (the model's
+projections), attention (sdpa kernels), cache reads and writes (gathers, concatenations, masks)
+and the rest (norms, RoPE,
 activations, views). Each run is stored under ``--label`` in the JSON file, so that a run on an
 older checkout (``PYTHONPATH=<old checkout>/src``) and one on the current code sit side by side;
 the markdown page is rewritten from all labels.
@@ -42,17 +43,24 @@ def group_of(name: str) -> str:
     return "other"
 
 
-def profile_steps(model, cache, token: torch.Tensor, steps: int) -> dict:
-    """Median wall ms per step (unprofiled), then profiled self-CPU ms per step by group and top operators."""
-    times = []
+def wall_times(model, prepared: dict, steps: int) -> dict[str, float]:
+    """Median wall ms per step for each cache, steps taken round-robin so that slow spells hit all alike."""
+    times = {name: [] for name in prepared}
     with torch.inference_mode():
         for _ in range(steps):
-            start = time.perf_counter()
-            token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-            times.append(time.perf_counter() - start)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(steps):
+            for name, (cache, token) in prepared.items():
+                start = time.perf_counter()
                 token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                times[name].append(time.perf_counter() - start)
+                prepared[name] = (cache, token)
+    return {name: statistics.median(values) * 1000 for name, values in times.items()}
+
+
+def profile_steps(model, cache, token: torch.Tensor, steps: int) -> dict:
+    """Profiled self-CPU ms per step by operator group, and the top operators."""
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
     groups = dict.fromkeys([*GROUPS, "other"], 0.0)
     operators = {}
     for event in prof.key_averages():
@@ -61,7 +69,6 @@ def profile_steps(model, cache, token: torch.Tensor, steps: int) -> dict:
         operators[event.key] = (self_ms, event.count // steps)
     top = sorted(operators.items(), key=lambda item: -item[1][0])[:8]
     return {
-        "wall_ms_per_step": statistics.median(times) * 1000,
         "self_cpu_ms_per_step": groups,
         "top_operators": [{"name": name, "ms": ms, "calls": calls} for name, (ms, calls) in top],
     }
@@ -80,7 +87,7 @@ def main() -> None:
     input_ids = bench_prompt(tokenizer, args.length, model.config.vocab_size)
     configs = [("full", None), ("reference", args.budget)]
     configs += [(method, args.budget) for method in ("snapkv", "ada-snapkv", "lava")]
-    runs = {}
+    prepared = {}
     for method, budget in configs:
         if method == "full":
             cache, prompt = DynamicCache(), input_ids
@@ -90,10 +97,12 @@ def main() -> None:
             cache, prompt = lavakv.CompressedCache(model, method=method, budget=budget), input_ids
         with torch.inference_mode():
             logits = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-        runs[f"{method}" if budget is None else f"{method} B={budget}"] = profile_steps(
-            model, cache, logits[:, -1:].argmax(-1), args.steps
-        )
-        print(method, budget, f"{runs[list(runs)[-1]]['wall_ms_per_step']:.1f} ms/step", flush=True)
+        prepared[method if budget is None else f"{method} B={budget}"] = (cache, logits[:, -1:].argmax(-1))
+    walls = wall_times(model, prepared, args.steps)
+    runs = {}
+    for name, (cache, token) in prepared.items():
+        runs[name] = {"wall_ms_per_step": walls[name], **profile_steps(model, cache, token, args.steps)}
+        print(name, f"{walls[name]:.1f} ms/step", flush=True)
 
     out = Path(args.out)
     stored = json.loads(out.read_text()) if out.is_file() else {}
@@ -108,8 +117,9 @@ def render(stored: dict) -> str:
     lines = [
         "# Decode step profile (SmolLM2, CPU)",
         "",
-        "Written by `benchmarks/decode_profile.py`. Wall time is the median of unprofiled steps; the group",
-        "columns are torch.profiler self-CPU time per step (summed over threads, so they can exceed wall time).",
+        "Written by `benchmarks/decode_profile.py`. Wall time is the median of unprofiled steps taken",
+        "round-robin over the caches; the group columns are torch.profiler self-CPU time per step",
+        "(summed over threads, so they can exceed wall time).",
         "",
     ]
     for label, run in stored.items():

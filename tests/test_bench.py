@@ -8,7 +8,7 @@ from conftest import random_prompt, tiny_model
 
 from lavakv.bench import (
     RANDOM_MODELS,
-    PeakResident,
+    ResidentSampler,
     check_bench_arguments,
     format_table,
     random_model,
@@ -35,6 +35,7 @@ def test_every_configuration_is_measured_once(measured):
     expected += [(method, b) for b in BUDGETS for method in ("snapkv", "ada-snapkv", "cake", "lava")]
     assert keys == expected
     assert all(m.decode_tokens == DECODE and m.decode_ms_per_token > 0 for m in results)
+    assert all(m.decode_peak_bytes >= m.kv_bytes for m in results)
 
 
 def test_cache_bytes_are_the_kept_entries_bytes(measured):
@@ -78,11 +79,14 @@ def test_ratios_are_relative_to_the_full_cache_of_the_same_run(measured):
 def test_peak_resident_memory_sees_a_transient_allocation():
     if resident_bytes() is None:
         pytest.skip("no /proc/self/statm on this system")
-    with PeakResident() as peak:
-        before = resident_bytes()
-        block = torch.ones(64 * 2**20 // 4)
-        del block
-    assert peak.peak - before >= 48 * 2**20
+    with ResidentSampler() as sampler:
+        with sampler.phase() as transient:
+            block = torch.ones(64 * 2**20 // 4)
+            del block
+        with sampler.phase() as idle:
+            pass
+    assert transient.added >= 48 * 2**20
+    assert idle.added < 8 * 2**20
 
 
 def test_a_resumed_run_skips_what_is_done():
@@ -127,7 +131,7 @@ def test_cli_bench_refuses_bad_input(capsys):
 
 
 def test_random_models_have_llama3_attention_layout():
-    for name, config in RANDOM_MODELS.items():
+    for config in RANDOM_MODELS.values():
         assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (32, 8, 128)
     with pytest.raises(ValueError, match="llama3-layout-1b"):
         random_model("llama3-layout-7b")

@@ -7,12 +7,15 @@ had no overhead. Per configuration it records:
 
 * prefill wall time, and what compression added to it (``PhaseClock``: scoring, allocation,
   and the total including selection and packing);
-* decode time per token: the median over ``decode_tokens`` greedy steps, each a full model call;
+* decode time per token: the median over ``decode_tokens`` greedy steps, each a full model call,
+  taken round-robin over all configurations so that the machine's slow spells hit them alike;
 * the cache's key/value bytes after prefill, and the bytes of the kept entries alone;
 * peak memory: the process's resident set (``/proc/self/statm``) sampled every millisecond by a
-  background thread, reported above the resident set right before the prefill, i.e. above the
-  loaded model. glibc is told to serve allocations of 64 KiB and more with ``mmap`` so that freed
-  tensors leave the resident set at once; otherwise freed memory would hide later peaks.
+  background thread. Prefill: the peak above the resident set right before the prefill. Decode:
+  the cache's bytes plus the most one step added above the resident set before it. Before each
+  prefill, glibc's free heap pages are handed back to the system (``malloc_trim``) so that memory
+  freed earlier does not hide this one's peak; the allocator is otherwise left at its defaults,
+  so timings are what users get.
 
 CPU timings are wall-clock (``time.perf_counter``); torch's CPU kernels are synchronous.
 """
@@ -25,7 +28,8 @@ import os
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -80,14 +84,13 @@ class Measurement:
         return (self.model, self.prompt_tokens, self.method, self.budget)
 
 
-def limit_malloc_caching() -> bool:
-    """Make glibc return freed large blocks to the system at once, so resident memory tracks live tensors."""
+def release_free_memory() -> None:
+    """Collect garbage and hand glibc's free heap pages back to the system, so the next baseline is clean."""
+    gc.collect()
     try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_mmap_threshold = -3
-    return bool(libc.mallopt(m_mmap_threshold, 64 * 1024))
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def resident_bytes() -> int | None:
@@ -99,21 +102,28 @@ def resident_bytes() -> int | None:
         return None
 
 
-class PeakResident:
-    """Peak resident memory while the ``with`` block runs, sampled every ``interval`` seconds."""
+class ResidentSampler:
+    """Peak resident memory per phase, sampled every ``interval`` seconds by one background thread.
+
+    >>> with ResidentSampler() as sampler:
+    ...     with sampler.phase() as phase:
+    ...         work()
+    ...     phase.peak - phase.start      # bytes the work added at its peak
+    """
 
     def __init__(self, interval: float = 0.001):
         self.interval = interval
-        self.peak = 0
+        self._active: _Phase | None = None
         self._stop = threading.Event()
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, resident_bytes() or 0)
+            active = self._active
+            if active is not None:
+                active.peak = max(active.peak, resident_bytes() or 0)
             time.sleep(self.interval)
 
-    def __enter__(self) -> PeakResident:
-        self.peak = resident_bytes() or 0
+    def __enter__(self) -> ResidentSampler:
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
@@ -121,7 +131,27 @@ class PeakResident:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, resident_bytes() or 0)
+
+    @contextmanager
+    def phase(self) -> Iterator[_Phase]:
+        current = _Phase(resident_bytes() or 0)
+        current.peak = current.start
+        self._active = current
+        try:
+            yield current
+        finally:
+            self._active = None
+            current.peak = max(current.peak, resident_bytes() or 0)
+
+
+@dataclass
+class _Phase:
+    start: int
+    peak: int = 0
+
+    @property
+    def added(self) -> int:
+        return max(0, self.peak - self.start)
 
 
 def random_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -152,127 +182,99 @@ def parameter_count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _decode(model, cache, first_token: torch.Tensor, steps: int) -> tuple[float, int]:
-    """Median seconds per greedy step over ``steps`` steps, and peak resident bytes during them."""
-    times = []
-    token = first_token
-    with PeakResident() as peak, torch.inference_mode():
-        for _ in range(steps):
-            start = time.perf_counter()
-            logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits
-            token = logits[:, -1:].argmax(-1)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times), peak.peak
+@dataclass
+class _Prepared:
+    """A configuration after its prefill, waiting for the interleaved decode."""
+
+    measurement: Measurement
+    cache: object
+    token: torch.Tensor
+    step_seconds: list[float]
+    decode_added: int = 0
 
 
-def _prefill(model, input_ids: torch.Tensor, cache) -> tuple[float, int, torch.Tensor]:
-    with PeakResident() as peak, torch.inference_mode():
-        start = time.perf_counter()
-        logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-        seconds = time.perf_counter() - start
-    return seconds, peak.peak, logits[:, -1:].argmax(-1)
+def _step(model, cache, token: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits
+    return logits[:, -1:].argmax(-1)
 
 
 def warm_up(model, input_ids: torch.Tensor, tokens: int = 256) -> None:
     """One short prefill and two decode steps, so that one-time setup costs fall outside every measurement."""
     cache = DynamicCache()
-    _, _, token = _prefill(model, input_ids[:, :tokens], cache)
-    _decode(model, cache, token, 2)
+    with torch.inference_mode():
+        logits = model(input_ids=input_ids[:, :tokens], past_key_values=cache, use_cache=True).logits
+        token = logits[:, -1:].argmax(-1)
+        for _ in range(2):
+            token = _step(model, cache, token)
     del cache
-    gc.collect()
+    release_free_memory()
 
 
 def _dynamic_bytes(cache: DynamicCache) -> int:
     return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
 
 
-def _settle() -> int:
-    gc.collect()
-    return resident_bytes() or 0
-
-
-def measure_full(model, input_ids: torch.Tensor, decode_tokens: int, model_name: str) -> Measurement:
-    """The uncompressed cache: prefill and decode with transformers' ``DynamicCache``."""
-    base = _settle()
-    cache = DynamicCache()
-    seconds, prefill_peak, token = _prefill(model, input_ids, cache)
-    kv_bytes = _dynamic_bytes(cache)
-    per_token, decode_peak = _decode(model, cache, token, decode_tokens)
-    return Measurement(
-        model=model_name,
-        prompt_tokens=input_ids.shape[1],
-        method="full",
-        budget=None,
-        prefill_seconds=seconds,
-        score_seconds=0.0,
-        allocate_seconds=0.0,
-        compress_seconds=0.0,
-        decode_ms_per_token=per_token * 1000,
-        decode_tokens=decode_tokens,
-        kv_bytes=kv_bytes,
-        index_bytes=0,
-        kept_entry_bytes=kv_bytes,
-        prefill_peak_bytes=prefill_peak - base,
-        decode_peak_bytes=decode_peak - base,
-    )
-
-
-def measure_reference(model, input_ids: torch.Tensor, budget: int, decode_tokens: int, model_name: str) -> Measurement:
-    """A full cache that saw only the prompt's first ``budget`` tokens: the ideal cost of budget ``budget``."""
-    base = _settle()
-    cache = DynamicCache()
-    _, _, token = _prefill(model, input_ids[:, :budget], cache)
-    kv_bytes = _dynamic_bytes(cache)
-    per_token, decode_peak = _decode(model, cache, token, decode_tokens)
-    return Measurement(
-        model=model_name,
-        prompt_tokens=input_ids.shape[1],
-        method="reference",
-        budget=budget,
-        prefill_seconds=None,
-        score_seconds=0.0,
-        allocate_seconds=0.0,
-        compress_seconds=0.0,
-        decode_ms_per_token=per_token * 1000,
-        decode_tokens=decode_tokens,
-        kv_bytes=kv_bytes,
-        index_bytes=0,
-        kept_entry_bytes=kv_bytes,
-        prefill_peak_bytes=None,
-        decode_peak_bytes=decode_peak - base,
-    )
-
-
-def measure_method(
-    model, input_ids: torch.Tensor, method: str, budget: int, decode_tokens: int, model_name: str
-) -> Measurement:
-    """One method at one budget: a compressing prefill, then greedy decoding from its cache."""
-    base = _settle()
-    cache = CompressedCache(model, method=method, budget=budget)
-    seconds, prefill_peak, token = _prefill(model, input_ids, cache)
-    kv_bytes, index_bytes = cache.kv_bytes(), cache.index_bytes()
-    layer = cache.layers[0]
-    kept_entry_bytes = cache.kept_entries() * 2 * layer.prefix_keys.shape[-1] * layer.prefix_keys.element_size()
-    per_token, decode_peak = _decode(model, cache, token, decode_tokens)
-    clock = cache.clock.seconds
-    return Measurement(
+def prefill(
+    model, input_ids: torch.Tensor, method: str, budget: int | None, model_name: str, sampler: ResidentSampler
+) -> _Prepared:
+    """Prefill one configuration: ``full`` (DynamicCache), ``reference`` (DynamicCache of ``budget``
+    tokens) or a method at ``budget`` (CompressedCache), measuring time, compression phases and memory."""
+    release_free_memory()
+    if method == "full":
+        cache, prompt = DynamicCache(), input_ids
+    elif method == "reference":
+        cache, prompt = DynamicCache(), input_ids[:, :budget]
+    else:
+        cache, prompt = CompressedCache(model, method=method, budget=budget), input_ids
+    with sampler.phase() as phase, torch.inference_mode():
+        start = time.perf_counter()
+        logits = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        seconds = time.perf_counter() - start
+    if isinstance(cache, CompressedCache):
+        kv_bytes, index_bytes = cache.kv_bytes(), cache.index_bytes()
+        layer = cache.layers[0]
+        kept_entry_bytes = cache.kept_entries() * 2 * layer.prefix_keys.shape[-1] * layer.prefix_keys.element_size()
+        clock, cache_peak = cache.clock.seconds, cache.peak_prefill_bytes
+    else:
+        kv_bytes = kept_entry_bytes = _dynamic_bytes(cache)
+        index_bytes, clock, cache_peak = 0, {"score": 0.0, "allocate": 0.0, "total": 0.0}, None
+    measurement = Measurement(
         model=model_name,
         prompt_tokens=input_ids.shape[1],
         method=method,
         budget=budget,
-        prefill_seconds=seconds,
+        prefill_seconds=None if method == "reference" else seconds,
         score_seconds=clock["score"],
         allocate_seconds=clock["allocate"],
         compress_seconds=clock["total"],
-        decode_ms_per_token=per_token * 1000,
-        decode_tokens=decode_tokens,
+        decode_ms_per_token=0.0,
+        decode_tokens=0,
         kv_bytes=kv_bytes,
         index_bytes=index_bytes,
         kept_entry_bytes=kept_entry_bytes,
-        prefill_peak_bytes=prefill_peak - base,
-        decode_peak_bytes=decode_peak - base,
-        cache_peak_prefill_bytes=cache.peak_prefill_bytes,
+        prefill_peak_bytes=None if method == "reference" else phase.added,
+        decode_peak_bytes=0,
+        cache_peak_prefill_bytes=cache_peak,
     )
+    return _Prepared(measurement, cache, logits[:, -1:].argmax(-1), [])
+
+
+def decode_interleaved(model, prepared: list[_Prepared], steps: int, sampler: ResidentSampler) -> None:
+    """Greedy steps taken round-robin over the configurations, so that a slow spell of a noisy
+    machine hits all of them alike. Fills in the median time per step and the decode memory:
+    the cache's bytes plus the most any one step added."""
+    with torch.inference_mode():
+        for _ in range(steps):
+            for item in prepared:
+                with sampler.phase() as phase:
+                    start = time.perf_counter()
+                    item.token = _step(model, item.cache, item.token)
+                    item.step_seconds.append(time.perf_counter() - start)
+                item.decode_added = max(item.decode_added, phase.added)
+    for item in prepared:
+        item.measurement.decode_ms_per_token = statistics.median(item.step_seconds) * 1000
+        item.measurement.decode_tokens = steps
+        item.measurement.decode_peak_bytes = item.measurement.kv_bytes + item.decode_added
 
 
 def check_bench_arguments(
@@ -304,31 +306,34 @@ def run_bench(
     done: Callable[[Measurement], bool] | None = None,
     on_result: Callable[[Measurement], None] | None = None,
 ) -> list[Measurement]:
-    """Measure the full cache, the ``B``-token references and every (method, budget), one after another.
+    """Measure the full cache, the ``B``-token references and every (method, budget) on one prompt.
 
-    ``done(m)`` may skip configurations already measured (the sweep resumes with it); every new
-    measurement is passed to ``on_result`` as soon as it exists.
+    Each configuration is prefilled in turn (and keeps its cache), then all of them decode
+    ``decode_tokens`` steps interleaved. ``done(m)`` may skip configurations already measured
+    (the sweep resumes with it); the measurements are passed to ``on_result`` at the end.
     """
     methods, budgets = list(methods), list(budgets)
     check_bench_arguments(methods, budgets, input_ids.shape[1], decode_tokens)
-    limit_malloc_caching()
-    warm_up(model, input_ids)
     plan: list[tuple[str, int | None]] = [("full", None)]
     plan += [("reference", budget) for budget in budgets]
     plan += [(method, budget) for budget in budgets for method in methods]
-    results = []
-    for method, budget in plan:
-        probe = Measurement(model_name, input_ids.shape[1], method, budget, None, 0, 0, 0, 0, 0, 0, 0, 0, None, 0)
-        if done is not None and done(probe):
-            continue
-        if method == "full":
-            result = measure_full(model, input_ids, decode_tokens, model_name)
-        elif method == "reference":
-            result = measure_reference(model, input_ids, budget, decode_tokens, model_name)
-        else:
-            result = measure_method(model, input_ids, method, budget, decode_tokens, model_name)
-        results.append(result)
-        if on_result is not None:
+    model_tokens = input_ids.shape[1]
+    plan = [
+        (method, budget)
+        for method, budget in plan
+        if done is None or not done(Measurement(model_name, model_tokens, method, budget, *[None] * 11))
+    ]
+    if not plan:
+        return []
+    warm_up(model, input_ids)
+    with ResidentSampler() as sampler:
+        prepared = [prefill(model, input_ids, method, budget, model_name, sampler) for method, budget in plan]
+        decode_interleaved(model, prepared, decode_tokens, sampler)
+    results = [item.measurement for item in prepared]
+    del prepared
+    release_free_memory()
+    if on_result is not None:
+        for result in results:
             on_result(result)
     return results
 
