@@ -5,12 +5,12 @@
 
 On SmolLM2 with one prompt of ``--length`` tokens it times (round-robin) and then profiles
 ``--steps`` decode steps for the full cache, a full cache of ``--budget`` tokens (the ideal),
-and snapkv, ada-snapkv and lava at ``--budget``. Operators are grouped into matmul (the model's
-projections), attention (sdpa kernels), cache reads and writes (gathers, concatenations, masks)
-and the rest (norms, RoPE,
-activations, views). Each run is stored under ``--label`` in the JSON file, so that a run on an
-older checkout (``PYTHONPATH=<old checkout>/src``) and one on the current code sit side by side;
-the markdown page is rewritten from all labels.
+and snapkv, ada-snapkv and lava at ``--budget``. Operators are grouped into matmul (the
+model's projections), attention (sdpa kernels), cache reads and writes (gathers,
+concatenations, masks) and the rest (norms, RoPE, activations, views). Each run is stored
+under ``--label`` in the JSON file, so that a run on an older checkout
+(``PYTHONPATH=<old checkout>/src``) and one on the current code sit side by side; the
+markdown page is rewritten from all labels.
 """
 
 from __future__ import annotations
