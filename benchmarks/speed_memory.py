@@ -24,7 +24,16 @@ from pathlib import Path
 import torch
 import transformers
 
-from lavakv.bench import BENCH_METHODS, MIB, Measurement, bench_prompt, load_bench_model, parameter_count, run_bench
+from lavakv.bench import (
+    BENCH_METHODS,
+    MIB,
+    Measurement,
+    bench_prompt,
+    compression_overhead,
+    load_bench_model,
+    parameter_count,
+    run_bench,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "speed_memory.json"
@@ -90,6 +99,13 @@ def sweep(args) -> None:
             done=lambda m: m.key in done,
             on_result=record,
         )
+        overhead = data.setdefault("overhead", {}).setdefault(name, [])
+        if length in budgets_at or length == args.overhead_at:
+            if not any(row["prompt_tokens"] == length for row in overhead):
+                budgets = budgets_at.get(length, [int(b) for b in args.budgets.split(",")])
+                overhead += compression_overhead(model, input_ids, args.methods.split(","), budgets, args.repeats)
+                save(Path(args.out), data)
+                print(f"{name} {length}: compression overhead measured", flush=True)
 
 
 def measurements(data: dict) -> list[Measurement]:
@@ -153,14 +169,20 @@ def table(results: list[Measurement], model: str, length: int) -> str:
     return format_table(rows)
 
 
-def key_ratios(results: list[Measurement], model: str, length: int) -> list[str]:
+def key_ratios(data: dict, results: list[Measurement], model: str, length: int) -> list[str]:
+    """Ratios to the full cache at one length; compression time from the timed-alone replays where present."""
     index = by_key(results)
     full = index.get((model, length, "full", None))
     if full is None:
         return []
+    overhead = {
+        (row["method"], row["budget"]): row
+        for row in data.get("overhead", {}).get(model, [])
+        if row["prompt_tokens"] == length
+    }
     lines = [
-        "| method | budget | decode speed-up | gap to B-token cache | KV bytes vs full | KV / kept | "
-        "compression % of full prefill | score | allocation |",
+        "| method | budget | decode speed-up | gap to B-token cache | KV bytes vs full | KV / kept "
+        "| compression, % of full prefill | of which scoring | of which allocation |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for m in results:
@@ -168,12 +190,17 @@ def key_ratios(results: list[Measurement], model: str, length: int) -> list[str]
             continue
         reference = index.get((model, length, "reference", m.budget))
         gap = f"{m.decode_ms_per_token / reference.decode_ms_per_token:.2f}x" if reference else "–"
+        alone = overhead.get((m.method, m.budget))
+        if alone is not None:
+            base = alone["full_prefill_seconds"]
+            phases = (alone["compress_seconds"], alone["score_seconds"], alone["allocate_seconds"])
+        else:
+            base = full.prefill_seconds
+            phases = (m.compress_seconds, m.score_seconds, m.allocate_seconds)
+        shares = " | ".join(f"{100 * seconds / base:.1f}" for seconds in phases)
         lines.append(
             f"| {m.method} | {m.budget} | {full.decode_ms_per_token / m.decode_ms_per_token:.2f}x | {gap} "
-            f"| 1/{full.kv_bytes / m.kv_bytes:.1f} | {m.kv_bytes / m.kept_entry_bytes:.3f} "
-            f"| {100 * m.compress_seconds / full.prefill_seconds:.1f} "
-            f"| {100 * m.score_seconds / full.prefill_seconds:.1f} "
-            f"| {100 * m.allocate_seconds / full.prefill_seconds:.1f} |"
+            f"| 1/{full.kv_bytes / m.kv_bytes:.1f} | {m.kv_bytes / m.kept_entry_bytes:.3f} | {shares} |"
         )
     return lines
 
@@ -206,7 +233,7 @@ def report(args) -> None:
             "",
             f"### Key ratios at {focus} tokens",
             "",
-            *key_ratios(results, model, focus),
+            *key_ratios(data, results, model, focus),
             "",
             f"![{model}]({files['by_length']})",
             "",
@@ -226,6 +253,8 @@ def main() -> None:
     parser.add_argument("--budgets-at", help="per-length budgets, e.g. 4096=64,128,256,512")
     parser.add_argument("--methods", default=",".join(BENCH_METHODS))
     parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--overhead-at", type=int, default=4096, help="length at which compression is timed alone")
+    parser.add_argument("--repeats", type=int, default=3, help="repeats of the compression-overhead timing")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--report", action="store_true", help="write the results page from --out and stop")
     args = parser.parse_args()

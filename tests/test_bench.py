@@ -10,6 +10,7 @@ from lavakv.bench import (
     RANDOM_MODELS,
     ResidentSampler,
     check_bench_arguments,
+    compression_overhead,
     format_table,
     random_model,
     ratios,
@@ -135,3 +136,34 @@ def test_random_models_have_llama3_attention_layout():
         assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (32, 8, 128)
     with pytest.raises(ValueError, match="llama3-layout-1b"):
         random_model("llama3-layout-7b")
+
+
+def test_compression_overhead_times_compression_alone():
+    model = tiny_model("llama")
+    input_ids = torch.tensor([random_prompt(LENGTH)])
+    rows = compression_overhead(model, input_ids, ["snapkv", "lava"], [48, 96], repeats=2)
+    assert [(row["method"], row["budget"]) for row in rows] == [
+        ("snapkv", 48),
+        ("snapkv", 96),
+        ("lava", 48),
+        ("lava", 96),
+    ]
+    for row in rows:
+        assert row["full_prefill_seconds"] > 0 and row["repeats"] == 2
+        assert 0 < row["score_seconds"] and row["score_seconds"] + row["allocate_seconds"] <= row["compress_seconds"]
+        assert row["share_of_full_prefill"] == pytest.approx(row["compress_seconds"] / row["full_prefill_seconds"])
+
+
+def test_replayed_progressive_compression_keeps_what_a_compressing_prefill_keeps():
+    from lavakv import CompressedCache
+    from lavakv.recording import PrefillRecord
+
+    model = tiny_model("llama")
+    input_ids = torch.tensor([random_prompt(LENGTH)])
+    record = PrefillRecord(model, input_ids)
+    live = CompressedCache(model, method="lava", budget=48)
+    with torch.inference_mode():
+        model(input_ids=input_ids, past_key_values=live, use_cache=True)
+    replayed = record.compress("lava", 48, progressive=True, reuse_scores=False)
+    assert replayed.clock.seconds["score"] > 0
+    assert replayed.sequence_stats()[0].kept_positions == live.sequence_stats()[0].kept_positions

@@ -414,3 +414,54 @@ def load_bench_model(name: str | None):
 
     model, tokenizer = load_model(name, quiet=True)
     return model, tokenizer, name or DEFAULT_MODEL
+
+
+def compression_overhead(
+    model,
+    input_ids: torch.Tensor,
+    methods: Iterable[str] = BENCH_METHODS,
+    budgets: Iterable[int] = (128, 512),
+    repeats: int = 3,
+) -> list[dict]:
+    """Compression time on its own, against the full cache's prefill time, medians of ``repeats``.
+
+    One recorded prefill is replayed into fresh caches exactly as a compressing prefill runs
+    (progressive where the method is, every score computed anew), so the figure is free of the
+    model's own time and of the machine's slow spells during a 10-second prefill. The full
+    prefills and the replays alternate, round after round.
+    """
+    from .recording import PrefillRecord
+
+    methods, budgets = list(methods), list(budgets)
+    check_bench_arguments(methods, budgets, input_ids.shape[1], 1)
+    warm_up(model, input_ids)
+    record = PrefillRecord(model, input_ids)
+    full_seconds: list[float] = []
+    clocks: dict[tuple[str, int], list[dict]] = {(m, b): [] for m in methods for b in budgets}
+    for _ in range(repeats):
+        with torch.inference_mode():
+            start = time.perf_counter()
+            model(input_ids=input_ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+            full_seconds.append(time.perf_counter() - start)
+        for method, budget in clocks:
+            progressive = resolve_method(method).progressive
+            cache = record.compress(method, budget, progressive=progressive, reuse_scores=False)
+            clocks[(method, budget)].append(dict(cache.clock.seconds))
+    full = statistics.median(full_seconds)
+    rows = []
+    for (method, budget), runs in clocks.items():
+        phases = {name: statistics.median(run[name] for run in runs) for name in ("score", "allocate", "total")}
+        rows.append(
+            {
+                "prompt_tokens": input_ids.shape[1],
+                "method": method,
+                "budget": budget,
+                "repeats": repeats,
+                "full_prefill_seconds": full,
+                "score_seconds": phases["score"],
+                "allocate_seconds": phases["allocate"],
+                "compress_seconds": phases["total"],
+                "share_of_full_prefill": phases["total"] / full,
+            }
+        )
+    return rows

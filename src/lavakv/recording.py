@@ -74,16 +74,23 @@ class PrefillRecord:
         method: str | Method,
         budget: int | None = None,
         ratio: float | None = None,
+        progressive: bool = False,
+        reuse_scores: bool = True,
         **options,
     ) -> CompressedCache:
-        """A new cache holding what ``method`` keeps of the recorded prompt, ready for decoding."""
+        """A new cache holding what ``method`` keeps of the recorded prompt, ready for decoding.
+
+        ``progressive`` replays the layer-by-layer selection a compressing prefill makes (same
+        result, more work for dynamic layer budgets); ``reuse_scores=False`` computes every score
+        anew, so that the cache's clock shows the full cost of compression.
+        """
         cache = CompressedCache(
             self.config,
             method=method,
             budget=budget,
             ratio=ratio,
-            progressive=False,
-            score_memo=self.score_memo,
+            progressive=progressive,
+            score_memo=self.score_memo if reuse_scores else None,
             **options,
         )
         with torch.inference_mode():
