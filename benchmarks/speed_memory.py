@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/speed_memory.py --model smollm2 \\
         --lengths 1024,2048,4096,8192 --budgets 128,512 --budgets-at 4096=64,128,256,512
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/speed_memory.py --model llama3-layout-350m \\
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/speed_memory.py --model llama3-layout-400m \\
         --lengths 2048,4096,8192 --budgets 128,512
     .venv/bin/python benchmarks/speed_memory.py --report
 

@@ -53,7 +53,7 @@ LLAMA3_LAYOUT = dict(
 )
 RANDOM_MODELS = {
     "llama3-layout-1b": dict(LLAMA3_LAYOUT, num_hidden_layers=16),
-    "llama3-layout-350m": dict(LLAMA3_LAYOUT, num_hidden_layers=4),
+    "llama3-layout-400m": dict(LLAMA3_LAYOUT, num_hidden_layers=4),
 }
 """Random-weight Llamas with Llama 3's attention layout (32 query / 8 KV heads, GQA 4, head dim 128)."""
 
