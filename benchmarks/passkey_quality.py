@@ -19,26 +19,14 @@ from difflib import SequenceMatcher
 from pathlib import Path
 
 import lavakv
-from lavakv.passkey import passkey_prompt
+from lavakv.passkey import passkey_prompt, passkey_token_positions
 
 RESULTS = Path(__file__).parent / "results"
 
 
 def needle_positions(tokenizer, text: str, passkey: str) -> list[int]:
     """Token positions of the passkey's digits, all occurrences."""
-    ids = tokenizer(text)["input_ids"]
-    pieces = [tokenizer.decode([i]) for i in ids]
-    positions = []
-    for start in range(len(pieces)):
-        joined = ""
-        for end in range(start, min(start + 8, len(pieces))):
-            joined += pieces[end].strip()
-            if joined == passkey:
-                positions.extend(range(start, end + 1))
-                break
-            if not passkey.startswith(joined):
-                break
-    return sorted(set(positions))
+    return passkey_token_positions(tokenizer, tokenizer(text)["input_ids"], passkey)
 
 
 def window_for(budget: int) -> int:

@@ -37,3 +37,19 @@ def passkey_prompt(tokenizer, tokens: int, depth: float, seed: int = 0) -> Passk
     before = round(repeats * depth)
     text = INTRO + FILLER * before + needle + FILLER * (repeats - before) + "\n\n" + QUESTION
     return PasskeyPrompt(text, passkey, depth, len(tokenizer(text)["input_ids"]))
+
+
+def passkey_token_positions(tokenizer, ids: list[int], passkey: str) -> list[int]:
+    """Positions in ``ids`` of the tokens that spell ``passkey``, every occurrence (for needle-retention counts)."""
+    pieces = [tokenizer.decode([token]) for token in ids]
+    positions: list[int] = []
+    for start in range(len(pieces)):
+        joined = ""
+        for end in range(start, min(start + len(passkey) + 3, len(pieces))):
+            joined += pieces[end].strip()
+            if joined == passkey:
+                positions.extend(range(start, end + 1))
+                break
+            if not passkey.startswith(joined):
+                break
+    return sorted(set(positions))
