@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "decode_profile.json"))
     args = parser.parse_args()
 
-    model, tokenizer = lavakv.load_model(quiet=True)
+    model, tokenizer = lavakv.load_model()
     input_ids = bench_prompt(tokenizer, args.length, model.config.vocab_size)
     configs = [("full", None), ("reference", args.budget)]
     configs += [(method, args.budget) for method in ("snapkv", "ada-snapkv", "lava")]

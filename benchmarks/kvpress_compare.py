@@ -565,7 +565,7 @@ def run_engine(name: str, args, prompts: list[dict] | None, directory: str | Non
     if name == "lavakv":
         from lavakv.models import MODELS, convert_gguf
 
-        directory = str(convert_gguf(MODELS["smollm2"].gguf_path(), quiet=True))
+        directory = str(convert_gguf(MODELS["smollm2"].gguf_path()))
         engine = LavakvEngine(directory, args.max_new_tokens)
         prompts = build_prompts(engine.tokenizer, args.prompts, args.tokens)
     else:

@@ -12,7 +12,7 @@ from passkey_quality import needle_positions
 
 from lavakv.passkey import passkey_prompt
 
-model, tok = lavakv.load_model(quiet=True)
+model, tok = lavakv.load_model()
 for depth, seed in [(0.5, 2), (0.7, 3)]:
     p = passkey_prompt(tok, 1000, depth, seed=seed)
     needle = needle_positions(tok, p.text, p.passkey)

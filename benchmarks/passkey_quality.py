@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(m for m in lavakv.METHODS if m != "full"))
     parser.add_argument("--out", default=str(RESULTS / "passkey_quality"))
     args = parser.parse_args()
-    model, tokenizer = lavakv.load_model(quiet=True)
+    model, tokenizer = lavakv.load_model()
     budgets = [int(b) for b in args.budgets.split(",")]
     depths = [float(d) for d in args.depths.split(",")]
     prompts = [passkey_prompt(tokenizer, args.tokens, depth, seed=i) for i, depth in enumerate(depths)]

@@ -48,7 +48,7 @@ def main() -> None:
     depths = [float(x) for x in args.depths.split(",")]
     budgets = [int(x) for x in args.budgets.split(",")]
 
-    model, tokenizer = lavakv.load_model(quiet=True)
+    model, tokenizer = lavakv.load_model()
     samples = build_samples("niah", tokenizer, lengths=lengths, depths=depths)
     pairs = make_pairs(list(lavakv.METHODS), budgets)
     timings: dict[str, list[float]] = {"from_scratch": [], "prefill_once": []}

@@ -96,6 +96,6 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def smollm2():
     try:
-        return lavakv.load_model(quiet=True)
+        return lavakv.load_model()
     except FileNotFoundError as error:
         pytest.skip(f"embedded model unavailable: {error}")

@@ -53,14 +53,14 @@ def test_unsupported_architecture_names_its_type():
 
 def test_missing_model_path_and_unreadable_gguf(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        lavakv.load_model(tmp_path / "nowhere", quiet=True)
+        lavakv.load_model(tmp_path / "nowhere")
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"not a gguf file at all")
     with pytest.raises(ValueError, match="cannot read GGUF file"):
-        lavakv.load_model(broken, quiet=True)
+        lavakv.load_model(broken)
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(ValueError, match="no config.json"):
-        lavakv.load_model(tmp_path / "empty_dir", quiet=True)
+        lavakv.load_model(tmp_path / "empty_dir")
 
 
 def test_load_model_reads_a_transformers_directory(tmp_path):
@@ -71,14 +71,14 @@ def test_load_model_reads_a_transformers_directory(tmp_path):
 
     backend = Tokenizer(models.WordLevel({str(i): i for i in range(96)} | {"[UNK]": 95}, unk_token="[UNK]"))
     PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="0").save_pretrained(tmp_path / "tiny")
-    loaded, tokenizer = lavakv.load_model(tmp_path / "tiny", quiet=True)
+    loaded, tokenizer = lavakv.load_model(tmp_path / "tiny")
     assert loaded.config._attn_implementation == "lavakv"
     torch.testing.assert_close(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
 
 
 def test_query_agnostic_protocol_with_full_cache_matches_the_whole_prompt():
     from lavakv.generate import _generate_ids
-    from lavakv.methods import Method
+    from lavakv.methods import Budget, Method
 
     model = tiny_model("llama")
     context, question = random_prompt(120, seed=1), random_prompt(10, seed=2)
@@ -91,15 +91,17 @@ def test_query_agnostic_protocol_with_full_cache_matches_the_whole_prompt():
             return ""
 
     expected = plain_generate(model, context + question, 6)
-    got = _generate_ids(model, Tok(), [context], question, Method.preset("full"), None, None, 6, None)[0]
+    got = _generate_ids(model, Tok(), [context], [question], Method.preset("full"), None, 6, None)[0]
     assert got.token_ids == expected
-    compressed = _generate_ids(model, Tok(), [context], question, Method.preset("lava"), 40, None, 6, None)[0]
+    compressed = _generate_ids(model, Tok(), [context], [question], Method.preset("lava"), Budget(40), 6, None)[0]
     assert compressed.stats.kept_entries == 40 * 2 * 4
     assert compressed.stats.prompt_length == 120
 
 
 def test_cli_reports_bad_input_without_a_traceback(capsys):
     assert main(["generate", "--method", "nope", "--prompt", "hi", "--model", "/no/such/model"]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+    assert main(["generate", "--method", "snapkv", "--prompt", "hi", "--model", "/no/such/model"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["generate", "--prompt-file", "/no/such/file.txt"]) == 2
     assert "prompt file not found" in capsys.readouterr().err

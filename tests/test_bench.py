@@ -109,7 +109,7 @@ def test_a_resumed_run_skips_what_is_done():
 @pytest.mark.parametrize(
     "methods, budgets, length, decode, message",
     [
-        (["lava"], [32], 160, 4, "must exceed lava's window of 32"),
+        (["lava"], [32], 160, 4, "lava: budget must be greater than the window (32)"),
         (["lava"], [200], 160, 4, "must be smaller than the prompt (160 tokens)"),
         (["full"], [64], 160, 4, "does not compress"),
         (["nope"], [64], 160, 4, "nope"),
@@ -124,7 +124,7 @@ def test_bad_benchmark_requests_are_refused(methods, budgets, length, decode, me
 
 def test_cli_bench_refuses_bad_input(capsys):
     assert main(["bench", "--budgets", "16", "--model", "/no/such/model"]) == 2
-    assert "must exceed" in capsys.readouterr().err
+    assert "greater than the window" in capsys.readouterr().err
     assert main(["bench", "--budgets", "64,x"]) == 2
     assert "--budgets" in capsys.readouterr().err
     assert main(["bench", "--model", "/no/such/model"]) == 2
@@ -163,7 +163,7 @@ def test_replayed_progressive_compression_keeps_what_a_compressing_prefill_keeps
     record = PrefillRecord(model, input_ids)
     live = CompressedCache(model, method="lava", budget=48)
     with torch.inference_mode():
-        model(input_ids=input_ids, past_key_values=live, use_cache=True)
+        model(input_ids=input_ids, cache=live, use_cache=True)
     replayed = record.compress("lava", 48, progressive=True, reuse_scores=False)
     assert replayed.clock.seconds["score"] > 0
-    assert replayed.sequence_stats()[0].kept_positions == live.sequence_stats()[0].kept_positions
+    assert replayed.stats().sequences[0].kept_positions == live.stats().sequences[0].kept_positions

@@ -9,10 +9,10 @@ import torch
 from conftest import random_prompt, tiny_model
 
 import lavakv
-from lavakv.compression import SequenceCompression
 from lavakv.methods import HEAD_ALLOCATIONS, LAYER_ALLOCATIONS, SCORES, LayerInput, Method
 from lavakv.methods.registry import proportional_shares, round_to_total
 from lavakv.methods.scores import pool, reduce_group
+from lavakv.selection import SequenceCompression
 
 
 def hand_layer(window_attention: torch.Tensor, values: torch.Tensor | None = None, prefix: int | None = None):
@@ -54,9 +54,9 @@ def test_snapkv_score_is_window_mean_pooled_then_group_mean():
     attention[1, 0, 3] = 1.0
     attention[1, 1, 3] = 0.5
     layer = hand_layer(attention, values=torch.ones(1, 6, 2), prefix=5)
-    score = SCORES["snapkv"](layer, Method(kernel=1))
+    score = SCORES["snapkv"](kernel=1)(layer)
     torch.testing.assert_close(score, torch.tensor([[0.0, 0.5, 0.0, 0.375, 0.0]]))
-    pooled = SCORES["snapkv"](layer, Method(kernel=3))
+    pooled = SCORES["snapkv"](kernel=3)(layer)
     torch.testing.assert_close(pooled, torch.tensor([[0.5, 0.5, 0.875, 0.375, 0.375]]))
 
 
@@ -70,7 +70,7 @@ def test_lava_score_weights_each_head_by_its_largest_value_norm_and_takes_group_
     values[1, 2] = torch.tensor([3.0, -2.0])
     values[1, 4] = torch.tensor([9.0, 9.0])
     layer = hand_layer(attention, values=values, prefix=4)
-    score = SCORES["lava"](layer, Method(kernel=1))
+    score = SCORES["lava"](kernel=1)(layer)
     torch.testing.assert_close(score, torch.tensor([[1.2, 1.6, 0.0, 0.0], [3.0, 4.0, 0.0, 0.0]]))
 
 
@@ -80,9 +80,9 @@ def test_value_norm_factor_moves_slots_to_the_head_with_larger_values():
     values = torch.ones(2, 9, 4)
     values[1] *= 10
     layer = hand_layer(attention, values=values, prefix=8)
-    method = Method(score="lava", heads="ada", kernel=1, alpha=0.0)
-    lava_caps = HEAD_ALLOCATIONS["ada"](SCORES["lava"](layer, method), 3, method)
-    snap_caps = HEAD_ALLOCATIONS["ada"](SCORES["snapkv"](layer, method), 3, method)
+    heads = HEAD_ALLOCATIONS["ada"](alpha=0.0)
+    lava_caps = heads.allocate(SCORES["lava"](kernel=1)(layer), 3)
+    snap_caps = heads.allocate(SCORES["snapkv"](kernel=1)(layer), 3)
     assert lava_caps == [0, 6]
     assert snap_caps == [3, 3]
 
@@ -92,7 +92,7 @@ def test_cake_score_adds_gamma_times_variance_over_window_queries():
     attention[0, :, 0] = torch.tensor([0.2, 0.2])
     attention[0, :, 1] = torch.tensor([0.0, 0.4])
     layer = hand_layer(attention, prefix=3)
-    score = SCORES["cake"](layer, Method(score="cake", pooling="none", gamma=10))
+    score = SCORES["cake"](pooling="none", gamma=10)(layer)
     torch.testing.assert_close(score, torch.tensor([[0.2, 0.2 + 10 * 0.04, 0.0]]))
 
 
@@ -106,14 +106,14 @@ def test_h2o_score_accumulates_attention_from_every_query():
         observed=2,
         prefix_length=4,
     )
-    score = SCORES["h2o"](layer, Method(score="h2o"))
+    score = SCORES["h2o"]()(layer)
     expected = [sum(1 / (j + 1) for j in range(i, length)) for i in range(4)]
     assert score[0].tolist() == pytest.approx(expected)
 
 
 def test_streamingllm_score_ranks_sinks_first_then_recency():
     layer = hand_layer(torch.zeros(1, 2, 10), prefix=8)
-    score = SCORES["streamingllm"](layer, Method(score="streamingllm", sink=2))
+    score = SCORES["streamingllm"](sink=2)(layer)
     kept = sorted(score[0].topk(4).indices.tolist())
     assert kept == [0, 1, 6, 7]
 
@@ -129,45 +129,45 @@ def test_window_attention_is_causal_softmax():
 
 
 def test_uniform_heads_give_every_head_the_same_slots():
-    assert HEAD_ALLOCATIONS["uniform"](torch.rand(3, 10), 4, Method()) == [4, 4, 4]
+    assert HEAD_ALLOCATIONS["uniform"]().allocate(torch.rand(3, 10), 4) == [4, 4, 4]
 
 
 @pytest.mark.parametrize(("alpha", "expected"), [(0.0, [4, 0]), (0.2, [4, 0]), (0.5, [3, 1]), (1.0, [2, 2])])
 def test_flattened_topk_with_floor(alpha, expected):
     scores = torch.tensor([[5.0, 4.0, 3.0, 2.0], [1.0, 0.5, 0.2, 0.1]])
-    assert HEAD_ALLOCATIONS["ada"](scores, 2, Method(heads="ada", alpha=alpha)) == expected
+    assert HEAD_ALLOCATIONS["ada"](alpha=alpha).allocate(scores, 2) == expected
 
 
 def test_flattened_topk_never_gives_a_head_more_than_it_has():
     scores = torch.tensor([[9.0, 8.0, -math.inf, -math.inf], [1.0, 0.5, 0.2, 0.1]])
-    caps = HEAD_ALLOCATIONS["ada"](scores, 3, Method(heads="ada", alpha=0.0))
+    caps = HEAD_ALLOCATIONS["ada"](alpha=0.0).allocate(scores, 3)
     assert caps == [2, 4]
 
 
 def test_pyramid_layers_fall_linearly_and_sum_exactly():
     caps = [1000] * 4
-    budgets = LAYER_ALLOCATIONS["pyramid"].allocate(None, caps, 20, 80, Method(layers="pyramid"))
+    budgets = LAYER_ALLOCATIONS["pyramid"]().allocate(None, caps, 20, 80)
     assert budgets == [38, 27, 14, 1]
     assert sum(budgets) == 80
-    tight = LAYER_ALLOCATIONS["pyramid"].allocate(None, [30] * 4, 20, 80, Method(layers="pyramid"))
+    tight = LAYER_ALLOCATIONS["pyramid"]().allocate(None, [30] * 4, 20, 80)
     assert tight == [29, 24, 17, 10]
 
 
 def test_lava_entropy_is_one_for_flat_scores_and_zero_for_a_single_entry():
-    allocation = LAYER_ALLOCATIONS["lava"]
-    assert allocation.summarize(None, torch.ones(2, 8), Method()) == pytest.approx(1.0)
+    allocation = LAYER_ALLOCATIONS["lava"]()
+    assert allocation.summarize(None, torch.ones(2, 8)) == pytest.approx(1.0)
     peaked = torch.zeros(2, 8)
     peaked[1, 3] = 5.0
-    assert allocation.summarize(None, peaked, Method()) == pytest.approx(0.0)
+    assert allocation.summarize(None, peaked) == pytest.approx(0.0)
     half = torch.zeros(1, 4)
     half[0, :2] = 1.0
-    assert allocation.summarize(None, half, Method()) == pytest.approx(0.5)
+    assert allocation.summarize(None, half) == pytest.approx(0.5)
 
 
 def test_lava_layers_are_proportional_to_entropy_and_full_layers_give_slots_back():
-    allocation = LAYER_ALLOCATIONS["lava"]
-    assert allocation.allocate([1.0, 0.5, 0.5], [100] * 3, 8, 24, Method()) == [12, 6, 6]
-    assert allocation.allocate([1.0, 0.5, 0.5], [3, 100, 100], 8, 8, Method()) == [3, 3, 2]
+    allocation = LAYER_ALLOCATIONS["lava"]()
+    assert allocation.allocate([1.0, 0.5, 0.5], [100] * 3, 8, 24) == [12, 6, 6]
+    assert allocation.allocate([1.0, 0.5, 0.5], [3, 100, 100], 8, 8) == [3, 3, 2]
 
 
 def test_cake_preference_is_dispersion_times_shift():
@@ -178,9 +178,9 @@ def test_cake_preference_is_dispersion_times_shift():
     layer = hand_layer(attention, prefix=2)
     dispersion = -(0.5 * math.log(0.5) * 2 + 0.1 * math.log(0.1))
     shift = 0.04 + 0.0625
-    got = LAYER_ALLOCATIONS["cake"].summarize(layer, None, Method(score="cake", layers="cake"))
+    got = LAYER_ALLOCATIONS["cake"]().summarize(layer, None)
     assert got == pytest.approx(dispersion * shift)
-    got = LAYER_ALLOCATIONS["cake"].summarize(layer, None, Method(score="cake", layers="cake", tau1=2.0))
+    got = LAYER_ALLOCATIONS["cake"](tau1=2.0).summarize(layer, None)
     assert got == pytest.approx(math.sqrt(dispersion) * shift)
 
 
@@ -222,8 +222,8 @@ def test_progressive_and_one_shot_compression_keep_the_same_entries(method, budg
     for progressive in (True, False):
         cache = lavakv.CompressedCache(model, method=method, budget=budget, progressive=progressive)
         with torch.no_grad():
-            model(ids, past_key_values=cache, use_cache=True)
-        kept[progressive] = cache.sequence_stats()[0].kept_positions
+            model(ids, cache=cache, use_cache=True)
+        kept[progressive] = cache.stats().sequences[0].kept_positions
         peaks[progressive] = cache.peak_prefill_bytes
     assert kept[True] == kept[False]
     assert peaks[True] < peaks[False]
@@ -283,24 +283,24 @@ def test_sequence_compression_keeps_everything_when_the_budget_covers_the_prompt
 
 
 @pytest.mark.parametrize(
-    ("options", "message"),
+    ("preset", "options", "message"),
     [
-        ({"alpha": 1.5}, "alpha"),
-        ({"alpha": -0.1}, "alpha"),
-        ({"kernel": 4}, "kernel"),
-        ({"kernel": 0}, "kernel"),
-        ({"window": 0}, "window"),
-        ({"pooling": "median"}, "pooling"),
-        ({"beta": 0.5}, "beta"),
-        ({"gamma": -1}, "gamma"),
-        ({"tau1": -1}, "tau1"),
-        ({"tau2": 0}, "tau2"),
-        ({"sink": -2}, "sink"),
+        ("lava", {"alpha": 1.5}, "alpha"),
+        ("lava", {"alpha": -0.1}, "alpha"),
+        ("lava", {"kernel": 4}, "kernel"),
+        ("lava", {"kernel": 0}, "kernel"),
+        ("lava", {"window": 0}, "window"),
+        ("lava", {"pooling": "median"}, "pooling"),
+        ("pyramidkv", {"beta": 0.5}, "beta"),
+        ("cake", {"gamma": -1}, "gamma"),
+        ("cake", {"tau1": -1}, "tau1"),
+        ("cake", {"tau2": 0}, "tau2"),
+        ("streamingllm", {"sink": -2}, "sink"),
     ],
 )
-def test_bad_options_are_refused_with_their_name(options, message):
+def test_bad_options_are_refused_with_their_name(preset, options, message):
     with pytest.raises(ValueError, match=message):
-        Method.preset("lava", **options)
+        Method.preset(preset, **options)
 
 
 def test_unknown_parts_are_refused_with_the_valid_names():

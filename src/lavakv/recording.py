@@ -2,9 +2,11 @@
 
 Compression never changes the prefill itself (every layer attends over the full prompt, then the
 cache keeps a subset), so the queries, keys and values each layer produces are the same whichever
-method runs. :class:`PrefillRecord` runs the prefill once, keeps them, and replays them into a
-fresh :class:`~lavakv.cache.CompressedCache` for each ``(method, budget)``: the result is the cache
-that prefilling with that method would have built, at the cost of the scoring alone.
+method runs. :class:`PrefillRecord` runs the prefill once with a recording cache, which speaks
+lavakv's cache protocol (:class:`lavakv.attention.CompressingCache`) but stores each layer's
+tensors instead of compressing them, and replays them into a fresh
+:class:`~lavakv.cache.CompressedCache` for each ``(method, budget)``: the result is the cache that
+prefilling with that method would have built, at the cost of the scoring alone.
 """
 
 from __future__ import annotations
@@ -12,25 +14,61 @@ from __future__ import annotations
 import time
 
 import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .attention import prepare_model
+from .attention import hand_off, model_forward, prepare_model
 from .cache import CompressedCache
-from .methods import Method
+from .methods import Budget, Method
 
 
-class _RecordingCache(CompressedCache):
-    """A cache whose prefill hook stores each layer's tensors instead of compressing them."""
+class _RecordingLayer(CacheLayerMixin):
+    """A layer that holds nothing: the prompt passes through to attention, and is recorded there."""
 
-    def __init__(self, model):
-        super().__init__(model, method="full")
+    is_sliding = False
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class _RecordingCache(Cache):
+    """A prefill-only cache whose layers' queries, keys and values are recorded by the attention hook."""
+
+    def __init__(self, num_layers: int):
+        super().__init__(layers=[_RecordingLayer() for _ in range(num_layers)])
         self.recorded: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]] = []
         self.prefill_mask: torch.Tensor | None = None
+        self._prefilling: int | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if len(self.recorded) != layer_idx:
+            raise RuntimeError("a recording cache holds one prefill; record the next prompt with a new PrefillRecord")
+        hand_off(self, layer_idx)
+        self._prefilling = layer_idx
+        return self.layers[layer_idx].update(key_states, value_states)
+
+    def is_prefilling(self, layer_idx: int) -> bool:
+        return self._prefilling == layer_idx
 
     def compress_layer(self, layer_idx, query, key, value, attention_mask, scaling) -> None:
         self._prefilling = None
         if layer_idx == 0:
             self.prefill_mask = attention_mask
         self.recorded.append((query, key, value, scaling))
+
+    def attend(self, layer_idx, query, scaling, sliding_window) -> torch.Tensor:
+        raise RuntimeError("a recording cache only records a prefill; decode through a cache from record.compress()")
 
 
 class PrefillRecord:
@@ -47,21 +85,18 @@ class PrefillRecord:
     def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         prepare_model(model)
         self.config = model.config
-        recording = _RecordingCache(model)
+        num_layers = model.config.get_text_config().num_hidden_layers
+        recording = _RecordingCache(num_layers)
         start = time.perf_counter()
         with torch.inference_mode():
-            output = model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                past_key_values=recording,
-                use_cache=True,
-                logits_to_keep=1,
+            output = model_forward(
+                model, recording, input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1
             )
         self.seconds = time.perf_counter() - start
-        if len(recording.recorded) != recording.num_layers:
+        if len(recording.recorded) != num_layers:
             raise RuntimeError(
-                f"recorded {len(recording.recorded)} of {recording.num_layers} layers: the model's attention "
-                "does not go through lavakv"
+                f"recorded {len(recording.recorded)} of {num_layers} layers: the model's attention does not go "
+                "through lavakv"
             )
         self.logits = output.logits[:, -1]
         self.layers = recording.recorded
@@ -72,7 +107,7 @@ class PrefillRecord:
     def compress(
         self,
         method: str | Method,
-        budget: int | None = None,
+        budget: int | Budget | None = None,
         ratio: float | None = None,
         progressive: bool = False,
         reuse_scores: bool = True,

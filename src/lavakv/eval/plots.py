@@ -1,4 +1,4 @@
-"""PNG plots for reports (matplotlib, headless)."""
+"""PNG plots for reports (matplotlib, headless), from the cells :mod:`lavakv.eval.report` aggregates."""
 
 from __future__ import annotations
 
@@ -11,14 +11,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ..methods import LAYER_ALLOCATIONS, PRESETS  # noqa: E402
-from .report import Cell, method_rank  # noqa: E402
+from .report import Cell, Run, aggregate, method_label, method_rank, parsed_method  # noqa: E402
 from .store import ResultRow  # noqa: E402
 
 
-def _dynamic_layers(method: str) -> bool:
-    preset = PRESETS.get(method)
-    return preset is not None and preset.compresses and LAYER_ALLOCATIONS[preset.layers].dynamic
+def _dynamic_layers(spec: str) -> bool:
+    method = parsed_method(spec)
+    return method is not None and method.progressive
 
 
 def score_vs_budget(benchmark: str, cells: list[Cell], path: Path) -> Path:
@@ -33,7 +32,7 @@ def score_vs_budget(benchmark: str, cells: list[Cell], path: Path) -> Path:
             axes.axhline(mean(values[0]), color="black", linestyle="--", label="full cache")
             continue
         budgets = sorted(values)
-        axes.plot(budgets, [mean(values[b]) for b in budgets], marker="o", label=method)
+        axes.plot(budgets, [mean(values[b]) for b in budgets], marker="o", label=method_label(method))
     budgets = sorted({c.budget for c in cells if c.method != "full"})
     if budgets:
         axes.set_xscale("log", base=2)
@@ -75,7 +74,7 @@ def needle_heatmaps(rows: list[ResultRow], out_dir: Path) -> list[Path]:
             values = [[100 * mean(grid[(d, n)]) if (d, n) in grid else float("nan") for n in lengths] for d in depths]
             axis.set_visible(True)
             image = axis.imshow(values, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
-            axis.set_title("full cache" if method == "full" else method, fontsize=9)
+            axis.set_title("full cache" if method == "full" else method_label(method), fontsize=9)
             axis.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
             axis.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
             if index + columns >= len(panels):
@@ -108,7 +107,7 @@ def layer_budgets(benchmark: str, rows: list[ResultRow], path: Path) -> Path | N
             samples = curves.get((method, budget))
             if samples:
                 per_layer = [mean(values) for values in zip(*samples)]
-                axis.plot(range(len(per_layer)), per_layer, marker=".", label=method)
+                axis.plot(range(len(per_layer)), per_layer, marker=".", label=method_label(method))
         axis.axhline(budget, color="gray", linestyle=":", label="uniform")
         axis.set_title(f"budget {budget}", fontsize=9)
         axis.set_xlabel("layer")
@@ -120,3 +119,20 @@ def layer_budgets(benchmark: str, rows: list[ResultRow], path: Path) -> Path | N
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
+
+
+def write_plots(run: Run, out_dir: Path) -> list[Path]:
+    """PNG plots for one run: score vs budget, needle heat maps, per-layer budgets of dynamic methods."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cells = aggregate(run.rows)
+    written = []
+    for benchmark in sorted({c.benchmark for c in cells}):
+        rows = [r for r in run.rows if r.benchmark == benchmark]
+        subset = [c for c in cells if c.benchmark == benchmark]
+        written.append(score_vs_budget(benchmark, subset, out_dir / f"{benchmark}_score_vs_budget.png"))
+        if benchmark == "niah":
+            written += needle_heatmaps(rows, out_dir)
+        layer_plot = layer_budgets(benchmark, rows, out_dir / f"{benchmark}_layer_budgets.png")
+        if layer_plot is not None:
+            written.append(layer_plot)
+    return written

@@ -2,6 +2,8 @@
 
 Scores are means over samples, in percent, per ``(benchmark, dataset, method, budget)``; a
 benchmark's average is the mean of its datasets' scores, as the LongBench papers report it.
+Methods are stored as method specs and shown as readable labels (``lava with uniform heads``).
+Plots are drawn by :mod:`lavakv.eval.plots`, which reads the cells aggregated here.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ import io
 import json
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from statistics import mean
 
-from ..methods import PRESETS
+from ..methods import PRESETS, Method, parse_spec
 from .store import ResultRow, ResultStore
 
 FORMATS = ("md", "csv", "json")
@@ -92,8 +95,28 @@ def aggregate(rows: list[ResultRow]) -> list[Cell]:
     return sorted(cells, key=lambda c: (c.benchmark, c.dataset, method_rank(c.method), c.budget))
 
 
-def method_rank(method: str) -> tuple[int, str]:
-    return (METHOD_ORDER.index(method), method) if method in METHOD_ORDER else (len(METHOD_ORDER), method)
+@lru_cache(maxsize=512)
+def parsed_method(spec: str) -> Method | None:
+    """The method a stored spec names, or ``None`` for one this installation cannot parse (a missing plugin)."""
+    try:
+        return parse_spec(spec)
+    except (ValueError, TypeError):
+        return None
+
+
+def method_rank(spec: str) -> tuple[int, int, str]:
+    """Presets in their listed order, each followed by the variants derived from it."""
+    method = parsed_method(spec)
+    origin = method.origin if method is not None and method.origin in METHOD_ORDER else None
+    if origin is None:
+        return (len(METHOD_ORDER), 1, spec)
+    return (METHOD_ORDER.index(origin), 0 if spec == origin else 1, spec)
+
+
+def method_label(spec: str) -> str:
+    """A readable label for a stored method spec."""
+    method = parsed_method(spec)
+    return spec if method is None else method.label
 
 
 def benchmark_averages(cells: list[Cell]) -> dict[tuple[str, str, int], float]:
@@ -138,7 +161,7 @@ def _method_lines(values: dict[tuple[str, int], float], methods: list[str], budg
             full = values.get(("full", 0))
             lines.append(("full cache", {b: full for b in budgets} if full is not None else {}))
         else:
-            lines.append((method, {b: values[(method, b)] for b in budgets if (method, b) in values}))
+            lines.append((method_label(method), {b: values[(method, b)] for b in budgets if (method, b) in values}))
     return lines
 
 
@@ -180,7 +203,7 @@ def markdown(runs: list[Run], plots: dict[str, list[Path]] | None = None, report
             if missing:
                 parts.append(
                     "No average (results missing on some datasets) for: "
-                    + ", ".join(f"{m}@{b}" if b else m for m, b in missing)
+                    + ", ".join(f"{method_label(m)}@{b}" if b else method_label(m) for m, b in missing)
                     + ".\n"
                 )
             parts.append(_memory_line(subset, budgets))
@@ -233,7 +256,7 @@ def _incomplete(cells: list[Cell]) -> list[str]:
     for c in cells:
         most[(c.benchmark, c.dataset)] = max(most[(c.benchmark, c.dataset)], c.samples)
     return [
-        f"{c.benchmark}/{c.dataset} {c.method}@{c.budget} ({c.samples}/{most[(c.benchmark, c.dataset)]})"
+        f"{c.benchmark}/{c.dataset} {method_label(c.method)}@{c.budget} ({c.samples}/{most[(c.benchmark, c.dataset)]})"
         for c in cells
         if c.samples < most[(c.benchmark, c.dataset)]
     ]
@@ -282,21 +305,3 @@ def render(
     writer.writerows(table)
     return buffer.getvalue()
 
-
-def write_plots(run: Run, out_dir: Path) -> list[Path]:
-    """PNG plots for one run: score vs budget, needle heat maps, per-layer budgets of dynamic methods."""
-    from . import plots
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cells = aggregate(run.rows)
-    written = []
-    for benchmark in sorted({c.benchmark for c in cells}):
-        rows = [r for r in run.rows if r.benchmark == benchmark]
-        subset = [c for c in cells if c.benchmark == benchmark]
-        written.append(plots.score_vs_budget(benchmark, subset, out_dir / f"{benchmark}_score_vs_budget.png"))
-        if benchmark == "niah":
-            written += plots.needle_heatmaps(rows, out_dir)
-        layer_plot = plots.layer_budgets(benchmark, rows, out_dir / f"{benchmark}_layer_budgets.png")
-        if layer_plot is not None:
-            written.append(layer_plot)
-    return written

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from ..cache import CompressedCache
-from ..generate import context_length, stop_token_ids
-from ..methods import PRESETS
+from ..decoding import TokenFeed
+from ..methods import Budget, Method, parse_spec
+from ..prompting import context_length, fit_context, pad_token_id, split_prompt, stop_token_ids
 from ..recording import PrefillRecord
 from .metrics import score
 from .samples import Sample
@@ -26,141 +27,80 @@ from .store import ResultRow, ResultStore
 
 PROTOCOLS = ("query-aware", "query-agnostic")
 CHAT_TEMPLATE_MODES = ("auto", "on", "off")
+EVAL_WINDOW_POLICY = "half"
+"""Without an explicit window, each method's window is at most half the budget (see ``lavakv.methods.budget``)."""
+
+
+def check_protocol(protocol: str) -> str:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
+    return protocol
 
 
 @dataclass(frozen=True)
 class Pair:
-    """One way of compressing: a method and its budget (0 for the full cache), with the window it uses."""
+    """One way of compressing: a method and its budget (``None`` for a method that keeps everything)."""
 
-    method: str
-    budget: int
-    window: int | None
+    method: Method
+    budget: Budget | None
+
+    @property
+    def spec(self) -> str:
+        return self.method.spec
+
+    @property
+    def tokens(self) -> int:
+        """The budget in tokens per KV head per layer; 0 for the full cache (how rows store it)."""
+        return 0 if self.budget is None else self.budget.tokens
+
+    @property
+    def window(self) -> int | None:
+        """The observation window the method uses at this budget (``None`` for the full cache)."""
+        if self.budget is None:
+            return None
+        return self.budget.window_for(self.method.window, self.budget.tokens)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.spec, self.tokens)
 
 
-def eval_window(method: str, budget: int, window: int | None) -> int | None:
-    """The observation window for ``method`` at ``budget``.
+def make_pairs(methods: list[str | Method], budgets: list[int], window: int | None = None) -> list[Pair]:
+    """Every method (a spec or a Method) at every budget; a method that keeps everything once.
 
-    Given explicitly, ``window`` is used as is. Otherwise ``min(method window, budget // 2)``
-    (16 at budget 32, the method's own 32 from budget 64 on), so that small budgets still leave
-    room for the scored entries (a budget counts its window's tokens).
+    Without ``window`` each method's window is at most half the budget (the ``half`` policy: 16
+    at budget 32, the method's own 32 from budget 64 on); with it, every method uses ``window``
+    and every budget must exceed it. Specs and budgets are checked here, before any work.
     """
-    if method == "full":
-        return None
-    if window is not None:
-        return window
-    return min(PRESETS[method].window, budget // 2)
-
-
-def make_pairs(methods: list[str], budgets: list[int], window: int | None = None) -> list[Pair]:
-    """Every method at every budget; ``full`` once. Names and budgets are checked here, before any work."""
     if not methods:
         raise ValueError("give at least one method")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(f"window must be an integer >= 1, got {window!r}")
+    policy = "fixed" if window is not None else EVAL_WINDOW_POLICY
     pairs: list[Pair] = []
-    for name in methods:
-        if name not in PRESETS:
-            raise ValueError(f"unknown method {name!r}; valid: {', '.join(PRESETS)}")
-        if name == "full":
-            pairs.append(Pair("full", 0, None))
+    for spec in methods:
+        method = parse_spec(spec)
+        if not method.compresses:
+            pairs.append(Pair(method, None))
             continue
+        if window is not None:
+            method = method.with_options(window=window)
         if not budgets:
-            raise ValueError(f"method {name!r} needs at least one budget (--budgets)")
-        for budget in budgets:
-            if isinstance(budget, bool) or not isinstance(budget, int) or budget < 2:
-                raise ValueError(f"budgets must be integers >= 2, got {budget!r}")
-            used = eval_window(name, budget, window)
-            if used >= budget:
-                raise ValueError(f"window {used} must be smaller than budget {budget} (the budget counts the window)")
-            pairs.append(Pair(name, budget, used))
-    return list(dict.fromkeys(pairs))
-
-
-def encode_sample(tokenizer, sample: Sample, chat_template: bool) -> tuple[list[int], list[int]]:
-    """Token ids of the context part and of the question part of ``sample``'s prompt."""
-    if not chat_template or not getattr(tokenizer, "chat_template", None):
-        context = tokenizer(sample.context)["input_ids"]
-        question = tokenizer(sample.question, add_special_tokens=False)["input_ids"] if sample.question else []
-        return list(context), list(question)
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": sample.prompt}], tokenize=False, add_generation_prompt=True
-    )
-    cut = _question_start(text, sample)
-    context = tokenizer(text[:cut], add_special_tokens=False)["input_ids"]
-    question = tokenizer(text[cut:], add_special_tokens=False)["input_ids"]
-    return list(context), list(question)
-
-
-def _question_start(text: str, sample: Sample) -> int:
-    for piece in (sample.question, sample.question.strip()):
-        if piece:
-            index = text.rfind(piece)
-            if index >= 0:
-                return index
-    index = text.rfind(sample.context.strip())
-    if index < 0:
-        raise ValueError(f"sample {sample.sample_id}: the chat template changed the prompt beyond recognition")
-    return index + len(sample.context.strip())
-
-
-def fit_context(
-    context: list[int], question: list[int], max_new_tokens: int, max_length: int, name: str = "the sample"
-) -> tuple[list[int], bool]:
-    """Cut the middle of ``context`` so that the prompt plus the answer fit in ``max_length`` tokens.
-
-    LongBench truncates in the middle because the instructions sit at both ends of its prompts.
-    """
-    room = max_length - len(question) - max_new_tokens
-    if room < 2:
-        raise ValueError(
-            f"{name}: the question ({len(question)} tokens) and the answer ({max_new_tokens} tokens) leave no room "
-            f"for the context in max_length={max_length} tokens"
-        )
-    if len(context) <= room:
-        return context, False
-    head = room // 2
-    return context[:head] + context[len(context) - (room - head) :], True
-
-
-def greedy_decode(
-    model,
-    cache,
-    first_token: int,
-    max_new_tokens: int,
-    stop_ids: set[int],
-    finished: Callable[[list[int]], bool] | None = None,
-) -> list[int]:
-    """Greedy tokens after ``first_token`` through ``cache``, until a stop token, ``finished`` or the limit."""
-    tokens = [first_token]
-    device = model.device
-    with torch.inference_mode():
-        while len(tokens) < max_new_tokens and tokens[-1] not in stop_ids:
-            if finished is not None and finished(tokens):
-                break
-            step = torch.tensor([[tokens[-1]]], device=device)
-            logits = model(input_ids=step, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-            tokens.append(int(logits[0, -1].argmax()))
-    return tokens
+            raise ValueError(f"method {method.spec!r} needs at least one budget (--budgets)")
+        for tokens in budgets:
+            budget = Budget(tokens=tokens, window_policy=policy)
+            budget.check_window(method.window)
+            pairs.append(Pair(method, budget))
+    unique: dict[tuple[str, int], Pair] = {}
+    for pair in pairs:
+        unique.setdefault(pair.key, pair)
+    return list(unique.values())
 
 
 def first_line(text: str) -> str:
     """``text`` up to its first line break after leading whitespace."""
     stripped = text.lstrip()
     return text[: len(text) - len(stripped)] + stripped.split("\n", 1)[0]
-
-
-def _continue_with(model, cache, question: list[int], prefill_logits: torch.Tensor) -> int:
-    """The first answer token: from the prefill, or after feeding the question through ``cache``."""
-    if not question:
-        return int(prefill_logits[0].argmax())
-    with torch.inference_mode():
-        ids = torch.tensor([question], device=model.device)
-        logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-    return int(logits[0, -1].argmax())
-
-
-def _method_options(pair: Pair) -> dict:
-    return {} if pair.window is None or pair.window == PRESETS[pair.method].window else {"window": pair.window}
 
 
 @dataclass
@@ -174,9 +114,12 @@ class Prepared:
 
 
 def prepare(tokenizer, sample: Sample, chat_template: str, max_length: int) -> Prepared:
+    """The sample's context and question ids (one split for both protocols), cut in the middle to fit."""
+    if chat_template not in CHAT_TEMPLATE_MODES:
+        raise ValueError(f"unknown chat template mode {chat_template!r}; valid: {', '.join(CHAT_TEMPLATE_MODES)}")
     use_template = sample.chat_template if chat_template == "auto" else chat_template == "on"
-    context, question = encode_sample(tokenizer, sample, use_template)
     name = f"sample {sample.benchmark}/{sample.dataset}/{sample.sample_id}"
+    context, question = split_prompt(tokenizer, sample.context, sample.question, use_template, name)
     context, truncated = fit_context(context, question, sample.max_new_tokens, max_length, name)
     return Prepared(sample, context, question, truncated)
 
@@ -191,12 +134,9 @@ def evaluate_sample(
 ) -> Iterator[ResultRow]:
     """Rows for ``pairs`` on one sample, one at a time (the prefill is shared unless ``from_scratch``)."""
     sample = prepared.sample
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
-    aware = protocol == "query-aware"
+    aware = check_protocol(protocol) == "query-aware"
     prefilled = prepared.context + prepared.question if aware else prepared.context
     after_prefill = [] if aware else prepared.question
-    input_ids = torch.tensor([prefilled], device=model.device)
     stop_ids = stop_token_ids(model, tokenizer)
     finished = None
     if sample.stop_at_newline:
@@ -204,24 +144,23 @@ def evaluate_sample(
         def finished(tokens: list[int]) -> bool:
             return "\n" in tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
 
-    record = None if from_scratch else PrefillRecord(model, input_ids)
+    record = None if from_scratch else PrefillRecord(model, torch.tensor([prefilled], device=model.device))
     for pair in pairs:
-        options = _method_options(pair)
-        budget = pair.budget or None
         start = _now(model)
         if record is None:
-            cache = CompressedCache(model, method=pair.method, budget=budget, **options)
-            with torch.inference_mode():
-                logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            cache = CompressedCache(model, method=pair.method, budget=pair.budget)
+            feed = TokenFeed(model, cache)
+            logits = feed.prefill([prefilled], pad_token_id(tokenizer))
             prefill_seconds, compress_seconds = _now(model) - start, 0.0
-            prefill_logits = logits[:, -1]
         else:
-            cache = record.compress(pair.method, budget=budget, **options)
+            cache = record.compress(pair.method, budget=pair.budget)
+            feed = TokenFeed(model, cache, lengths=[len(prefilled)])
+            logits = record.logits
             prefill_seconds, compress_seconds = record.seconds, _now(model) - start
-            prefill_logits = record.logits
         decode_start = _now(model)
-        first = _continue_with(model, cache, after_prefill, prefill_logits)
-        tokens = greedy_decode(model, cache, first, sample.max_new_tokens, stop_ids, finished)
+        if after_prefill:
+            logits = feed.extend([after_prefill])
+        tokens = feed.greedy(logits, sample.max_new_tokens, stop_ids, finished)[0]
         decode_seconds = _now(model) - decode_start
         prediction = tokenizer.decode([t for t in tokens if t not in stop_ids], skip_special_tokens=True)
         if sample.stop_at_newline:
@@ -237,26 +176,28 @@ def _now(model) -> float:
 
 
 def _row(sample, pair, prepared, cache, prediction, tokens, prefill_s, compress_s, decode_s) -> ResultRow:
+    stats = cache.stats(positions=False)
+    sequence = stats.sequences[0]
     return ResultRow(
         benchmark=sample.benchmark,
         dataset=sample.dataset,
         sample_id=sample.sample_id,
-        method=pair.method,
-        budget=pair.budget,
+        method=pair.spec,
+        budget=pair.tokens,
         window=pair.window,
         prediction=prediction,
         score=float(score(sample, prediction)),
         answers=list(sample.answers),
         prompt_tokens=len(prepared.context) + len(prepared.question),
         truncated=prepared.truncated,
-        kept_entries=cache.kept_entries(),
-        full_entries=cache.full_entries(),
-        kv_bytes=cache.kv_bytes(),
+        kept_entries=stats.kept_entries,
+        full_entries=stats.full_entries,
+        kv_bytes=stats.kv_bytes,
         new_tokens=len(tokens),
         prefill_seconds=prefill_s,
         compress_seconds=compress_s,
         decode_seconds=decode_s,
-        layer_budgets=[round(float(layer.counts.float().mean()), 3) for layer in cache.layers],
+        layer_budgets=[round(value, 3) for value in sequence.layer_budgets],
         extra=sample.extra,
     )
 
@@ -291,10 +232,7 @@ def run(
     overall=None,
 ) -> int:
     """Evaluate every pending ``(sample, pair)`` of this shard into ``store``; returns the rows written."""
-    if chat_template not in CHAT_TEMPLATE_MODES:
-        raise ValueError(f"unknown chat template mode {chat_template!r}; valid: {', '.join(CHAT_TEMPLATE_MODES)}")
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
+    check_protocol(protocol)
     if max_length is None:
         max_length = context_length(model) or 2**31
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
@@ -336,7 +274,7 @@ def plan(
     for position, sample in enumerate(samples):
         if zlib.crc32("/".join(ids[position]).encode()) % count != index:
             continue
-        pending = [p for p in pairs if (*ids[position], p.method, p.budget) not in done]
+        pending = [p for p in pairs if (*ids[position], *p.key) not in done]
         if pending:
             work.append((sample, pending))
     return work

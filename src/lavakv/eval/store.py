@@ -17,40 +17,13 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 STORE_NAME = "results.sqlite"
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS identity (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS invocations (started REAL, command TEXT, config TEXT);
-CREATE TABLE IF NOT EXISTS results (
-    benchmark TEXT NOT NULL,
-    dataset TEXT NOT NULL,
-    sample_id TEXT NOT NULL,
-    method TEXT NOT NULL,
-    budget INTEGER NOT NULL,
-    window INTEGER,
-    prediction TEXT NOT NULL,
-    score REAL NOT NULL,
-    answers TEXT NOT NULL,
-    prompt_tokens INTEGER NOT NULL,
-    truncated INTEGER NOT NULL,
-    kept_entries INTEGER NOT NULL,
-    full_entries INTEGER NOT NULL,
-    kv_bytes INTEGER NOT NULL,
-    new_tokens INTEGER NOT NULL,
-    prefill_seconds REAL NOT NULL,
-    compress_seconds REAL NOT NULL,
-    decode_seconds REAL NOT NULL,
-    layer_budgets TEXT NOT NULL,
-    extra TEXT NOT NULL,
-    created REAL NOT NULL,
-    PRIMARY KEY (benchmark, dataset, sample_id, method, budget)
-);
-"""
+SCHEMA_VERSION = 1
+"""Version of the results table; a store written by a newer lavakv is refused, not misread."""
 
 
 @dataclass
 class ResultRow:
-    """One scored ``(sample, method, budget)``; ``budget`` is 0 for the full cache."""
+    """One scored ``(sample, method, budget)``; ``method`` is a method spec, ``budget`` 0 for the full cache."""
 
     benchmark: str
     dataset: str
@@ -78,8 +51,27 @@ class ResultRow:
         return (self.benchmark, self.dataset, self.sample_id, self.method, self.budget)
 
 
-_JSON_FIELDS = ("answers", "layer_budgets", "extra")
+KEY_COLUMNS = ("benchmark", "dataset", "sample_id", "method", "budget")
 _COLUMNS = [f.name for f in fields(ResultRow)]
+_SQL_TYPES = {"str": "TEXT", "int": "INTEGER", "float": "REAL", "bool": "INTEGER"}
+_JSON_FIELDS = tuple(f.name for f in fields(ResultRow) if f.type.split("[")[0] in ("list", "dict"))
+
+
+def _column(row_field) -> str:
+    """The SQL column of one :class:`ResultRow` field: JSON text for lists and dicts, NULL allowed for optionals."""
+    kind = row_field.type.replace(" ", "")
+    optional = kind.endswith("|None")
+    sql = "TEXT" if row_field.name in _JSON_FIELDS else _SQL_TYPES[kind.removesuffix("|None")]
+    return f"{row_field.name} {sql}" + ("" if optional else " NOT NULL")
+
+
+SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS identity (key TEXT PRIMARY KEY, value TEXT NOT NULL);\n"
+    "CREATE TABLE IF NOT EXISTS invocations (started REAL, command TEXT, config TEXT);\n"
+    "CREATE TABLE IF NOT EXISTS results (\n    "
+    + ",\n    ".join([_column(f) for f in fields(ResultRow)] + ["created REAL NOT NULL"])
+    + f",\n    PRIMARY KEY ({', '.join(KEY_COLUMNS)})\n);\n"
+)
 
 
 class ResultStore:
@@ -90,17 +82,41 @@ class ResultStore:
         self.path = self.directory / STORE_NAME
         if not create and not self.path.is_file():
             raise FileNotFoundError(f"no results store in {self.directory} (expected {self.path})")
-        if not create:
-            uri = f"{self.path.resolve().as_uri()}?mode=ro"
-            self.connection = sqlite3.connect(uri, uri=True, timeout=60.0, isolation_level=None)
+        try:
+            if not create:
+                uri = f"{self.path.resolve().as_uri()}?mode=ro"
+                self.connection = sqlite3.connect(uri, uri=True, timeout=60.0, isolation_level=None)
+                self.connection.execute("PRAGMA busy_timeout = 60000")
+                self._check_schema(writable=False)
+                return
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self.connection = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
             self.connection.execute("PRAGMA busy_timeout = 60000")
+            self._check_schema(writable=True)
+            self.connection.execute("PRAGMA journal_mode = WAL")
+            self.connection.execute("PRAGMA synchronous = FULL")
+            self.connection.executescript(SCHEMA)
+            self.connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as error:
+            raise ValueError(f"{self.path} is not a lavakv results store ({error})") from None
+
+    def _check_schema(self, writable: bool) -> None:
+        """Refuse a file of another program or of a newer schema; an older store of the same columns is read."""
+        version = self.connection.execute("PRAGMA user_version").fetchone()[0]
+        tables = {row[0] for row in self.connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if version > SCHEMA_VERSION:
+            raise ValueError(
+                f"{self.path} was written with results schema {version}; this lavakv reads schema {SCHEMA_VERSION} "
+                "(upgrade lavakv)"
+            )
+        if not tables and writable:
             return
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.connection = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
-        self.connection.execute("PRAGMA busy_timeout = 60000")
-        self.connection.execute("PRAGMA journal_mode = WAL")
-        self.connection.execute("PRAGMA synchronous = FULL")
-        self.connection.executescript(SCHEMA)
+        missing = {"identity", "results"} - tables
+        if missing:
+            raise ValueError(f"{self.path} is not a lavakv results store (no {', '.join(sorted(missing))} table)")
+        columns = [row[1] for row in self.connection.execute("PRAGMA table_info(results)")]
+        if columns != _COLUMNS + ["created"]:
+            raise ValueError(f"{self.path} holds a results table with other columns than schema {SCHEMA_VERSION}")
 
     def close(self) -> None:
         self.connection.close()

@@ -1,70 +1,192 @@
-"""Registries of the three composable parts of a method, and the per-layer input they read.
+"""The three kinds of method parts, their registries, and the per-layer input they read.
 
 A method is a *score* (one number per prefix entry and KV head), a *head allocation* (how a
 layer's prefix slots are split among its KV heads) and a *layer allocation* (how the total is
-split among layers). Each part is registered by name; :class:`lavakv.Method` composes them.
+split among layers). Each part is a small frozen dataclass whose fields are its options; it
+validates them itself in ``__post_init__`` and is registered by name, so that a method spec such
+as ``lava:heads=uniform`` or an external package can name it. :class:`lavakv.Method` composes
+three parts and routes options to the part that declares them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import ClassVar, TypeVar
 
 import torch
 
-if TYPE_CHECKING:
-    from .config import Method
 
-SCORES: dict[str, Callable[[LayerInput, Method], torch.Tensor]] = {}
-HEAD_ALLOCATIONS: dict[str, Callable[[torch.Tensor, int, Method], list[int]]] = {}
-LAYER_ALLOCATIONS: dict[str, LayerAllocation] = {}
+class OptionError(ValueError, TypeError):
+    """A method option that no part of the method declares, or a value of the wrong type.
 
-
-def register_score(name: str):
-    """Register ``fn(layer_input, method) -> scores[H_kv, m]`` under ``name``."""
-
-    def wrap(fn):
-        SCORES[name] = fn
-        return fn
-
-    return wrap
-
-
-def register_head_allocation(name: str):
-    """Register ``fn(scores[H_kv, M], slots_per_head, method) -> slots for each head`` under ``name``.
-
-    ``scores`` may hold ``-inf`` for candidates a head does not have; the slots of a layer always
-    sum to ``H_kv * slots_per_head``.
+    Both a ``ValueError`` (a bad value) and a ``TypeError`` (Python's error for an unknown keyword).
     """
 
-    def wrap(fn):
-        HEAD_ALLOCATIONS[name] = fn
-        return fn
 
-    return wrap
+@dataclass(frozen=True)
+class Part:
+    """Base of scores, head allocations and layer allocations: the dataclass fields are the options."""
+
+    kind: ClassVar[str] = "part"
+    name: ClassVar[str] = ""
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def option_types(cls) -> dict[str, type]:
+        """Each option's Python type (``int``, ``float`` or ``str``), read from the annotations."""
+        hints = typing.get_type_hints(cls)
+        return {name: hints[name] for name in cls.option_names()}
+
+    def options(self) -> dict[str, object]:
+        return {name: getattr(self, name) for name in self.option_names()}
+
+    def with_options(self, **options) -> Part:
+        """A copy with some options changed, validated again; an unknown option is an :class:`OptionError`."""
+        unknown = sorted(set(options) - set(self.option_names()))
+        if unknown:
+            valid = ", ".join(self.option_names()) or "none"
+            raise OptionError(f"{self.label} has no option {', '.join(map(repr, unknown))}; its options: {valid}")
+        return dataclasses.replace(self, **options)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} {self.kind}"
+
+    def fail(self, message: str) -> typing.NoReturn:
+        raise ValueError(f"{self.label}: {message}")
+
+    def check_int(self, option: str, minimum: int, odd: bool = False) -> None:
+        value = getattr(self, option)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (odd and value % 2 == 0):
+            kind = "an odd integer" if odd else "an integer"
+            self.fail(f"{option} must be {kind} >= {minimum}, got {value!r}")
+
+    def check_number(self, option: str, low: float, high: float = math.inf, low_open: bool = False) -> None:
+        value = getattr(self, option)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or not (low < value if low_open else low <= value) or not value <= high:
+            bound = f"> {low:g}" if low_open else (f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]")
+            self.fail(f"{option} must be a number {bound}, got {value!r}")
+
+    def check_choice(self, option: str, choices: tuple[str, ...]) -> None:
+        value = getattr(self, option)
+        if value not in choices:
+            self.fail(f"unknown {option} {value!r}; valid: {', '.join(choices)}")
 
 
-class LayerAllocation(Protocol):
-    """Splits prefix slots per head among layers, each at most its cap (see ``layers.py``).
+@dataclass(frozen=True)
+class Score(Part):
+    """One importance number per prefix entry and KV head: ``score(layer) -> [H_kv, m]``, higher kept first."""
+
+    kind: ClassVar[str] = "score"
+
+    def __call__(self, layer: LayerInput) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class HeadAllocation(Part):
+    """Splits a layer's ``H_kv * slots_per_head`` prefix slots among its KV heads.
+
+    ``scores`` is ``[H_kv, M]`` and may hold ``-inf`` for candidates a head does not have; the
+    result always sums to ``H_kv * slots_per_head`` when the heads have that many candidates.
+    """
+
+    kind: ClassVar[str] = "heads"
+
+    def allocate(self, scores: torch.Tensor, slots_per_head: int) -> list[int]:
+        raise NotImplementedError
+
+    def retain(self, scores: torch.Tensor, slots_per_head: int) -> list[int]:
+        """Candidates each head must keep so that a later, slightly different budget can still be served.
+
+        Progressive compression shrinks a layer before its final budget is known; the selection adds
+        a rounding slack on top of this. The default is the allocation itself.
+        """
+        return self.allocate(scores, slots_per_head)
+
+
+@dataclass(frozen=True)
+class LayerAllocation(Part):
+    """Splits prefix slots per head among layers, each at most its cap (its number of prefix entries).
 
     ``dynamic`` allocations read one summary number per layer (``summarize``), so their budgets
-    are only final once every layer has been seen; static ones know them up front.
+    are only final once every layer has been seen; static ones know them up front and ignore
+    ``summaries``. ``allocate(summaries, caps, slots, total)`` returns one slot count per layer:
+    static allocations use every layer's cap and ``slots`` (the average), dynamic ones split
+    ``total`` among the layers whose summaries are given, which is how progressive compression
+    re-divides the whole budget among the layers seen so far.
     """
 
-    dynamic: bool
+    kind: ClassVar[str] = "layers"
+    dynamic: ClassVar[bool] = False
 
-    def summarize(self, layer: LayerInput, scores: torch.Tensor, method: Method) -> float | None: ...
+    def summarize(self, layer: LayerInput, scores: torch.Tensor) -> float | None:
+        return None
 
-    def allocate(
-        self, summaries: list[float | None], caps: list[int], slots: int, total: int, method: Method
-    ) -> list[int]: ...
+    def allocate(self, summaries: list[float | None] | None, caps: list[int], slots: int, total: int) -> list[int]:
+        raise NotImplementedError
 
 
-def register_layer_allocation(name: str, allocation: LayerAllocation) -> LayerAllocation:
-    LAYER_ALLOCATIONS[name] = allocation
-    return allocation
+SCORES: dict[str, type[Score]] = {}
+HEAD_ALLOCATIONS: dict[str, type[HeadAllocation]] = {}
+LAYER_ALLOCATIONS: dict[str, type[LayerAllocation]] = {}
+REGISTRIES: dict[str, dict[str, type[Part]]] = {"score": SCORES, "heads": HEAD_ALLOCATIONS, "layers": LAYER_ALLOCATIONS}
+
+PartT = TypeVar("PartT", bound=type[Part])
+
+
+def _register(kind: str, base: type[Part], name: str) -> Callable[[PartT], PartT]:
+    registry = REGISTRIES[kind]
+
+    def wrap(cls: PartT) -> PartT:
+        if not (isinstance(cls, type) and issubclass(cls, base) and dataclasses.is_dataclass(cls)):
+            raise TypeError(f"a registered {kind} must be a frozen dataclass subclassing {base.__name__}, got {cls!r}")
+        if not cls.__dataclass_params__.frozen:
+            raise TypeError(f"{cls.__name__} must be a frozen dataclass (@dataclass(frozen=True))")
+        missing = [f.name for f in dataclasses.fields(cls) if f.default is f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise TypeError(f"{cls.__name__}: every option needs a default, {', '.join(missing)} has none")
+        if not isinstance(name, str) or not name or any(c in name for c in ",:= "):
+            raise ValueError(f"a {kind} name must be a non-empty string without ',', ':', '=' or spaces, got {name!r}")
+        known = registry.get(name)
+        if known is not None and known.__qualname__ != cls.__qualname__:
+            raise ValueError(f"{kind} {name!r} is already registered by {known.__module__}.{known.__qualname__}")
+        cls.name = name
+        registry[name] = cls
+        return cls
+
+    return wrap
+
+
+def register_score(name: str) -> Callable[[PartT], PartT]:
+    """Class decorator: register a frozen :class:`Score` dataclass under ``name``."""
+    return _register("score", Score, name)
+
+
+def register_head_allocation(name: str) -> Callable[[PartT], PartT]:
+    """Class decorator: register a frozen :class:`HeadAllocation` dataclass under ``name``."""
+    return _register("heads", HeadAllocation, name)
+
+
+def register_layer_allocation(name: str) -> Callable[[PartT], PartT]:
+    """Class decorator: register a frozen :class:`LayerAllocation` dataclass under ``name``."""
+    return _register("layers", LayerAllocation, name)
+
+
+def part_class(kind: str, name: str) -> type[Part]:
+    """The registered part ``name`` of ``kind`` (``score``, ``heads`` or ``layers``), or a clear error."""
+    registry = REGISTRIES[kind]
+    if name not in registry:
+        raise ValueError(f"unknown {kind} {name!r}; valid: {', '.join(sorted(registry))}")
+    return registry[name]
 
 
 @dataclass
@@ -72,8 +194,8 @@ class LayerInput:
     """One sequence's prefill tensors for one layer, with the window attention computed once, lazily.
 
     ``query`` is ``[H, n, d]``, ``key`` and ``value`` are ``[H_kv, n, d]`` (keys after RoPE);
-    ``observed`` is the number of last queries that score the prefix, ``prefix_length`` the
-    number ``m`` of leading entries that compete for slots (the rest is the kept window).
+    ``observed`` is the number of last queries that score the prefix (the window), ``prefix_length``
+    the number ``m`` of leading entries that compete for slots (the rest is the kept window).
     """
 
     query: torch.Tensor

@@ -10,7 +10,6 @@ from the retained candidates exactly as the one-shot selection is computed from 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Iterator
@@ -19,8 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .methods import HEAD_ALLOCATIONS, LAYER_ALLOCATIONS, SCORES, LayerInput, Method
-from .methods.heads import flattened_winners
+from .methods import Budget, LayerInput, Method
 from .methods.registry import stable_rank
 
 
@@ -97,15 +95,13 @@ class PhaseClock:
             self.seconds[name] += time.perf_counter() - start
 
 
-def resolve_budget(length: int, budget: int | None, ratio: float | None) -> int:
-    """Tokens per KV head per layer for a prompt of ``length`` tokens."""
-    if ratio is not None:
-        return max(1, math.ceil(ratio * length))
-    return length if budget is None else int(budget)
-
-
 class SequenceCompression:
-    """Decides, layer after layer, the entries one sequence keeps (see the module docstring)."""
+    """Decides, layer after layer, the entries one sequence keeps (see the module docstring).
+
+    ``budget`` is in tokens per KV head per layer and ``window`` the observation window after the
+    budget's window policy (:class:`~lavakv.methods.Budget`); ``visible_lengths`` is, per layer,
+    how many trailing prompt positions its attention can see.
+    """
 
     def __init__(
         self,
@@ -116,6 +112,7 @@ class SequenceCompression:
         progressive: bool,
         score_memo: dict | None = None,
         clock: PhaseClock | None = None,
+        window: int | None = None,
     ):
         self.method = method
         self.clock = clock or PhaseClock()
@@ -125,7 +122,8 @@ class SequenceCompression:
         self.num_layers = len(visible_lengths)
         self.visible_lengths = visible_lengths
         self.compresses = method.compresses and budget < max(visible_lengths)
-        self.window = min(method.window, budget - 1) if self.compresses else 0
+        self.observed = method.window if window is None else window
+        self.window = Budget.kept_window(self.observed, budget) if self.compresses else 0
         self.slots = budget - self.window
         self.caps = [max(0, visible - self.window) for visible in visible_lengths]
         self.total_slots = sum(min(self.slots, cap) for cap in self.caps)
@@ -134,11 +132,9 @@ class SequenceCompression:
         self.summaries: list[float | None] = []
         self.layer_slots: list[int] | None = None
         if self.compresses:
-            self.score_fn = SCORES[method.score]
-            self.head_fn = HEAD_ALLOCATIONS[method.heads]
-            self.allocation = LAYER_ALLOCATIONS[method.layers]
+            self.allocation = method.layers
             if not self.allocation.dynamic:
-                self.layer_slots = self.allocation.allocate(None, self.caps, self.slots, self.total_slots, method)
+                self.layer_slots = self.allocation.allocate(None, self.caps, self.slots, self.total_slots)
 
     def add_layer(
         self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
@@ -162,12 +158,12 @@ class SequenceCompression:
             self._after_layer(layer)
             return
         layer_input = LayerInput(
-            query, key, value, scaling, observed=min(self.method.window, visible), prefix_length=prefix
+            query, key, value, scaling, observed=min(self.observed, visible), prefix_length=prefix
         )
         with self.clock.phase("score"):
             scores = self._score(layer, layer_input)
         with self.clock.phase("allocate"):
-            self.summaries.append(self.allocation.summarize(layer_input, scores, self.method))
+            self.summaries.append(self.allocation.summarize(layer_input, scores))
         heads = [
             Candidates(positions[:prefix], key[h, :prefix], value[h, :prefix], scores[h]) for h in range(key.shape[0])
         ]
@@ -178,9 +174,7 @@ class SequenceCompression:
         elif self.progressive:
             seen = layer + 1
             with self.clock.phase("allocate"):
-                slots = self.allocation.allocate(
-                    self.summaries, self.caps[:seen], self.slots, self.total_slots, self.method
-                )
+                slots = self.allocation.allocate(self.summaries, self.caps[:seen], self.slots, self.total_slots)
             for earlier in range(seen):
                 self._retain(earlier, slots[earlier])
         else:
@@ -188,12 +182,13 @@ class SequenceCompression:
         self._after_layer(layer)
 
     def _score(self, layer: int, layer_input: LayerInput) -> torch.Tensor:
-        """The layer's scores; with a memo, computed once per score configuration (scores ignore budgets)."""
+        """The layer's scores; with a memo, computed once per score and window (scores ignore budgets)."""
+        score = self.method.score
         if self.score_memo is None:
-            return self.score_fn(layer_input, self.method).float()
-        key = (layer, layer_input.prefix_length, dataclasses.replace(self.method, heads="uniform", layers="uniform"))
+            return score(layer_input).float()
+        key = (layer, layer_input.prefix_length, layer_input.observed, score)
         if key not in self.score_memo:
-            self.score_memo[key] = self.score_fn(layer_input, self.method).float()
+            self.score_memo[key] = score(layer_input).float()
         return self.score_memo[key]
 
     def _entries(self, heads, positions, key, value, prefix, final) -> LayerEntries:
@@ -208,9 +203,7 @@ class SequenceCompression:
     def _after_layer(self, layer: int) -> None:
         if layer == self.num_layers - 1 and self.compresses and self.layer_slots is None:
             with self.clock.phase("allocate"):
-                self.layer_slots = self.allocation.allocate(
-                    self.summaries, self.caps, self.slots, self.total_slots, self.method
-                )
+                self.layer_slots = self.allocation.allocate(self.summaries, self.caps, self.slots, self.total_slots)
             for index in range(self.num_layers):
                 if not self.layers[index].final:
                     self._select(index, self.layer_slots[index])
@@ -227,7 +220,7 @@ class SequenceCompression:
         """Final selection: each head keeps its own best ``cap_h`` entries under the head allocation."""
         entries = self.layers[layer]
         with self.clock.phase("allocate"):
-            caps = self.head_fn(self._padded_scores(layer), slots, self.method)
+            caps = self.method.heads.allocate(self._padded_scores(layer), slots)
         for head, cap in zip(entries.heads, caps):
             if cap > len(head.positions):
                 raise RuntimeError(
@@ -247,11 +240,9 @@ class SequenceCompression:
         """
         entries = self.layers[layer]
         with self.clock.phase("allocate"):
-            padded = self._padded_scores(layer)
-            caps = self.head_fn(padded, slots, self.method)
-            winners = flattened_winners(padded, slots) if self.method.heads != "uniform" else [0] * len(caps)
+            needed = self.method.heads.retain(self._padded_scores(layer), slots)
         slack = len(entries.heads) + 2
-        needs = [max(cap, won) + slack for cap, won in zip(caps, winners)]
+        needs = [count + slack for count in needed]
         if all(len(head.positions) <= 2 * need for head, need in zip(entries.heads, needs)):
             entries.heads = [self._own(head) for head in entries.heads]
             return

@@ -1,0 +1,339 @@
+"""The :class:`Method`: a window and three registered parts, the presets, and method spec strings.
+
+A method spec names a method in one string, for the command line and for result rows:
+
+* a preset: ``lava``, ``snapkv``, ``full``...;
+* a preset with overrides after a colon: ``lava:heads=uniform`` (LAVa without dynamic head
+  budgets), ``lava:layers=uniform``, ``snapkv:layers=lava``, ``ada-snapkv:alpha=0.5,window=16``.
+  ``score=``, ``heads=`` and ``layers=`` replace a part (the new part starts from its own
+  defaults); any other ``name=value`` sets an option of the part that declares it;
+* the bare form ``score=lava,heads=ada,layers=uniform`` (``heads`` and ``layers`` default to
+  ``uniform``), with options after the parts.
+
+:attr:`Method.spec` gives the canonical spec of a method, which parses back to an equal method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from .registry import (
+    REGISTRIES,
+    HeadAllocation,
+    LayerAllocation,
+    OptionError,
+    Part,
+    Score,
+    part_class,
+)
+
+PART_KINDS = ("score", "heads", "layers")
+DEFAULT_WINDOW = 32
+
+
+@dataclass(frozen=True)
+class Method:
+    """How to compress: an observation ``window`` plus a ``score``, ``heads`` and ``layers`` part.
+
+    Parts are instances of registered part classes or their registered names:
+    ``Method(score="lava", heads="uniform", layers="lava")`` is LAVa without dynamic head budgets.
+    A method whose three parts are ``None`` keeps everything (the ``full`` preset).
+    ``Method.preset("lava", alpha=0.5)`` and :meth:`with_options` route each option to the part
+    that declares it; ``window`` belongs to the method. Defaults follow the papers: window 32.
+    ``origin`` remembers the preset a method was derived from, for its spec; it does not take part
+    in comparisons.
+    """
+
+    score: Score | str | None = "snapkv"
+    heads: HeadAllocation | str | None = "uniform"
+    layers: LayerAllocation | str | None = "uniform"
+    window: int = DEFAULT_WINDOW
+    origin: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        for kind in PART_KINDS:
+            value = getattr(self, kind)
+            if isinstance(value, str):
+                object.__setattr__(self, kind, part_class(kind, value)())
+            elif value is not None and not isinstance(value, _PART_BASES[kind]):
+                raise TypeError(
+                    f"{kind} must be a registered {kind} name or a {_PART_BASES[kind].__name__}, got {value!r}"
+                )
+        present = [getattr(self, kind) is not None for kind in PART_KINDS]
+        if any(present) and not all(present):
+            raise ValueError("a method has a score, a head allocation and a layer allocation, or none (keep all)")
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            raise ValueError(f"window must be an integer >= 1, got {self.window!r}")
+
+    @classmethod
+    def preset_named(cls, name: str) -> Method:
+        key = name.lower() if isinstance(name, str) else name
+        if key not in PRESETS:
+            raise ValueError(
+                f"unknown method {name!r}; valid presets: {', '.join(PRESETS)} "
+                "(or a spec such as 'lava:heads=uniform' or 'score=lava,heads=ada,layers=uniform')"
+            )
+        return PRESETS[key]
+
+    @classmethod
+    def preset(cls, name: str, **options) -> Method:
+        """The named method ``name`` (see :data:`PRESETS`), with options routed to its parts."""
+        return cls.preset_named(name).with_options(**options)
+
+    @property
+    def compresses(self) -> bool:
+        return self.score is not None
+
+    @property
+    def progressive(self) -> bool:
+        """Dynamic layer budgets are only final after the last layer: compress progressively."""
+        return self.compresses and self.layers.dynamic
+
+    @property
+    def parts(self) -> dict[str, Part]:
+        return {kind: getattr(self, kind) for kind in PART_KINDS} if self.compresses else {}
+
+    def option_names(self) -> list[str]:
+        """Every option this method takes: ``window`` and its parts' options."""
+        if not self.compresses:
+            return []
+        return ["window"] + [name for part in self.parts.values() for name in part.option_names()]
+
+    def with_options(self, **options) -> Method:
+        """A copy with options changed, each routed to the part that declares it (validated again).
+
+        An option that no part of this method declares is an :class:`OptionError` naming the
+        method and its valid options.
+        """
+        if not options:
+            return self
+        if not self.compresses:
+            raise OptionError(f"method {self.spec!r} keeps everything and takes no options, got {sorted(options)}")
+        window = options.pop("window", self.window)
+        updates: dict[str, dict] = {kind: {} for kind in PART_KINDS}
+        for name, value in options.items():
+            owners = [kind for kind, part in self.parts.items() if name in part.option_names()]
+            if not owners:
+                raise OptionError(
+                    f"method {self.spec!r} has no option {name!r}; its options: {', '.join(self.option_names())}"
+                )
+            for kind in owners:
+                updates[kind][name] = value
+        parts = {kind: part.with_options(**updates[kind]) for kind, part in self.parts.items()}
+        return Method(**parts, window=window, origin=self.origin)
+
+    def with_part(self, kind: str, name: str) -> Method:
+        """A copy whose ``kind`` part (score, heads or layers) is the registered ``name`` with its defaults."""
+        if kind not in PART_KINDS:
+            raise ValueError(f"unknown part {kind!r}; valid: {', '.join(PART_KINDS)}")
+        if not self.compresses:
+            raise OptionError(f"method {self.spec!r} keeps everything and has no {kind} part to replace")
+        return dataclasses.replace(self, **{kind: part_class(kind, name)()})
+
+    @property
+    def spec(self) -> str:
+        """The canonical method spec: a preset name, a preset with overrides, or the bare form."""
+        if self.origin in PRESETS and PRESETS[self.origin] == self:
+            return self.origin
+        for name, preset in PRESETS.items():
+            if preset == self:
+                return name
+        base = PRESETS.get(self.origin) if self.origin else None
+        if base is not None and base.compresses and self.compresses:
+            return f"{self.origin}:" + ",".join(self._differences(base))
+        if not self.compresses:
+            return "full"
+        return ",".join([f"{kind}={part.name}" for kind, part in self.parts.items()] + self._differences(None))
+
+    @property
+    def label(self) -> str:
+        """A readable name: ``lava``, ``lava with uniform heads``, ``ada-snapkv with alpha=0.5, window=16``."""
+        spec = self.spec
+        if ":" in spec:
+            preset, _, rest = spec.partition(":")
+            return f"{preset} with " + ", ".join(_readable(item) for item in rest.split(","))
+        if "=" in spec:
+            parts = [f"{part.name} {kind}" for kind, part in self.parts.items()]
+            options = self._differences(None)
+            return " + ".join(parts) + (f" ({', '.join(options)})" if options else "")
+        return spec
+
+    def _differences(self, base: Method | None) -> list[str]:
+        """Overrides that turn ``base`` (or each part's defaults) into this method, in spec syntax."""
+        out = []
+        for kind, part in self.parts.items():
+            reference = getattr(base, kind) if base is not None else type(part)()
+            if type(reference) is not type(part):
+                out.append(f"{kind}={part.name}")
+                reference = type(part)()
+            defaults = reference.options()
+            out += [f"{name}={_format(value)}" for name, value in part.options().items() if value != defaults[name]]
+        reference_window = base.window if base is not None else DEFAULT_WINDOW
+        if self.window != reference_window:
+            out.append(f"window={self.window}")
+        return out
+
+    def __str__(self) -> str:
+        return self.spec
+
+
+_PART_BASES = {"score": Score, "heads": HeadAllocation, "layers": LayerAllocation}
+
+
+def _format(value) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _readable(item: str) -> str:
+    name, _, value = item.partition("=")
+    return f"{value} {name}" if name in PART_KINDS else item
+
+
+def _preset(name: str, **parts) -> Method:
+    return Method(**parts, origin=name)
+
+
+PRESETS: dict[str, Method] = {
+    "full": _preset("full", score=None, heads=None, layers=None),
+    "streamingllm": _preset("streamingllm", score="streamingllm"),
+    "h2o": _preset("h2o", score="h2o"),
+    "snapkv": _preset("snapkv", score="snapkv"),
+    "pyramidkv": _preset("pyramidkv", score="snapkv", layers="pyramid"),
+    "ada-snapkv": _preset("ada-snapkv", score="snapkv", heads="ada"),
+    "ada-pyramidkv": _preset("ada-pyramidkv", score="snapkv", heads="ada", layers="pyramid"),
+    "cake": _preset("cake", score="cake", layers="cake"),
+    "lava": _preset("lava", score="lava", heads="ada", layers="lava"),
+}
+
+
+def parse_value(part: type[Part], name: str, text: str, spec: str):
+    """``text`` converted to the type of ``part``'s option ``name``; a bad value names the spec."""
+    kind = part.option_types()[name]
+    try:
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+    except ValueError:
+        kind_name = "an integer" if kind is int else "a number"
+        raise OptionError(f"{name} of {part.name} {part.kind} takes {kind_name}, got {text!r} in {spec!r}") from None
+    return text
+
+
+def parse_spec(spec: str) -> Method:
+    """The :class:`Method` a spec string names (see the module docstring); a bad spec names the bad part."""
+    if isinstance(spec, Method):
+        return spec
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"a method spec must be a non-empty string, got {spec!r}")
+    text = spec.strip()
+    if ":" in text:
+        name, _, rest = text.partition(":")
+        method = Method.preset_named(name.strip())
+        overrides = _pairs(rest, text)
+        if not overrides:
+            raise ValueError(f"method spec {text!r} has nothing after ':'; give name=value overrides")
+    elif "=" in text:
+        overrides = _pairs(text, text)
+        keys = [key for key, _ in overrides]
+        if "score" not in keys:
+            raise ValueError(f"method spec {text!r} names no score; the bare form starts with score=NAME")
+        method = Method()
+    else:
+        return Method.preset_named(text)
+    return apply_overrides(method, overrides, text)
+
+
+def apply_overrides(method: Method, overrides: list[tuple[str, str]], spec: str) -> Method:
+    """``method`` with spec-style ``name=value`` overrides applied: parts first, then options."""
+    options: dict[str, object] = {}
+    for key, value in overrides:
+        if key in PART_KINDS:
+            if value not in REGISTRIES[key]:
+                raise ValueError(
+                    f"unknown {key} {value!r} in method spec {spec!r}; valid: {', '.join(sorted(REGISTRIES[key]))}"
+                )
+            method = method.with_part(key, value)
+    if not method.compresses and len(overrides):
+        raise OptionError(f"method {spec!r}: 'full' keeps everything and takes no overrides")
+    for key, value in overrides:
+        if key in PART_KINDS:
+            continue
+        if key == "window":
+            options[key] = parse_value(_WindowOption, key, value, spec)
+            continue
+        owners = [part for part in method.parts.values() if key in part.option_names()]
+        if not owners:
+            valid = ", ".join(method.option_names())
+            raise OptionError(f"unknown option {key!r} in method spec {spec!r}; {method.spec!r} takes: {valid}")
+        options[key] = parse_value(type(owners[0]), key, value, spec)
+    return method.with_options(**options)
+
+
+@dataclass(frozen=True)
+class _WindowOption(Part):
+    """The method's own option, typed like a part's for parsing."""
+
+    kind: ClassVar[str] = "method"
+    name: ClassVar[str] = "the"
+
+    window: int = DEFAULT_WINDOW
+
+
+def _pairs(text: str, spec: str) -> list[tuple[str, str]]:
+    pairs = []
+    for item in text.split(","):
+        key, equals, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not equals or not key or not value:
+            raise ValueError(f"bad override {item.strip()!r} in method spec {spec!r}: expected name=value")
+        if key in dict(pairs):
+            raise ValueError(f"{key!r} is given twice in method spec {spec!r}")
+        pairs.append((key, value))
+    return pairs
+
+
+def split_specs(text: str) -> list[str]:
+    """Split a comma-separated list of method specs, whose own overrides are comma-separated too.
+
+    An item without ``=`` or with ``:`` starts a new spec, and so does ``score=...`` (the bare
+    form starts with it; to replace a preset's score, write ``preset:score=...``). Any other
+    ``name=value`` item continues the spec before it when that spec has overrides and does not set
+    ``name`` yet: ``lava,ada-snapkv:alpha=0.5,window=16,score=lava,heads=ada`` is three specs.
+    """
+    specs: list[list[str]] = []
+    for raw in text.split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        if "=" in item and ":" not in item and item.partition("=")[0].strip() != "score" and specs:
+            current = specs[-1]
+            keys = {part.split(":")[-1].partition("=")[0].strip() for part in current if "=" in part}
+            if "=" in current[-1] and item.partition("=")[0].strip() not in keys:
+                current.append(item)
+                continue
+        specs.append([item])
+    return [",".join(items) for items in specs]
+
+
+def declared_options() -> dict[str, list[type[Part]]]:
+    """Every option name any registered part declares (plus ``window``), with the parts that declare it."""
+    options: dict[str, list[type[Part]]] = {"window": [_WindowOption]}
+    for kind in PART_KINDS:
+        for part in REGISTRIES[kind].values():
+            for name in part.option_names():
+                options.setdefault(name, []).append(part)
+    return options
+
+
+def resolve_method(method: str | Method, **options) -> Method:
+    """A :class:`Method` from a spec string or a Method, with options routed to its parts."""
+    if isinstance(method, Method):
+        return method.with_options(**options)
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a spec string or a lavakv.Method, got {type(method).__name__}")
+    return parse_spec(method).with_options(**options)

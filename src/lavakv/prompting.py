@@ -1,0 +1,136 @@
+"""One prompt builder for ``generate`` and ``eval``: chat template, context/question split, truncation, limits.
+
+A prompt is either one piece (query-aware: prefilled whole) or a context and a question whose
+concatenation is the prompt (query-agnostic: the context is compressed, then the question is fed
+through the compressed cache). Both protocols tokenize the same text the same way: the whole
+prompt goes through the chat template once, and the templated text is cut where the question
+starts, so the two parts' ids concatenated are the ids of the prompt.
+"""
+
+from __future__ import annotations
+
+Prompt = str | list[int]
+
+
+def uses_chat_template(tokenizer, chat_template: bool) -> bool:
+    """Whether a prompt is wrapped in the tokenizer's chat template (asked for, and the tokenizer has one)."""
+    return bool(chat_template) and bool(getattr(tokenizer, "chat_template", None))
+
+
+def _templated(tokenizer, text: str) -> str:
+    messages = [{"role": "user", "content": text}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode_prompt(tokenizer, prompt: Prompt, chat_template: bool) -> list[int]:
+    """Token ids of one prompt: a string (through the chat template unless disabled) or ids as they are."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise ValueError("the prompt is empty")
+        if uses_chat_template(tokenizer, chat_template):
+            return list(tokenizer(_templated(tokenizer, prompt), add_special_tokens=False)["input_ids"])
+        return list(tokenizer(prompt)["input_ids"])
+    if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        if not prompt:
+            raise ValueError("the prompt is empty (no token ids)")
+        return list(prompt)
+    raise TypeError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+
+
+def check_token_ids(ids: list[int], vocab_size: int | None, what: str = "the prompt") -> None:
+    """Refuse token ids outside ``[0, vocab_size)`` with the bad id and the vocabulary size."""
+    if vocab_size is None:
+        return
+    for position, token in enumerate(ids):
+        if not 0 <= token < vocab_size:
+            raise ValueError(
+                f"token id {token} at position {position} of {what} is outside the model's vocabulary "
+                f"of {vocab_size} ids (valid: 0 to {vocab_size - 1})"
+            )
+
+
+def split_prompt(
+    tokenizer, context: str, question: str, chat_template: bool, name: str = "the prompt"
+) -> tuple[list[int], list[int]]:
+    """Token ids of the context part and of the question part of the prompt ``context + question``.
+
+    Without a template the context is tokenized with the tokenizer's special tokens and the
+    question (which may be empty) without them. With one, the templated text is cut where the question starts, so the
+    template's closing part (the assistant turn) goes with the question.
+    """
+    if not isinstance(context, str) or not isinstance(question, str):
+        raise TypeError("the query-agnostic protocol takes the context and the question as strings")
+    if not context.strip():
+        raise ValueError(f"{name}: the context is empty")
+    if not uses_chat_template(tokenizer, chat_template):
+        context_ids = tokenizer(context)["input_ids"]
+        question_ids = tokenizer(question, add_special_tokens=False)["input_ids"] if question else []
+        return list(context_ids), list(question_ids)
+    text = _templated(tokenizer, context + question)
+    cut = _question_start(text, context, question, name)
+    context_ids = tokenizer(text[:cut], add_special_tokens=False)["input_ids"]
+    question_ids = tokenizer(text[cut:], add_special_tokens=False)["input_ids"]
+    return list(context_ids), list(question_ids)
+
+
+def _question_start(text: str, context: str, question: str, name: str) -> int:
+    for piece in (question, question.strip()):
+        if piece:
+            index = text.rfind(piece)
+            if index >= 0:
+                return index
+    index = text.rfind(context.strip())
+    if index < 0:
+        raise ValueError(f"{name}: the chat template changed the prompt beyond recognition")
+    return index + len(context.strip())
+
+
+def fit_context(
+    context: list[int], question: list[int], max_new_tokens: int, max_length: int, name: str = "the sample"
+) -> tuple[list[int], bool]:
+    """Cut the middle of ``context`` so that the prompt plus the answer fit in ``max_length`` tokens.
+
+    LongBench truncates in the middle because the instructions sit at both ends of its prompts.
+    """
+    room = max_length - len(question) - max_new_tokens
+    if room < 2:
+        raise ValueError(
+            f"{name}: the question ({len(question)} tokens) and the answer ({max_new_tokens} tokens) leave no room "
+            f"for the context in max_length={max_length} tokens"
+        )
+    if len(context) <= room:
+        return context, False
+    head = room // 2
+    return context[:head] + context[len(context) - (room - head) :], True
+
+
+def context_length(model) -> int | None:
+    """The model's context length in tokens, if its config states one."""
+    return getattr(model.config.get_text_config(), "max_position_embeddings", None)
+
+
+def check_fits(model, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Refuse a prompt that, with its answer, exceeds the model's context."""
+    limit = context_length(model)
+    if limit is not None and prompt_tokens + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt of {prompt_tokens} tokens plus max_new_tokens={max_new_tokens} exceeds the model's context of "
+            f"{limit} tokens"
+        )
+
+
+def stop_token_ids(model, tokenizer) -> set[int]:
+    """End-of-sequence ids: the generation config's, else the tokenizer's."""
+    eos = model.generation_config.eos_token_id
+    if eos is not None:
+        return set(eos if isinstance(eos, list) else [eos])
+    return {tokenizer.eos_token_id} if getattr(tokenizer, "eos_token_id", None) is not None else set()
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id used to left-pad a batch: the tokenizer's pad token, else its end-of-sequence token, else 0."""
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return value
+    return 0
