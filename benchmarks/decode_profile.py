@@ -26,6 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import DynamicCache
 
 import lavakv
+from lavakv.attention import model_forward
 from lavakv.bench import bench_prompt
 
 RESULTS = Path(__file__).parent / "results"
@@ -50,7 +51,7 @@ def wall_times(model, prepared: dict, steps: int) -> dict[str, float]:
         for _ in range(steps):
             for name, (cache, token) in prepared.items():
                 start = time.perf_counter()
-                token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                token = model_forward(model, cache, input_ids=token).logits[:, -1:].argmax(-1)
                 times[name].append(time.perf_counter() - start)
                 prepared[name] = (cache, token)
     return {name: statistics.median(values) * 1000 for name, values in times.items()}
@@ -60,7 +61,7 @@ def profile_steps(model, cache, token: torch.Tensor, steps: int) -> dict:
     """Profiled self-CPU ms per step by operator group, and the top operators."""
     with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
-            token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            token = model_forward(model, cache, input_ids=token).logits[:, -1:].argmax(-1)
     groups = dict.fromkeys([*GROUPS, "other"], 0.0)
     operators = {}
     for event in prof.key_averages():
@@ -96,7 +97,7 @@ def main() -> None:
         else:
             cache, prompt = lavakv.CompressedCache(model, method=method, budget=budget), input_ids
         with torch.inference_mode():
-            logits = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            logits = model_forward(model, cache, input_ids=prompt, logits_to_keep=1).logits
         prepared[method if budget is None else f"{method} B={budget}"] = (cache, logits[:, -1:].argmax(-1))
     walls = wall_times(model, prepared, args.steps)
     runs = {}

@@ -236,8 +236,9 @@ def cache_sizes(cache) -> tuple[int | None, int | None, list[int] | None]:
     """Bytes of key/value tensors (and of lavakv's index tensors) a cache holds, and each layer's length."""
     if cache is None:
         return None, None, None
-    if hasattr(cache, "kv_bytes"):
-        return cache.kv_bytes(), cache.index_bytes(), None
+    if hasattr(cache, "stats"):
+        stats = cache.stats(positions=False)
+        return stats.kv_bytes, stats.index_bytes, None
     layers = [layer for layer in cache.layers if getattr(layer, "keys", None) is not None]
     total = sum(layer.keys.nbytes + layer.values.nbytes for layer in layers)
     return total, 0, [int(layer.keys.shape[-2]) for layer in layers]
@@ -291,7 +292,8 @@ class LavakvEngine:
         self.lavakv.generate(self.model, self.tokenizer, prompt["ids"][:128], method="full", max_new_tokens=2)
 
     def run(self, case: Case, prompt: dict) -> tuple[str, dict]:
-        from lavakv.generate import _split_question
+        from lavakv.generate import QUESTION_SEPARATOR
+        from lavakv.prompting import split_prompt
 
         options = dict(case.options)
         if case.protocol == "query-aware":
@@ -299,7 +301,8 @@ class LavakvEngine:
         else:
             chat = case.protocol == "chat-pipeline"
             source, extra = prompt["context_text"], {"question": prompt["question"], "chat_template": chat}
-            length = len(_split_question(self.tokenizer, prompt["context_text"], prompt["question"], chat)[0])
+            context = prompt["context_text"] + QUESTION_SEPARATOR
+            length = len(split_prompt(self.tokenizer, context, prompt["question"], chat)[0])
         budget = None if case.method == "full" else kept_count(case.budget, length)
         started = time.perf_counter()
         out = self.lavakv.generate(
@@ -474,15 +477,16 @@ def sorted_topk(scores, count: int) -> list[list[int]]:
 
 
 def build_prompts(tokenizer, count: int, tokens: int) -> list[dict]:
-    from lavakv.generate import _split_question
+    from lavakv.generate import QUESTION_SEPARATOR
     from lavakv.passkey import QUESTION, passkey_prompt
+    from lavakv.prompting import split_prompt
 
     depths = [round(0.1 + 0.8 * i / (count - 1), 2) for i in range(count)] if count > 1 else [0.5]
     prompts = []
     for seed, depth in enumerate(depths):
         prompt = passkey_prompt(tokenizer, tokens, depth, seed=seed)
         context = prompt.text[: -len(QUESTION)].rstrip()
-        context_ids, question_ids = _split_question(tokenizer, context, QUESTION, False)
+        context_ids, question_ids = split_prompt(tokenizer, context + QUESTION_SEPARATOR, QUESTION, False)
         ids = tokenizer(prompt.text)["input_ids"]
         prompts.append(
             {

@@ -90,7 +90,7 @@ def test_eval_and_report_commands_on_smollm2(smollm2, tmp_path, capsys):
         "--depths",
         "0.5",
         "--methods",
-        "full,snapkv,lava",
+        "full,snapkv,lava,lava:heads=uniform",
         "--budgets",
         "64",
         "--out",
@@ -98,12 +98,12 @@ def test_eval_and_report_commands_on_smollm2(smollm2, tmp_path, capsys):
         "--quiet",
     ]
     assert main(command) == 0
-    assert "3 results" in capsys.readouterr().out
+    assert "4 results" in capsys.readouterr().out
     assert main(command) == 0
-    assert "3 results" in capsys.readouterr().out
+    assert "4 results" in capsys.readouterr().out
     assert main(["report", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "| full cache | 100.0 |" in text
+    assert "| full cache | 100.0 |" in text and "| lava with uniform heads |" in text
     assert (out / "report.md").is_file() and (out / "niah_heatmap_b64.png").stat().st_size > 1000
     assert (
         main(

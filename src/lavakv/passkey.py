@@ -9,7 +9,15 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+NOISE_SENTENCES = (
+    "The grass is green.",
+    "The sky is blue.",
+    "The sun is yellow.",
+    "Here we go.",
+    "There and back again.",
+)
+"""The repeated noise of passkey retrieval, also RULER's noise haystack."""
+FILLER = " ".join(NOISE_SENTENCES) + " "
 INTRO = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
     "I will quiz you about the important information there.\n\n"

@@ -2,9 +2,9 @@
 
 A prompt is either one piece (query-aware: prefilled whole) or a context and a question whose
 concatenation is the prompt (query-agnostic: the context is compressed, then the question is fed
-through the compressed cache). Both protocols tokenize the same text the same way: the whole
+through the compressed cache). ``generate`` and ``eval`` split a prompt the same way: the whole
 prompt goes through the chat template once, and the templated text is cut where the question
-starts, so the two parts' ids concatenated are the ids of the prompt.
+starts, so the two parts decode to exactly the templated prompt.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .samples import Sample
+from .samples import Sample, check_count
 
 BENCHMARKS = ("niah", "ruler", "longbench", "infinitebench")
 DEFAULT_NIAH_LENGTHS = [500, 1000, 2000]
@@ -23,8 +23,7 @@ def build_samples(
     seed: int = 0,
 ) -> list[Sample]:
     """The samples of ``benchmark``; ``limit`` keeps the first N per dataset (per length for generated ones)."""
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"--limit must be an integer >= 1, got {limit!r}")
+    check_count(limit, "--limit", minimum=1)
     if benchmark == "niah":
         from .niah import niah_samples
 

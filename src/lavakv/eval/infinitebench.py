@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lavakv.eval.jsonl import check_dir, check_unique, read_jsonl, resolve_names, string_field
-from lavakv.eval.samples import Sample
+from lavakv.eval.samples import Sample, check_count
 
 __all__ = ["INFINITEBENCH_TASKS", "InfiniteBenchTask", "load_infinitebench"]
 
@@ -95,8 +95,7 @@ def load_infinitebench(
     keeps the first N samples of each task. Answers (a string, a number or a list) become a list of
     strings so that every metric sees one shape; choice tasks also carry ``extra["options"]``.
     """
-    if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0 or None, got {limit}")
+    check_count(limit, "limit", minimum=0)
     root = check_dir(data_dir, "InfiniteBench")
     names = resolve_names(root, datasets, sorted(INFINITEBENCH_TASKS), "InfiniteBench task")
     samples: list[Sample] = []

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lavakv.eval.jsonl import check_dir, check_unique, read_jsonl, resolve_names, string_field
-from lavakv.eval.samples import Sample
+from lavakv.eval.samples import Sample, check_count
 
 __all__ = ["LONGBENCH_DATASETS", "LongBenchSpec", "load_longbench", "longbench_prompts", "longbench_maxlen"]
 
@@ -100,10 +100,8 @@ def load_longbench(
     window can still be evaluated on the samples it can hold; ``limit`` then keeps the first N of each
     dataset in file order. Errors name the file, line and field at fault.
     """
-    if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0 or None, got {limit}")
-    if max_words is not None and max_words < 0:
-        raise ValueError(f"max_words must be >= 0 or None, got {max_words}")
+    check_count(limit, "limit", minimum=0)
+    check_count(max_words, "max_words", minimum=0)
     root = check_dir(data_dir, "LongBench")
     names = resolve_names(root, datasets, _longbench_names(), "LongBench dataset")
     prompts, maxlen = _tables_for(root)

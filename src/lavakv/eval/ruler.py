@@ -26,7 +26,8 @@ from lavakv.eval.niah import (
     prompt_tokens,
     sentence_boundaries,
 )
-from lavakv.eval.samples import Sample
+from lavakv.eval.samples import Sample, check_count
+from lavakv.passkey import NOISE_SENTENCES
 
 RULER_TASKS: tuple[str, ...] = (
     "niah_single_words",
@@ -50,7 +51,6 @@ _MAX_NEW_TOKENS = {
     "fwe": 32,
 }
 _UNBOUNDED = 10**9
-_NOISE = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
 
 
 def ruler_samples(
@@ -65,8 +65,7 @@ def ruler_samples(
     """
     tasks = list(RULER_TASKS) if tasks is None else _check_tasks(tasks)
     lengths = check_lengths(lengths)
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    check_count(num_samples, "num_samples", minimum=1)
     haystack: list[EssayHaystack] = []
 
     def essays() -> EssayHaystack:
@@ -236,10 +235,10 @@ def _variable_tracking(tokenizer, rng: random.Random, length: int, what: str):
         for i in range(size + 1):
             sentences.extend(at.get(i, ()))
             if i < size:
-                sentences.append(_NOISE[i % len(_NOISE)])
+                sentences.append(NOISE_SENTENCES[i % len(NOISE_SENTENCES)])
         return instruction + " ".join(sentences)
 
-    slope = count_tokens(tokenizer, " ".join(_NOISE)) / len(_NOISE)
+    slope = count_tokens(tokenizer, " ".join(NOISE_SENTENCES)) / len(NOISE_SENTENCES)
     context, total = _fit_prompt(tokenizer, build, question, length, _UNBOUNDED, slope, what)
     return context, question, names[: hops + 1], total
 

@@ -5,6 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+def check_count(value: int | None, name: str, minimum: int) -> int | None:
+    """One rule for ``--limit`` and sample counts everywhere: ``None`` or an integer >= ``minimum``."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
 @dataclass
 class Sample:
     """One evaluation prompt, split into the part that is compressed and the part after it.

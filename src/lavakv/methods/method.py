@@ -234,9 +234,9 @@ def parse_spec(spec: str) -> Method:
     if ":" in text:
         name, _, rest = text.partition(":")
         method = Method.preset_named(name.strip())
-        overrides = _pairs(rest, text)
-        if not overrides:
+        if not rest.strip():
             raise ValueError(f"method spec {text!r} has nothing after ':'; give name=value overrides")
+        overrides = _pairs(rest, text)
     elif "=" in text:
         overrides = _pairs(text, text)
         keys = [key for key, _ in overrides]

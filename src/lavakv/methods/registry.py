@@ -147,9 +147,10 @@ def _register(kind: str, base: type[Part], name: str) -> Callable[[PartT], PartT
     registry = REGISTRIES[kind]
 
     def wrap(cls: PartT) -> PartT:
-        if not (isinstance(cls, type) and issubclass(cls, base) and dataclasses.is_dataclass(cls)):
+        own_dataclass = isinstance(cls, type) and "__dataclass_fields__" in cls.__dict__
+        if not (own_dataclass and issubclass(cls, base)):
             raise TypeError(f"a registered {kind} must be a frozen dataclass subclassing {base.__name__}, got {cls!r}")
-        if not cls.__dataclass_params__.frozen:
+        if not cls.__dict__["__dataclass_params__"].frozen:
             raise TypeError(f"{cls.__name__} must be a frozen dataclass (@dataclass(frozen=True))")
         missing = [f.name for f in dataclasses.fields(cls) if f.default is f.default_factory is dataclasses.MISSING]
         if missing:

@@ -1,0 +1,134 @@
+"""The ragged storage on its own, against a dense reference, without any model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lavakv.ragged import RaggedKV
+
+DIM = 8
+
+
+def _rows(lengths: list[list[int]], length: int, seed: int = 0):
+    """Random rows: for each (sequence, head) a sorted subset of ``length`` positions with keys and values."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for heads in lengths:
+        row = []
+        for count in heads:
+            positions = torch.randperm(length, generator=generator)[:count].sort().values
+            keys, values = torch.randn(2, count, DIM, generator=generator)
+            row.append((positions, keys, values))
+        rows.append(row)
+    return rows
+
+
+def _dense_reference(rows, appended_keys, appended_values, query, scaling, append_start, sliding_window=None):
+    """Per query head: softmax over its KV head's kept entries and the appended tokens it may see."""
+    batch, heads, q_len, _ = query.shape
+    kv_heads = len(rows[0])
+    group = heads // kv_heads
+    steps = appended_keys.shape[2]
+    out = torch.zeros(batch, q_len, heads, DIM)
+    for b in range(batch):
+        for h in range(heads):
+            positions, keys, values = rows[b][h // group]
+            keys = torch.cat([keys, appended_keys[b, h // group]])
+            values = torch.cat([values, appended_values[b, h // group]])
+            all_positions = torch.cat([positions, append_start + torch.arange(steps)])
+            for i in range(q_len):
+                query_position = append_start + steps - q_len + i
+                visible = all_positions <= query_position
+                if sliding_window:
+                    visible &= query_position - all_positions < sliding_window
+                logits = (keys @ query[b, h, i]) * scaling
+                logits = logits.masked_fill(~visible, -math.inf)
+                out[b, i, h] = torch.softmax(logits, dim=0) @ values
+    return out
+
+
+@pytest.mark.parametrize(
+    "lengths",
+    [
+        [[5, 5], [5, 5]],
+        [[3, 7], [6, 1]],
+        [[9, 2, 4]],
+    ],
+)
+@pytest.mark.parametrize("q_len", [1, 3])
+@pytest.mark.parametrize("group", [1, 2])
+def test_attention_over_ragged_rows_equals_the_dense_reference(lengths, q_len, group):
+    rows = _rows(lengths, length=20)
+    batch, kv_heads = len(lengths), len(lengths[0])
+    storage = RaggedKV.pack(rows, [0] * batch, append_start=20)
+    generator = torch.Generator().manual_seed(7)
+    appended_keys = torch.randn(batch, kv_heads, q_len + 2, DIM, generator=generator)
+    appended_values = torch.randn(batch, kv_heads, q_len + 2, DIM, generator=generator)
+    storage.append(appended_keys[:, :, :2], appended_values[:, :, :2])
+    storage.append(appended_keys[:, :, 2:], appended_values[:, :, 2:])
+    query = torch.randn(batch, kv_heads * group, q_len, DIM, generator=generator)
+    got = storage.attend(query, DIM**-0.5)
+    expected = _dense_reference(rows, appended_keys, appended_values, query, DIM**-0.5, append_start=20)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert storage.steps == q_len + 2
+
+
+@pytest.mark.parametrize("q_len", [1, 2])
+def test_sliding_window_hides_entries_too_far_back(q_len):
+    rows = _rows([[6, 3]], length=30, seed=2)
+    storage = RaggedKV.pack(rows, [0], append_start=30, track_positions=True)
+    generator = torch.Generator().manual_seed(3)
+    appended_keys = torch.randn(1, 2, q_len, DIM, generator=generator)
+    appended_values = torch.randn(1, 2, q_len, DIM, generator=generator)
+    storage.append(appended_keys, appended_values)
+    query = torch.randn(1, 2, q_len, DIM, generator=generator)
+    got = storage.attend(query, 0.5, sliding_window=12)
+    expected = _dense_reference(rows, appended_keys, appended_values, query, 0.5, 30, sliding_window=12)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_layout_lengths_indptr_and_rows():
+    rows = _rows([[3, 7], [6, 1]], length=20)
+    storage = RaggedKV.pack(rows, [4, 0], append_start=24)
+    assert storage.lengths.tolist() == [[3, 7], [6, 1]]
+    assert storage.indptr.tolist() == [0, 3, 10, 16, 17]
+    assert storage.keys.shape == (17, DIM)
+    for b in range(2):
+        for h in range(2):
+            positions, keys, values = storage.row(b, h)
+            assert torch.equal(positions.long(), rows[b][h][0] + (4 if b == 0 else 0))
+            assert torch.equal(keys, rows[b][h][1]) and torch.equal(values, rows[b][h][2])
+
+
+def test_equal_rows_are_read_as_a_view_and_ragged_ones_padded():
+    equal = RaggedKV.pack(_rows([[4, 4]], length=10), [0], append_start=10)
+    assert equal.gather_index is None and equal.valid is None
+    assert equal.padded(equal.keys).data_ptr() == equal.keys.data_ptr()
+    ragged = RaggedKV.pack(_rows([[2, 5]], length=10), [0], append_start=10)
+    padded = ragged.padded(ragged.keys)
+    assert padded.shape == (1, 2, 5, DIM)
+    assert ragged.valid[0, :, 0].tolist() == [[True, True, False, False, False], [True] * 5]
+
+
+def test_bytes_are_the_kept_entries_and_the_appended_tail():
+    storage = RaggedKV.pack(_rows([[3, 7], [6, 1]], length=20), [0, 0], append_start=20)
+    per_entry = 2 * DIM * 4
+    assert storage.nbytes()[0] == 17 * per_entry
+    storage.append(torch.zeros(2, 2, 3, DIM), torch.zeros(2, 2, 3, DIM))
+    assert storage.nbytes()[0] == (17 + 2 * 2 * 3) * per_entry
+    assert storage.sequence_kv_bytes(0) == (10 + 2 * 3) * per_entry
+    assert storage.sequence_kv_bytes(1) == (7 + 2 * 3) * per_entry
+    assert storage.nbytes()[1] > 0
+
+
+def test_bad_layouts_are_refused():
+    with pytest.raises(ValueError, match="indptr"):
+        positions = torch.zeros(3, dtype=torch.int32)
+        RaggedKV(torch.zeros(3, DIM), torch.zeros(3, DIM), positions, torch.tensor([0, 3]), 2, 1, 3)
+    storage = RaggedKV.pack(_rows([[2, 5]], length=10), [0], append_start=10)
+    storage.append(torch.zeros(1, 2, 2, DIM), torch.zeros(1, 2, 2, DIM))
+    with pytest.raises(RuntimeError, match="track_positions"):
+        storage.attend(torch.zeros(1, 2, 2, DIM), 1.0, sliding_window=4)
