@@ -45,6 +45,8 @@ def test_plain_model_generate_with_the_cache_matches_lavakv_generate(tokenizer):
     generated = model.generate(torch.tensor([ids]), cache=cache, max_new_tokens=10, do_sample=False)
     assert generated[0, len(ids) :].tolist() == out.token_ids
     assert cache.stats().kept_entries == out.stats.kept_entries
+    sequence = cache.stats().sequences[0]
+    assert (sequence.kv_bytes, sequence.kept_positions) == (out.stats.kv_bytes, out.stats.kept_positions)
     assert cache.get_seq_length() == len(ids) + 9
 
 

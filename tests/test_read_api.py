@@ -36,22 +36,6 @@ def test_totals_are_the_sums_of_the_sequences(method):
     assert stats.compression_seconds["total"] >= stats.compression_seconds["score"]
 
 
-def test_generate_reports_what_the_cache_reports(tokenizer):
-    model = tiny_model("llama")
-    ids = random_prompt(160)
-    out = lavakv.generate(model, tokenizer, ids, method="lava", budget=48, max_new_tokens=6)
-    cache = lavakv.CompressedCache(model, method="lava", budget=48)
-    generated = model.generate(torch.tensor([ids]), cache=cache, max_new_tokens=6, do_sample=False)
-    stats = cache.stats().sequences[0]
-    assert out.token_ids == generated[0, 160:].tolist()
-    assert (out.stats.kv_bytes, out.stats.kept_entries, out.stats.kept_positions) == (
-        stats.kv_bytes,
-        stats.kept_entries,
-        stats.kept_positions,
-    )
-    assert out.stats.method == "lava"
-
-
 def test_kept_kv_returns_copies_of_each_heads_entries():
     model = tiny_model("llama")
     cache = lavakv.CompressedCache(model, method="ada-snapkv", budget=40)

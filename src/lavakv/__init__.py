@@ -1,21 +1,40 @@
 """lavakv: KV-cache compression for HuggingFace transformers (LAVa and its baselines)."""
 
-from .attention import prepare_model, register_attention
-from .cache import CompressedCache
+from .attention import CompressingCache, prepare_model, register_attention
+from .cache import CacheStats, CompressedCache, SequenceStats
 from .generate import GenerationOutput, GenerationStats, generate
-from .methods import PRESETS, Method, register_head_allocation, register_layer_allocation, register_score
+from .methods import (
+    PRESETS,
+    Budget,
+    HeadAllocation,
+    LayerAllocation,
+    Method,
+    Score,
+    parse_spec,
+    register_head_allocation,
+    register_layer_allocation,
+    register_score,
+)
 from .models import load_model
 
 METHODS = tuple(PRESETS)
 
 __all__ = [
     "METHODS",
+    "Budget",
+    "CacheStats",
     "CompressedCache",
+    "CompressingCache",
     "GenerationOutput",
     "GenerationStats",
+    "HeadAllocation",
+    "LayerAllocation",
     "Method",
+    "Score",
+    "SequenceStats",
     "generate",
     "load_model",
+    "parse_spec",
     "prepare_model",
     "register_attention",
     "register_head_allocation",

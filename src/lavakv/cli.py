@@ -163,7 +163,7 @@ def _model_identity(path: str | None) -> str:
 def cmd_eval(args) -> int:
     """Evaluate methods x budgets on benchmarks, prefilling each sample once, into a resumable store."""
     from .eval.benchmarks import BENCHMARKS, build_samples
-    from .eval.runner import EVAL_WINDOW_POLICY, _progress, check_protocol, make_pairs, parse_shard, plan, run
+    from .eval.runner import EVAL_WINDOW_IDENTITY, _progress, check_protocol, make_pairs, parse_shard, plan, run
     from .eval.store import ResultStore
     from .models import load_model
     from .prompting import context_length
@@ -205,7 +205,7 @@ def cmd_eval(args) -> int:
         "chat_template": args.chat_template,
         "max_length": max_length,
         "seed": args.seed,
-        "window": args.window if args.window is not None else f"{EVAL_WINDOW_POLICY}: min(window, budget // 2)",
+        "window": args.window if args.window is not None else EVAL_WINDOW_IDENTITY,
     }
     samples = {name: read_from_files.get(name) or samples_of(name, tokenizer) for name in benchmarks}
     with ResultStore(args.out) as store:
@@ -263,7 +263,7 @@ def cmd_bench(args) -> int:
 
     from .bench import bench_prompt, check_bench_arguments, format_table, load_bench_model, run_bench
 
-    methods = split_specs(args.methods)
+    methods = [parse_spec(spec).spec for spec in split_specs(args.methods)]
     budgets = _split(args.budgets, int, "budgets")
     check_bench_arguments(methods, budgets, args.length, args.decode_tokens)
     model, tokenizer, name = load_bench_model(args.model)

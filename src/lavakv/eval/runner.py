@@ -29,6 +29,9 @@ PROTOCOLS = ("query-aware", "query-agnostic")
 CHAT_TEMPLATE_MODES = ("auto", "on", "off")
 EVAL_WINDOW_POLICY = "half"
 """Without an explicit window, each method's window is at most half the budget (see ``lavakv.methods.budget``)."""
+EVAL_WINDOW_IDENTITY = "auto: min(32, budget // 2)"
+"""How a run's identity records the ``half`` policy (unchanged, so that earlier runs resume); each row
+records the window it used."""
 
 
 def check_protocol(protocol: str) -> str:
