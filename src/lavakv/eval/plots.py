@@ -101,7 +101,7 @@ def layer_budgets(benchmark: str, rows: list[ResultRow], path: Path) -> Path | N
     if not dynamic:
         return None
     budgets = sorted({b for _, b in curves})
-    figure, axes = plt.subplots(1, len(budgets), figsize=(4 * len(budgets), 3.4), squeeze=False)
+    figure, axes = plt.subplots(1, len(budgets), figsize=(max(6.0, 4 * len(budgets)), 3.6), squeeze=False)
     for axis, budget in zip(axes[0], budgets):
         for method in dynamic:
             samples = curves.get((method, budget))
