@@ -7,9 +7,9 @@ the statistics come from the cache's read API (:meth:`lavakv.CompressedCache.sta
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 
-from .cache import CompressedCache, check_budget
+from .cache import CompressedCache, SequenceStats, check_budget
 from .decoding import TokenFeed
 from .methods import Budget, Method, resolve_method
 from .prompting import Prompt, check_fits, check_token_ids, encode_prompt, pad_token_id, split_prompt, stop_token_ids
@@ -18,31 +18,16 @@ QUESTION_SEPARATOR = "\n\n"
 
 
 @dataclass
-class GenerationStats:
-    """What compression did for one prompt.
+class GenerationStats(SequenceStats):
+    """What compression did for one prompt: the cache's :class:`~lavakv.cache.SequenceStats`, plus the run.
 
-    ``kept_entries`` prompt entries are kept after prefill out of ``full_entries``
-    (``prompt_length * kv_heads`` per layer, the window's length on a sliding-window layer);
-    ``kv_bytes`` are the bytes of key/value tensors the cache holds for this prompt at the end
-    (kept entries plus generated tokens) and ``full_kv_bytes`` what an uncompressed cache would
-    hold. ``kept_positions[layer][kv_head]`` lists the prompt positions kept;
-    ``head_budgets[layer][kv_head]`` their count and ``layer_budgets[layer]`` the average per head.
-    ``method`` is the method's spec.
+    ``method`` is the method's spec, ``peak_prefill_bytes`` the most key/value memory the cache held
+    during the prefill (for the whole batch), ``generated_tokens`` the tokens returned for this
+    prompt; ``prefill_seconds`` runs until the first token's logits, ``decode_seconds`` after.
     """
 
-    method: str
-    prompt_length: int
-    budget: int
-    window: int
-    kept_entries: int
-    full_entries: int
-    kv_bytes: int
-    full_kv_bytes: int
-    index_bytes: int
-    peak_prefill_bytes: int
-    kept_positions: list[list[list[int]]] = field(repr=False)
-    head_budgets: list[list[int]] = field(repr=False)
-    layer_budgets: list[float] = field(repr=False)
+    method: str = ""
+    peak_prefill_bytes: int = 0
     generated_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
@@ -144,24 +129,15 @@ def _generate_ids(
     stats = cache.stats()
     outputs = []
     for row, sequence in enumerate(stats.sequences):
+        figures = {f.name: getattr(sequence, f.name) for f in fields(SequenceStats)}
         outputs.append(
             GenerationOutput(
                 text=tokenizer.decode(tokens[row], skip_special_tokens=True),
                 token_ids=tokens[row],
                 stats=GenerationStats(
+                    **figures,
                     method=stats.method,
-                    prompt_length=sequence.prompt_length,
-                    budget=sequence.budget,
-                    window=sequence.window,
-                    kept_entries=sequence.kept_entries,
-                    full_entries=sequence.full_entries,
-                    kv_bytes=sequence.kv_bytes,
-                    full_kv_bytes=sequence.full_kv_bytes,
-                    index_bytes=sequence.index_bytes,
                     peak_prefill_bytes=stats.peak_prefill_bytes,
-                    kept_positions=sequence.kept_positions,
-                    head_budgets=sequence.head_budgets,
-                    layer_budgets=sequence.layer_budgets,
                     generated_tokens=len(tokens[row]),
                     prefill_seconds=first_step - start,
                     decode_seconds=end - first_step,
