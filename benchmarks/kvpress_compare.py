@@ -210,7 +210,7 @@ class Probe:
         length = ids.shape[1] if ids is not None else kwargs["inputs_embeds"].shape[1]
         call = {"start": self._start, "end": end, "length": length}
         if not self.calls:
-            cache = kwargs.get("past_key_values")
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
             call["cache_bytes"], call["index_bytes"], call["layer_lengths"] = cache_sizes(cache)
         self.calls.append(call)
 

@@ -229,6 +229,8 @@ def test_pairs_and_shards_are_validated():
         make_pairs(["lava"], [])
     with pytest.raises(ValueError, match=r"greater than the window \(64\).*got 64"):
         make_pairs(["lava"], [64], window=64)
+    fixed = make_pairs(["lava", "snapkv:heads=ada"], [64], window=16)
+    assert [(p.key, p.window) for p in fixed] == [(("lava", 64), 16), (("ada-snapkv", 64), 16)]
     assert parse_shard("1/3") == (1, 3)
     for bad in ("3/3", "a/b", "1", "-1/2"):
         with pytest.raises(ValueError, match="--shard"):

@@ -61,8 +61,8 @@ def test_every_composition_keeps_exact_totals_and_progressive_equals_one_shot(re
         "lava:layers=uniform",
         "snapkv:layers=lava",
         "ada-snapkv:alpha=0.5,window=16",
-        "score=lava,heads=ada,layers=uniform",
         "cake:tau1=2",
+        "lava:heads=uniform,layers=cake",
         "full",
     ],
 )
@@ -70,6 +70,21 @@ def test_specs_parse_and_their_canonical_form_parses_back(spec):
     method = parse_spec(spec)
     assert method.spec == spec
     assert parse_spec(method.spec) == method
+
+
+@pytest.mark.parametrize(
+    ("written", "canonical"),
+    [
+        ("score=lava,heads=ada,layers=uniform", "lava:layers=uniform"),
+        ("snapkv:heads=ada,alpha=0.3", "ada-snapkv:alpha=0.3"),
+        ("cake:score=snapkv", "snapkv:layers=cake"),
+        ("score=snapkv,heads=ada,layers=pyramid", "ada-pyramidkv"),
+        ("lava:alpha=0.2", "lava"),
+    ],
+)
+def test_equal_methods_have_one_spec_however_they_are_written(written, canonical):
+    assert parse_spec(written).spec == canonical
+    assert parse_spec(written) == parse_spec(canonical)
 
 
 def test_specs_mean_what_they_say():
@@ -89,7 +104,7 @@ def test_labels_are_readable():
     assert parse_spec("lava").label == "lava"
     assert parse_spec("lava:heads=uniform").label == "lava with uniform heads"
     assert parse_spec("ada-snapkv:alpha=0.5,window=16").label == "ada-snapkv with alpha=0.5, window=16"
-    assert parse_spec("score=lava,heads=uniform,layers=cake").label == "lava score + uniform heads + cake layers"
+    assert parse_spec("score=lava,heads=uniform,layers=cake").label == "lava with uniform heads, cake layers"
 
 
 @pytest.mark.parametrize(
@@ -118,6 +133,9 @@ def test_bad_specs_name_the_bad_part(spec, message):
 
 
 def test_options_are_routed_to_the_part_that_declares_them():
+    assert Method(score="lava", heads="ada", layers="lava", alpha=0.5) == Method.preset("lava", alpha=0.5)
+    with pytest.raises(OptionError, match="has no option 'alphaa'"):
+        Method(score="lava", heads="ada", alphaa=0.5)
     method = Method.preset("lava", alpha=0.5, kernel=3, window=16)
     assert method.heads.alpha == 0.5 and method.score.kernel == 3 and method.window == 16
     assert Method.preset("cake", tau2=2.0).layers.tau2 == 2.0
@@ -177,6 +195,7 @@ def test_an_external_part_with_its_own_option_is_one_registration(tokenizer):
     try:
         method = parse_spec("score=test-earliest,offset=2")
         assert method.score.offset == 2 and method.spec == "score=test-earliest,heads=uniform,layers=uniform,offset=2"
+        assert method.label == "test-earliest score + uniform heads + uniform layers (offset=2)"
         out = lavakv.generate(tiny_model("llama"), tokenizer, random_prompt(120), method=method, budget=40)
         assert out.stats.kept_positions[0][0] == list(range(8)) + list(range(88, 120))
         with pytest.raises(ValueError, match="test-earliest score: offset must be an integer >= 0"):
@@ -201,6 +220,13 @@ def test_parts_must_be_frozen_dataclasses_with_defaults():
     with pytest.raises(TypeError, match="strength has none"):
         register_score("test-bad")(NoDefault)
     assert "test-bad" not in SCORES
+
+    @dataclass(frozen=True)
+    class Unregistered(type(PRESETS["lava"].score)):
+        pass
+
+    with pytest.raises(TypeError, match="Unregistered is not a registered score; register it with @register_score"):
+        Method(score=Unregistered())
 
 
 def test_budgets_in_tokens_or_ratio_and_the_window_policies():

@@ -59,6 +59,16 @@ def test_batch_rows_stop_on_their_own(tokenizer):
     assert [len(tokens) for tokens in finished] == [2, 2]
 
 
+def test_settings_the_greedy_loop_does_not_apply_are_named(tokenizer, caplog):
+    model = tiny_model("llama")
+    lavakv.generate(model, tokenizer, random_prompt(40), method="full", max_new_tokens=2)
+    assert not caplog.records
+    model.generation_config.repetition_penalty = 1.3
+    with caplog.at_level("WARNING", logger="lavakv"):
+        lavakv.generate(model, tokenizer, random_prompt(40), method="full", max_new_tokens=2)
+    assert "ignores the model's generation config settings repetition_penalty=1.3" in caplog.text
+
+
 @pytest.mark.parametrize("bad", [[5, 96], [5, -1]])
 def test_token_ids_outside_the_vocabulary_are_named(bad, tokenizer):
     with pytest.raises(ValueError, match=rf"token id {bad[-1]} at position {len(bad) - 1} .*vocabulary of 96 ids"):

@@ -125,9 +125,9 @@ def test_bytes_are_the_kept_entries_and_the_appended_tail():
 
 
 def test_bad_layouts_are_refused():
-    with pytest.raises(ValueError, match="indptr"):
+    with pytest.raises(ValueError, match="lengths must be"):
         positions = torch.zeros(3, dtype=torch.int32)
-        RaggedKV(torch.zeros(3, DIM), torch.zeros(3, DIM), positions, torch.tensor([0, 3]), 2, 1, 3)
+        RaggedKV(torch.zeros(3, DIM), torch.zeros(3, DIM), positions, torch.tensor([[1, 1]]), 3)
     storage = RaggedKV.pack(_rows([[2, 5]], length=10), [0], append_start=10)
     storage.append(torch.zeros(1, 2, 2, DIM), torch.zeros(1, 2, 2, DIM))
     with pytest.raises(RuntimeError, match="track_positions"):

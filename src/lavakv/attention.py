@@ -6,15 +6,19 @@ other lavakv module.
 **The attention function.** :func:`prepare_model` registers ``"lavakv"`` in transformers'
 attention-function registry (``AttentionInterface``, with the matching mask function in
 ``AttentionMaskInterface``) and switches the model to it. It wraps the model's own
-implementation: ``sdpa`` becomes ``"lavakv"``, ``eager`` becomes ``"lavakv_eager"``,
-``flash_attention_2`` becomes ``"lavakv_flash_attention_2"`` (so transformers still prepares
-flash inputs). Whenever no lavakv cache is in use, every call goes straight to that original
-implementation, with its own masks: the prepared model computes exactly what it did before.
+implementation: ``sdpa`` becomes ``"lavakv"``, ``eager`` becomes ``"lavakv_eager"``. Whenever no
+lavakv cache is in use, every call goes straight to that original implementation, with its own
+masks: the prepared model computes exactly what it did before. Flash attention cannot be wrapped:
+transformers resolves its kernels from the implementation's registered name, so under any other
+name than ``flash_attention_*`` it looks for a Hub kernel of that name and fails; a flash model is
+refused with a clear error instead of silently becoming something else.
 
 **The cache protocol** (:class:`CompressingCache`). Transformers calls a layer's
-``cache.update(key, value, layer_idx)`` and then the attention function, back to back. A lavakv
-cache's ``update`` calls :func:`hand_off` to say "the next attention call for ``layer_idx`` is
-mine"; the attention function picks that up from a context variable and then:
+``cache.update(key, value, layer_idx)`` and then the attention function with the keys and values
+``update`` returned, back to back. A lavakv cache's ``update`` ends with
+``return hand_off(self, layer_idx, keys, values)``, which says "the attention call that receives
+these keys is mine"; the attention function picks that up from a context variable (matching the
+key tensor itself, so a hand-off left over by a failed call can never be taken by another) and then:
 
 1. asks ``cache.is_prefilling(layer_idx)``; if so, it runs the original attention over the full
    prompt (compression never changes the prefill) and hands the layer's queries, keys, values,
@@ -39,8 +43,8 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 ATTENTION_NAME = "lavakv"
-WRAPPED_ATTENTIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4")
-"""The implementations lavakv can wrap: their masks are a padding mask the cache can read."""
+WRAPPED_ATTENTIONS = ("sdpa", "eager")
+"""The implementations lavakv can wrap (see the module docstring for flash attention)."""
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text")
 NOT_PREPARED = (
     "the model's attention does not go through lavakv: call lavakv.prepare_model(model) "
@@ -75,20 +79,26 @@ class CompressingCache(Protocol):
         ...
 
 
-_hand_off: ContextVar[tuple[CompressingCache, int] | None] = ContextVar("lavakv_hand_off", default=None)
+_hand_off: ContextVar[tuple[CompressingCache, int, torch.Tensor] | None] = ContextVar(
+    "lavakv_hand_off", default=None
+)
 
 
-def hand_off(cache: CompressingCache, layer_idx: int) -> None:
-    """Called by a lavakv cache's ``update``: the next attention call for ``layer_idx`` belongs to ``cache``.
+def hand_off(
+    cache: CompressingCache, layer_idx: int, keys: torch.Tensor, values: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The end of a lavakv cache's ``update``: the attention call receiving ``keys`` belongs to ``cache``.
 
-    An earlier hand-off of the same cache that no attention call picked up means the model does
-    not run lavakv's attention: that is an error, raised here, before anything is stored.
+    Returns ``(keys, values)`` for ``update`` to return. An earlier hand-off of the same cache
+    that no attention call picked up means the model does not run lavakv's attention: that is an
+    error, raised here.
     """
     pending = _hand_off.get()
     if pending is not None and pending[0] is cache:
         _hand_off.set(None)
         raise RuntimeError(NOT_PREPARED)
-    _hand_off.set((cache, layer_idx))
+    _hand_off.set((cache, layer_idx, keys))
+    return keys, values
 
 
 def attention_name(original: str) -> str:
@@ -125,7 +135,7 @@ def lavakv_attention(
     original = _original_function(module)
     pending = _hand_off.get()
     layer_idx = getattr(module, "layer_idx", None)
-    if pending is None or pending[1] != layer_idx:
+    if pending is None or pending[1] != layer_idx or pending[2] is not key:
         return original(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     _hand_off.set(None)
     cache = pending[0]
@@ -172,9 +182,14 @@ def prepare_model(model):
     if original_attention(current) is not None:
         return model
     if current not in WRAPPED_ATTENTIONS:
+        reason = (
+            " (transformers finds flash kernels by the implementation's own name, which a wrapper cannot keep)"
+            if "flash" in str(current)
+            else ""
+        )
         raise NotImplementedError(
-            f"lavakv cannot wrap the attention implementation {current!r}; load the model with one of: "
-            f"{', '.join(WRAPPED_ATTENTIONS)}"
+            f"lavakv cannot wrap the attention implementation {current!r}{reason}; load the model with "
+            f"attn_implementation set to one of: {', '.join(WRAPPED_ATTENTIONS)}"
         )
     model.set_attn_implementation(attention_name(current))
     return model
@@ -183,13 +198,11 @@ def prepare_model(model):
 def prompt_lengths(attention_mask: torch.Tensor | None, batch: int, length: int) -> list[int]:
     """Tokens of each left-padded prompt, read from the prefill's attention mask in any wrapped format.
 
-    ``None`` (no padding), a 2D padding mask (flash attention), or a 4D boolean (sdpa) or
-    additive float (eager) mask whose diagonal says which positions are real.
+    ``None`` (no padding), or a 4D boolean (sdpa) or additive float (eager) mask whose diagonal
+    says which positions are real.
     """
     if attention_mask is None:
         return [length] * batch
-    if attention_mask.dim() == 2:
-        return attention_mask[:, -length:].bool().sum(dim=-1).tolist()
     diagonal = attention_mask[:, 0].diagonal(dim1=-2, dim2=-1)[:, -length:]
     valid = diagonal if diagonal.dtype == torch.bool else diagonal > torch.finfo(diagonal.dtype).min / 2
     return valid.sum(dim=-1).tolist()
@@ -198,8 +211,3 @@ def prompt_lengths(attention_mask: torch.Tensor | None, batch: int, length: int)
 def model_forward(model, cache, **inputs):
     """``model(**inputs)`` with ``cache`` (transformers' ``cache=`` argument) and ``use_cache=True``."""
     return model(**inputs, cache=cache, use_cache=True)
-
-
-def model_generate(model, cache, **kwargs):
-    """``model.generate(**kwargs)`` with ``cache`` as its cache."""
-    return model.generate(**kwargs, cache=cache)

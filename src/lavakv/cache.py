@@ -120,6 +120,9 @@ class SequenceStats:
 class CacheStats:
     """The whole cache: totals over its sequences, the peak during prefill, compression time, per sequence.
 
+    ``appended_tokens`` is the number of decode tokens appended to every sequence (each sequence
+    holds that many in each KV head of each layer).
+
     ``kept_entry_bytes`` is what the kept prompt entries take by themselves (``kept_entries * 2 *
     head_dim * element_size``), against which ``kv_bytes`` shows the storage's own overhead (none:
     the storage is packed). ``compression_seconds`` splits what compression added to the prefill into ``score``,
@@ -188,13 +191,12 @@ class CompressedCache(Cache):
     # transformers' side
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        hand_off(self, layer_idx)
         layer = self.layers[layer_idx]
         if layer.storage is None:
             if layer_idx == 0 and self.sequences is not None:
                 raise RuntimeError("this CompressedCache already holds a prompt being compressed; use a new cache")
             self._prefilling = layer_idx
-        return layer.update(key_states, value_states)
+        return hand_off(self, layer_idx, *layer.update(key_states, value_states))
 
     @property
     def batch_size(self) -> int:

@@ -6,8 +6,11 @@ the statistics come from the cache's read API (:meth:`lavakv.CompressedCache.sta
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, fields
+
+from transformers import GenerationConfig
 
 from .cache import CompressedCache, SequenceStats, check_budget
 from .decoding import TokenFeed
@@ -15,6 +18,23 @@ from .methods import Budget, Method, resolve_method
 from .prompting import Prompt, check_fits, check_token_ids, encode_prompt, pad_token_id, split_prompt, stop_token_ids
 
 QUESTION_SEPARATOR = "\n\n"
+LOGITS_SETTINGS = (
+    "repetition_penalty",
+    "encoder_repetition_penalty",
+    "no_repeat_ngram_size",
+    "bad_words_ids",
+    "sequence_bias",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "min_length",
+    "min_new_tokens",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "exponential_decay_length_penalty",
+)
+"""Generation-config settings that change greedy tokens, which ``lavakv.generate``'s plain argmax does not apply."""
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -75,6 +95,13 @@ def generate(
     """
     resolved = resolve_method(method, **options)
     resolved_budget = check_budget(resolved, budget, ratio)
+    ignored = ignored_generation_settings(model)
+    if ignored:
+        logger.warning(
+            "lavakv.generate decodes by plain argmax and ignores the model's generation config settings %s; "
+            "for them, call model.generate(..., cache=lavakv.CompressedCache(model, ...))",
+            ", ".join(ignored),
+        )
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     prompts, is_batch = _batch(prompt)
@@ -98,6 +125,19 @@ def generate(
             model, tokenizer, encoded, None, resolved, resolved_budget, max_new_tokens, progressive
         )
     return outputs if is_batch else outputs[0]
+
+
+def ignored_generation_settings(model) -> list[str]:
+    """The :data:`LOGITS_SETTINGS` the model's generation config sets away from transformers' defaults."""
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return []
+    default = GenerationConfig()
+    return [
+        f"{name}={getattr(config, name)!r}"
+        for name in LOGITS_SETTINGS
+        if getattr(config, name, None) != getattr(default, name, None)
+    ]
 
 
 def _generate_ids(

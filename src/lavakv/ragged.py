@@ -6,8 +6,8 @@ cache above it:
 
 * ``keys`` and ``values`` are ``[total, head_dim]``: every row's kept entries back to back, so the
   bytes held are exactly the bytes kept;
-* row ``r = sequence * kv_heads + head`` spans ``indptr[r]:indptr[r + 1]``; ``lengths`` is
-  ``[batch, kv_heads]``; ``positions[i]`` is entry ``i``'s token position;
+* ``lengths`` is ``[batch, kv_heads]``; row ``r = sequence * kv_heads + head`` spans
+  ``indptr[r]:indptr[r + 1]`` (its prefix sums); ``positions[i]`` is entry ``i``'s token position;
 * tokens appended while decoding go to every row alike, in a dense ``[batch, kv_heads, steps,
   head_dim]`` tail, at positions ``append_start + step``.
 
@@ -34,21 +34,23 @@ class RaggedKV:
         keys: torch.Tensor,
         values: torch.Tensor,
         positions: torch.Tensor,
-        indptr: torch.Tensor,
-        batch: int,
-        kv_heads: int,
+        lengths: torch.Tensor,
         append_start: int,
         track_positions: bool = False,
     ):
-        if indptr.numel() != batch * kv_heads + 1:
-            raise ValueError(f"indptr has {indptr.numel()} entries for {batch} x {kv_heads} rows (expected rows + 1)")
+        if lengths.dim() != 2 or int(lengths.sum()) != keys.shape[0]:
+            raise ValueError(
+                f"lengths must be [batch, kv_heads] and sum to the {keys.shape[0]} packed entries, "
+                f"got shape {tuple(lengths.shape)} summing to {int(lengths.sum())}"
+            )
         self.keys, self.values, self.positions = keys, values, positions
-        self.indptr = indptr
-        self.batch, self.kv_heads = batch, kv_heads
+        self.lengths = lengths
+        self.batch, self.kv_heads = lengths.shape
+        self._offsets = [0] + lengths.reshape(-1).cumsum(0).tolist()
         self.append_start = append_start
         self.appended_keys: torch.Tensor | None = None
         self.appended_values: torch.Tensor | None = None
-        lengths = self.lengths
+        batch, kv_heads = self.batch, self.kv_heads
         self.longest = int(lengths.max()) if lengths.numel() else 0
         device = keys.device
         if bool((lengths == self.longest).all()):
@@ -57,7 +59,7 @@ class RaggedKV:
         else:
             offsets = torch.arange(self.longest)
             valid = offsets[None, None, :] < lengths[:, :, None]
-            starts = indptr[:-1].view(batch, kv_heads)
+            starts = self.indptr[:-1].view(batch, kv_heads)
             index = torch.where(valid, starts[:, :, None] + offsets, torch.zeros((), dtype=torch.long))
             self.gather_index = index.reshape(-1).to(device)
             self.valid = valid[:, :, None, :].to(device)
@@ -73,19 +75,16 @@ class RaggedKV:
         ``track_positions`` keeps each padded slot's position for masks that depend on distance
         (sliding-window layers).
         """
-        batch, kv_heads = len(rows), len(rows[0])
         lengths = torch.tensor([[len(p) for p, _, _ in heads] for heads in rows], dtype=torch.long)
-        indptr = torch.zeros(batch * kv_heads + 1, dtype=torch.long)
-        indptr[1:] = lengths.reshape(-1).cumsum(0)
         positions = torch.cat([p + offset for heads, offset in zip(rows, position_offsets) for p, _, _ in heads])
         keys = torch.cat([k for heads in rows for _, k, _ in heads])
         values = torch.cat([v for heads in rows for _, _, v in heads])
-        return cls(keys, values, positions.to(torch.int32), indptr, batch, kv_heads, append_start, track_positions)
+        return cls(keys, values, positions.to(torch.int32), lengths, append_start, track_positions)
 
     @property
-    def lengths(self) -> torch.Tensor:
-        """Kept entries per row, ``[batch, kv_heads]`` (on the CPU)."""
-        return (self.indptr[1:] - self.indptr[:-1]).view(self.batch, self.kv_heads)
+    def indptr(self) -> torch.Tensor:
+        """Row offsets ``[batch * kv_heads + 1]``: row ``r`` spans ``indptr[r]:indptr[r + 1]`` (on the CPU)."""
+        return torch.tensor(self._offsets, dtype=torch.long)
 
     @property
     def steps(self) -> int:
@@ -103,7 +102,7 @@ class RaggedKV:
     def row(self, sequence: int, head: int) -> Row:
         """The packed entries of one row (views of the storage)."""
         index = sequence * self.kv_heads + head
-        start, end = int(self.indptr[index]), int(self.indptr[index + 1])
+        start, end = self._offsets[index], self._offsets[index + 1]
         return self.positions[start:end], self.keys[start:end], self.values[start:end]
 
     def padded(self, packed: torch.Tensor) -> torch.Tensor:
@@ -159,14 +158,14 @@ class RaggedKV:
         kv = sum(
             t.nbytes for t in (self.keys, self.values, self.appended_keys, self.appended_values) if t is not None
         )
-        index = sum(t.nbytes for t in (self.positions, self.indptr, self.gather_index, self.valid) if t is not None)
+        index = sum(t.nbytes for t in (self.positions, self.lengths, self.gather_index, self.valid) if t is not None)
         if self.gather_index is not None and self.slot_positions is not None:
             index += self.slot_positions.nbytes
         return kv, index
 
     def sequence_kv_bytes(self, sequence: int) -> int:
         """Key/value bytes held for one sequence: its rows' entries and its share of the appended tail."""
-        start = int(self.indptr[sequence * self.kv_heads])
-        end = int(self.indptr[(sequence + 1) * self.kv_heads])
+        start = self._offsets[sequence * self.kv_heads]
+        end = self._offsets[(sequence + 1) * self.kv_heads]
         entry = 2 * self.keys.shape[-1] * self.keys.element_size()
         return (end - start + self.steps * self.kv_heads) * entry

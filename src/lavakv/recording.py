@@ -54,9 +54,8 @@ class _RecordingCache(Cache):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if len(self.recorded) != layer_idx:
             raise RuntimeError("a recording cache holds one prefill; record the next prompt with a new PrefillRecord")
-        hand_off(self, layer_idx)
         self._prefilling = layer_idx
-        return self.layers[layer_idx].update(key_states, value_states)
+        return hand_off(self, layer_idx, *self.layers[layer_idx].update(key_states, value_states))
 
     def is_prefilling(self, layer_idx: int) -> bool:
         return self._prefilling == layer_idx

@@ -42,14 +42,15 @@ def check_protocol(protocol: str) -> str:
 
 @dataclass(frozen=True)
 class Pair:
-    """One way of compressing: a method and its budget (``None`` for a method that keeps everything)."""
+    """One way of compressing: a method and its budget (``None`` for a method that keeps everything).
+
+    ``spec`` names the method in result rows: the canonical spec of the method asked for, before a
+    run-wide ``--window`` (which the run's identity records) is applied.
+    """
 
     method: Method
     budget: Budget | None
-
-    @property
-    def spec(self) -> str:
-        return self.method.spec
+    spec: str
 
     @property
     def tokens(self) -> int:
@@ -81,19 +82,20 @@ def make_pairs(methods: list[str | Method], budgets: list[int], window: int | No
         raise ValueError(f"window must be an integer >= 1, got {window!r}")
     policy = "fixed" if window is not None else EVAL_WINDOW_POLICY
     pairs: list[Pair] = []
-    for spec in methods:
-        method = parse_spec(spec)
+    for asked in methods:
+        method = parse_spec(asked)
+        spec = method.spec
         if not method.compresses:
-            pairs.append(Pair(method, None))
+            pairs.append(Pair(method, None, spec))
             continue
         if window is not None:
             method = method.with_options(window=window)
         if not budgets:
-            raise ValueError(f"method {method.spec!r} needs at least one budget (--budgets)")
+            raise ValueError(f"method {spec!r} needs at least one budget (--budgets)")
         for tokens in budgets:
             budget = Budget(tokens=tokens, window_policy=policy)
             budget.check_window(method.window)
-            pairs.append(Pair(method, budget))
+            pairs.append(Pair(method, budget, spec))
     unique: dict[tuple[str, int], Pair] = {}
     for pair in pairs:
         unique.setdefault(pair.key, pair)

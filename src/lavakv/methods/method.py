@@ -16,7 +16,7 @@ A method spec names a method in one string, for the command line and for result 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 from .registry import (
@@ -33,39 +33,53 @@ PART_KINDS = ("score", "heads", "layers")
 DEFAULT_WINDOW = 32
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Method:
     """How to compress: an observation ``window`` plus a ``score``, ``heads`` and ``layers`` part.
 
     Parts are instances of registered part classes or their registered names:
     ``Method(score="lava", heads="uniform", layers="lava")`` is LAVa without dynamic head budgets.
-    A method whose three parts are ``None`` keeps everything (the ``full`` preset).
-    ``Method.preset("lava", alpha=0.5)`` and :meth:`with_options` route each option to the part
-    that declares it; ``window`` belongs to the method. Defaults follow the papers: window 32.
-    ``origin`` remembers the preset a method was derived from, for its spec; it does not take part
-    in comparisons.
+    A method whose three parts are ``None`` keeps everything (the ``full`` preset). Options are
+    keyword arguments routed to the part that declares them, in the constructor
+    (``Method(score="lava", heads="ada", alpha=0.5)``), :meth:`preset` and :meth:`with_options`;
+    ``window`` belongs to the method. Defaults follow the papers: window 32.
     """
 
-    score: Score | str | None = "snapkv"
-    heads: HeadAllocation | str | None = "uniform"
-    layers: LayerAllocation | str | None = "uniform"
-    window: int = DEFAULT_WINDOW
-    origin: str | None = field(default=None, compare=False)
+    score: Score | None
+    heads: HeadAllocation | None
+    layers: LayerAllocation | None
+    window: int
 
-    def __post_init__(self) -> None:
-        for kind in PART_KINDS:
-            value = getattr(self, kind)
+    def __init__(
+        self,
+        score: Score | str | None = "snapkv",
+        heads: HeadAllocation | str | None = "uniform",
+        layers: LayerAllocation | str | None = "uniform",
+        window: int = DEFAULT_WINDOW,
+        **options,
+    ):
+        for kind, value in (("score", score), ("heads", heads), ("layers", layers)):
             if isinstance(value, str):
-                object.__setattr__(self, kind, part_class(kind, value)())
+                value = part_class(kind, value)()
             elif value is not None and not isinstance(value, _PART_BASES[kind]):
                 raise TypeError(
                     f"{kind} must be a registered {kind} name or a {_PART_BASES[kind].__name__}, got {value!r}"
                 )
+            elif value is not None and REGISTRIES[kind].get(value.name) is not type(value):
+                raise TypeError(
+                    f"{type(value).__name__} is not a registered {kind}; register it with @{_DECORATORS[kind]}(name)"
+                )
+            object.__setattr__(self, kind, value)
+        object.__setattr__(self, "window", window)
         present = [getattr(self, kind) is not None for kind in PART_KINDS]
         if any(present) and not all(present):
             raise ValueError("a method has a score, a head allocation and a layer allocation, or none (keep all)")
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
             raise ValueError(f"window must be an integer >= 1, got {self.window!r}")
+        if options:
+            routed = self.with_options(**options)
+            for kind in PART_KINDS:
+                object.__setattr__(self, kind, getattr(routed, kind))
 
     @classmethod
     def preset_named(cls, name: str) -> Method:
@@ -122,7 +136,7 @@ class Method:
             for kind in owners:
                 updates[kind][name] = value
         parts = {kind: part.with_options(**updates[kind]) for kind, part in self.parts.items()}
-        return Method(**parts, window=window, origin=self.origin)
+        return Method(**parts, window=window)
 
     def with_part(self, kind: str, name: str) -> Method:
         """A copy whose ``kind`` part (score, heads or layers) is the registered ``name`` with its defaults."""
@@ -134,18 +148,29 @@ class Method:
 
     @property
     def spec(self) -> str:
-        """The canonical method spec: a preset name, a preset with overrides, or the bare form."""
-        if self.origin in PRESETS and PRESETS[self.origin] == self:
-            return self.origin
+        """The canonical method spec, the same for equal methods however they were written.
+
+        A preset's name; else the preset of the same score that needs the fewest overrides (the
+        first listed on a tie), with them; else, for a score no preset uses, the bare form.
+        """
+        if not self.compresses:
+            return "full"
+        candidates = []
         for name, preset in PRESETS.items():
             if preset == self:
                 return name
-        base = PRESETS.get(self.origin) if self.origin else None
-        if base is not None and base.compresses and self.compresses:
-            return f"{self.origin}:" + ",".join(self._differences(base))
-        if not self.compresses:
-            return "full"
+            if preset.compresses and type(preset.score) is type(self.score):
+                candidates.append((len(self._differences(preset)), name, preset))
+        if candidates:
+            _, name, preset = min(candidates, key=lambda item: item[0])
+            return f"{name}:" + ",".join(self._differences(preset))
         return ",".join([f"{kind}={part.name}" for kind, part in self.parts.items()] + self._differences(None))
+
+    @property
+    def origin(self) -> str | None:
+        """The preset this method's spec starts from (``None`` for the bare form)."""
+        name = self.spec.partition(":")[0]
+        return name if name in PRESETS else None
 
     @property
     def label(self) -> str:
@@ -180,6 +205,7 @@ class Method:
 
 
 _PART_BASES = {"score": Score, "heads": HeadAllocation, "layers": LayerAllocation}
+_DECORATORS = {"score": "register_score", "heads": "register_head_allocation", "layers": "register_layer_allocation"}
 
 
 def _format(value) -> str:
@@ -193,20 +219,16 @@ def _readable(item: str) -> str:
     return f"{value} {name}" if name in PART_KINDS else item
 
 
-def _preset(name: str, **parts) -> Method:
-    return Method(**parts, origin=name)
-
-
 PRESETS: dict[str, Method] = {
-    "full": _preset("full", score=None, heads=None, layers=None),
-    "streamingllm": _preset("streamingllm", score="streamingllm"),
-    "h2o": _preset("h2o", score="h2o"),
-    "snapkv": _preset("snapkv", score="snapkv"),
-    "pyramidkv": _preset("pyramidkv", score="snapkv", layers="pyramid"),
-    "ada-snapkv": _preset("ada-snapkv", score="snapkv", heads="ada"),
-    "ada-pyramidkv": _preset("ada-pyramidkv", score="snapkv", heads="ada", layers="pyramid"),
-    "cake": _preset("cake", score="cake", layers="cake"),
-    "lava": _preset("lava", score="lava", heads="ada", layers="lava"),
+    "full": Method(score=None, heads=None, layers=None),
+    "streamingllm": Method(score="streamingllm"),
+    "h2o": Method(score="h2o"),
+    "snapkv": Method(score="snapkv"),
+    "pyramidkv": Method(score="snapkv", layers="pyramid"),
+    "ada-snapkv": Method(score="snapkv", heads="ada"),
+    "ada-pyramidkv": Method(score="snapkv", heads="ada", layers="pyramid"),
+    "cake": Method(score="cake", layers="cake"),
+    "lava": Method(score="lava", heads="ada", layers="lava"),
 }
 
 
