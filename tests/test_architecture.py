@@ -19,6 +19,7 @@ LAYERS: dict[str, int] = {
     "lavakv.ragged": 0,
     "lavakv.attention": 0,
     "lavakv.selection": 1,
+    "lavakv.cachefile": 1,
     "lavakv.cache": 2,
     "lavakv.prompting": 3,
     "lavakv.decoding": 3,

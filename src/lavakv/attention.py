@@ -28,6 +28,11 @@ key tensor itself, so a hand-off left over by a failed call can never be taken b
 
 A cache whose hand-off is never picked up (the model does not use lavakv's attention) gets a
 clear error at its next update.
+
+**Inputs.** A cache may also define ``observe_inputs(input_ids, attention_mask, position_ids)``:
+:func:`prepare_model` registers a forward pre-hook on the model (torch's own extension point,
+on this model only) that calls it before every forward pass given that cache, so the cache knows
+the token ids it holds and can refuse inputs that do not continue them.
 """
 
 from __future__ import annotations
@@ -72,16 +77,12 @@ class CompressingCache(Protocol):
         """Take the layer's prefill: ``query [B, H, n, d]``, ``key``/``value [B, H_kv, n, d]`` after RoPE."""
         ...
 
-    def attend(
-        self, layer_idx: int, query: torch.Tensor, scaling: float, sliding_window: int | None
-    ) -> torch.Tensor:
+    def attend(self, layer_idx: int, query: torch.Tensor, scaling: float, sliding_window: int | None) -> torch.Tensor:
         """Decode-step attention of ``query [B, H, q, d]`` over the layer's cache; returns ``[B, q, H, d]``."""
         ...
 
 
-_hand_off: ContextVar[tuple[CompressingCache, int, torch.Tensor] | None] = ContextVar(
-    "lavakv_hand_off", default=None
-)
+_hand_off: ContextVar[tuple[CompressingCache, int, torch.Tensor] | None] = ContextVar("lavakv_hand_off", default=None)
 
 
 def hand_off(
@@ -180,7 +181,7 @@ def prepare_model(model):
     register_attention()
     current = model.config._attn_implementation
     if original_attention(current) is not None:
-        return model
+        return _observe(model)
     if current not in WRAPPED_ATTENTIONS:
         reason = (
             " (transformers finds flash kernels by the implementation's own name, which a wrapper cannot keep)"
@@ -192,7 +193,24 @@ def prepare_model(model):
             f"attn_implementation set to one of: {', '.join(WRAPPED_ATTENTIONS)}"
         )
     model.set_attn_implementation(attention_name(current))
+    return _observe(model)
+
+
+def _observe(model):
+    if not getattr(model, "_lavakv_observes_inputs", False):
+        model.register_forward_pre_hook(_observe_inputs, with_kwargs=True)
+        model._lavakv_observes_inputs = True
     return model
+
+
+def _observe_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """Show a forward pass's inputs to the cache it is given, when that cache asks for them."""
+    observe = getattr(kwargs.get("cache"), "observe_inputs", None)
+    if observe is None:
+        return None
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    observe(input_ids, kwargs.get("attention_mask"), kwargs.get("position_ids"))
+    return None
 
 
 def prompt_lengths(attention_mask: torch.Tensor | None, batch: int, length: int) -> list[int]:

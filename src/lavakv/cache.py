@@ -9,20 +9,32 @@ entries. Nothing outside the cache reads its tensors: :meth:`CompressedCache.sta
 bytes, entries, budgets and kept positions.
 
 The cache reports the original sequence length to transformers, so RoPE positions and masks
-continue from the uncompressed prompt.
+continue from the uncompressed prompt. It remembers the token ids it has been fed (prompt and
+generated), so that a later call can continue the conversation through it and a call about
+another prompt is refused instead of answered from the wrong context. :meth:`CompressedCache.copy`
+gives an independent cache, :meth:`CompressedCache.stack` joins caches into one batch,
+:meth:`CompressedCache.save` and :meth:`CompressedCache.load` keep a compressed context on disk,
+and ``decode_budget`` keeps a long generation's cache bounded by evicting while decoding.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy as _copy
+import logging
+import os
+from dataclasses import asdict, dataclass, field
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
 from .attention import hand_off, prepare_model, prompt_lengths
+from .cachefile import ids_hash, model_identity, read_file, weights_fingerprint, write_file
 from .methods import Budget, Method, resolve_method
+from .methods.registry import round_to_total
 from .ragged import RaggedKV, Row
-from .selection import PhaseClock, SequenceCompression
+from .selection import PhaseClock, SequenceCompression, select_while_decoding
+
+logger = logging.getLogger(__name__)
 
 NOT_SUPPORTED = "lavakv's CompressedCache does not support {what}; use greedy or sampling with one sequence per prompt"
 
@@ -39,7 +51,6 @@ class CompressedLayer(CacheLayerMixin):
         self.layer_idx = layer_idx
         self.sliding_window = sliding_window
         self.storage: RaggedKV | None = None
-        self.prompt_length = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -57,14 +68,13 @@ class CompressedLayer(CacheLayerMixin):
         """Store each (sequence, head)'s kept ``(positions, keys, values)``; positions are per prompt."""
         tracked = bool(self.sliding_window)
         self.storage = RaggedKV.pack(rows, padding, append_start=prompt_length, track_positions=tracked)
-        self.prompt_length = prompt_length
 
     def attend(self, query: torch.Tensor, scaling: float, sliding_window: int | None) -> torch.Tensor:
         """Exact attention of ``query[B, H, q, d]`` over each head's kept entries; returns ``[B, q, H, d]``."""
         return self.storage.attend(query, scaling, sliding_window)
 
     def get_seq_length(self) -> int:
-        return self.prompt_length + (self.storage.steps if self.storage is not None else 0)
+        return 0 if self.storage is None else self.storage.append_start + self.storage.steps
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -82,11 +92,12 @@ class CompressedLayer(CacheLayerMixin):
         raise NotImplementedError(NOT_SUPPORTED.format(what="cropping (assisted or speculative decoding)"))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if repeats != 1:
-            raise NotImplementedError(NOT_SUPPORTED.format(what="num_return_sequences > 1 or beam search"))
+        if self.storage is not None:
+            self.storage = self.storage.repeat_interleave(repeats)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        raise NotImplementedError(NOT_SUPPORTED.format(what="batch selection (contrastive search)"))
+        if self.storage is not None:
+            self.storage = self.storage.select(torch.as_tensor(indices).tolist())
 
 
 @dataclass
@@ -99,7 +110,9 @@ class SequenceStats:
     ``full_kv_bytes`` what an uncompressed cache would hold; ``index_bytes`` its share of the
     bookkeeping tensors. ``kept_positions[layer][kv_head]`` lists the prompt positions kept (empty
     when ``stats(positions=False)``); ``head_budgets[layer][kv_head]`` their count and
-    ``layer_budgets[layer]`` the mean per head.
+    ``layer_budgets[layer]`` the mean per head. ``appended_tokens`` counts the tokens fed after
+    the prompt (a question, generated tokens); ``held_entries`` every entry held, prompt and
+    appended (with a ``decode_budget`` some of both are evicted).
     """
 
     prompt_length: int
@@ -111,6 +124,7 @@ class SequenceStats:
     kv_bytes: int
     full_kv_bytes: int
     index_bytes: int
+    held_entries: int
     kept_positions: list[list[list[int]]] = field(repr=False)
     head_budgets: list[list[int]] = field(repr=False)
     layer_budgets: list[float] = field(repr=False)
@@ -120,8 +134,9 @@ class SequenceStats:
 class CacheStats:
     """The whole cache: totals over its sequences, the peak during prefill, compression time, per sequence.
 
-    ``appended_tokens`` is the number of decode tokens appended to every sequence (each sequence
-    holds that many in each KV head of each layer).
+    ``appended_tokens`` is the most tokens fed after any sequence's prompt; ``held_entries`` every
+    entry the cache holds; ``decode_evictions`` how many times a layer was compressed while
+    decoding (``decode_budget``).
 
     ``kept_entry_bytes`` is what the kept prompt entries take by themselves (``kept_entries * 2 *
     head_dim * element_size``), against which ``kv_bytes`` shows the storage's own overhead (none:
@@ -137,9 +152,25 @@ class CacheStats:
     full_kv_bytes: int
     kept_entry_bytes: int
     appended_tokens: int
+    held_entries: int
     peak_prefill_bytes: int
     compression_seconds: dict[str, float]
+    decode_evictions: int
     sequences: list[SequenceStats]
+
+
+@dataclass(frozen=True)
+class SequenceInfo:
+    """What the prefill decided for one sequence: prompt length, budget and window, visible positions per layer."""
+
+    length: int
+    budget: int
+    window: int
+    visible_lengths: tuple[int, ...]
+
+
+class ContinuationError(ValueError):
+    """Inputs that do not continue what a :class:`CompressedCache` holds."""
 
 
 class CompressedCache(Cache):
@@ -157,6 +188,13 @@ class CompressedCache(Cache):
     peak memory stays bounded. ``score_memo`` (a dict shared by caches derived from one
     :class:`~lavakv.recording.PrefillRecord`) lets them compute each layer's scores once per
     score configuration.
+
+    ``decode_budget`` (tokens per KV head per layer on average, off by default) bounds the cache
+    while generating: whenever a layer holds ``decode_interval`` entries per head beyond its share
+    of that budget, it is compressed back to it over prompt and generated entries alike, scored by
+    the method's own score from the latest generated queries and split among heads by its own head
+    allocation; each layer's share is the one the prefill gave it. The cache then never holds more
+    than ``decode_budget + decode_interval`` entries per head on average.
     """
 
     def __init__(
@@ -167,26 +205,39 @@ class CompressedCache(Cache):
         ratio: float | None = None,
         progressive: bool | None = None,
         score_memo: dict | None = None,
+        decode_budget: int | None = None,
+        decode_interval: int = 32,
         **options,
     ):
         config = getattr(model_or_config, "config", model_or_config)
+        self.weights_fingerprint: str | None = None
         if hasattr(model_or_config, "config"):
             prepare_model(model_or_config)
+            self.weights_fingerprint = weights_fingerprint(model_or_config)
+        self.model_config = config
         config = config.get_text_config()
         self.method = resolve_method(method, **options)
         self.budget = check_budget(self.method, budget, ratio)
+        self.decode_budget, self.decode_interval = check_decode_budget(self.method, decode_budget, decode_interval)
         self.progressive = self.method.progressive if progressive is None else bool(progressive)
         self.num_layers = config.num_hidden_layers
         _, layer_kwargs = get_layer_types_and_kwargs(config)
         self.sliding_windows = [kwargs.get("sliding_window") for kwargs in layer_kwargs]
         super().__init__(layers=[CompressedLayer(index, window) for index, window in enumerate(self.sliding_windows)])
         self.sequences: list[SequenceCompression] | None = None
+        self.infos: list[SequenceInfo] | None = None
         self.padding: list[int] = []
         self.prompt_length = 0
         self.peak_prefill_bytes = 0
         self.score_memo = score_memo
         self.clock = PhaseClock()
         self._prefilling: int | None = None
+        self._history: list[list[int]] | None = None
+        self._pending: list[torch.Tensor] = []
+        self._ids_known = True
+        self._recent_queries: list[torch.Tensor | None] = [None] * self.num_layers
+        self._decode_targets: list[list[int]] | None = None
+        self.decode_evictions = 0
 
     # transformers' side
 
@@ -200,9 +251,89 @@ class CompressedCache(Cache):
 
     @property
     def batch_size(self) -> int:
-        return len(self.sequences) if self.sequences is not None else -1
+        return len(self.infos) if self.infos is not None else -1
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Every sequence ``repeats`` times in a row, each an independent copy (``num_return_sequences``)."""
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
+        self.batch_select_indices([row for row in range(max(self.batch_size, 0)) for _ in range(repeats)])
+
+    def batch_select_indices(self, indices) -> None:
+        """Keep the given sequences of the batch, in that order (copies where one is taken twice)."""
+        if self.infos is None:
+            return
+        self._check_ready("select sequences of")
+        rows = [int(i) for i in torch.as_tensor(indices).reshape(-1).tolist()]
+        for row in rows:
+            if not 0 <= row < self.batch_size:
+                raise IndexError(f"sequence {row} is outside this cache's batch of {self.batch_size}")
+        history = self._flush_history()
+        for layer in self.layers:
+            layer.batch_select_indices(torch.tensor(rows))
+        self.infos = [self.infos[row] for row in rows]
+        self.padding = [self.padding[row] for row in rows]
+        self._history = None if history is None else [list(history[row]) for row in rows]
+        if self._decode_targets is not None:
+            self._decode_targets = [list(self._decode_targets[row]) for row in rows]
+        index = torch.tensor(rows)
+        self._recent_queries = [
+            None if q is None else q.index_select(0, index.to(q.device)) for q in self._recent_queries
+        ]
 
     # lavakv's side: the cache protocol of lavakv.attention
+
+    def observe_inputs(
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> None:
+        """Record the token ids of a forward pass through this cache, refusing inputs that do not continue it.
+
+        Called before every forward (see :func:`lavakv.attention.prepare_model`). The first call is
+        the prompt; later ones must continue what the cache holds: the attention mask, when given,
+        must span the held tokens plus the new ones, and the new tokens' positions must follow each
+        sequence's held ones.
+        """
+        if self.infos is None and self.sequences is None:
+            if input_ids is None:
+                self._ids_known = False
+                return
+            ids = input_ids.detach().cpu()
+            if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape == ids.shape:
+                real = attention_mask.detach().cpu().bool()
+                self._history = [row[mask].tolist() for row, mask in zip(ids, real)]
+            else:
+                self._history = ids.tolist()
+            self._pending = []
+            return
+        held = self.get_seq_length()
+        new = None if input_ids is None else input_ids.shape[-1]
+        if new == 0:
+            raise ContinuationError(
+                f"no new tokens to feed: the inputs are not longer than the {held} tokens this CompressedCache holds, "
+                f"so they cannot continue it. {FRESH_START}"
+            )
+        if attention_mask is not None and attention_mask.dim() == 2 and new is not None:
+            if attention_mask.shape[-1] != held + new:
+                raise ContinuationError(
+                    f"this CompressedCache holds {held} tokens of a prompt, but these inputs ({new} new tokens with an "
+                    f"attention mask over {attention_mask.shape[-1]}) continue a history of "
+                    f"{attention_mask.shape[-1] - new} tokens: it holds another prompt. {FRESH_START}"
+                )
+        if position_ids is not None and new is not None and new > 1 and self.infos is not None:
+            first = position_ids.reshape(-1, position_ids.shape[-1])[:, -new].tolist()
+            expected = [held - pad for pad in self.padding]
+            if len(first) == len(expected) and first != expected:
+                raise ContinuationError(
+                    f"these inputs start at positions {first}, but this CompressedCache holds tokens up to "
+                    f"positions {expected}: they do not continue what it holds. {FRESH_START}"
+                )
+        if input_ids is None:
+            self._ids_known = False
+        elif self._history is not None:
+            self._pending.append(input_ids.detach())
 
     def is_prefilling(self, layer_idx: int) -> bool:
         return self._prefilling == layer_idx
@@ -238,6 +369,9 @@ class CompressedCache(Cache):
             if self.layers[index].storage is None and all(s.is_final(index) for s in self.sequences):
                 rows = [sequence.release(index) for sequence in self.sequences]
                 self.layers[index].pack(rows, self.padding, self.prompt_length)
+        if all(layer.storage is not None for layer in self.layers):
+            self.infos = [SequenceInfo(s.length, s.budget, s.window, tuple(s.visible_lengths)) for s in self.sequences]
+            self.sequences = []
 
     def _start(self, lengths: list[int], length: int) -> None:
         self.prompt_length = length
@@ -258,7 +392,58 @@ class CompressedCache(Cache):
         layer = self.layers[layer_idx]
         if layer.storage is None:
             raise RuntimeError(f"layer {layer_idx} has no compressed prompt; the prefill did not reach it")
-        return layer.attend(query, scaling, sliding_window)
+        output = layer.attend(query, scaling, sliding_window)
+        if self.decode_budget is not None:
+            self._after_decode_step(layer_idx, query, scaling, sliding_window)
+        return output
+
+    # compressing while decoding
+
+    def _after_decode_step(self, layer_idx: int, query: torch.Tensor, scaling: float, sliding_window) -> None:
+        window = self.method.window
+        recent = self._recent_queries[layer_idx]
+        recent = query if recent is None else torch.cat([recent, query], dim=2)
+        self._recent_queries[layer_idx] = recent[:, :, -window:]
+        targets = self._layer_targets()
+        storage = self.layers[layer_idx].storage
+        held = storage.row_lengths().float().mean(dim=-1).tolist()
+        if all(mean < rows[layer_idx] + self.decode_interval for mean, rows in zip(held, targets)):
+            return
+        with self.clock.phase("decode"):
+            self._evict(layer_idx, scaling, sliding_window)
+
+    def _layer_targets(self) -> list[list[int]]:
+        """Per sequence and layer, entries per head the decode budget gives it: the prefill's shares, at least 1."""
+        if self._decode_targets is None:
+            self._decode_targets = []
+            storages = [self._storage(index) for index in range(self.num_layers)]
+            bounds = [pad + info.length for pad, info in zip(self.padding, self.infos)]
+            kept = [storage.count_before(bounds).float().mean(dim=-1) for storage in storages]
+            for row in range(self.batch_size):
+                shares = [float(layer[row]) for layer in kept]
+                extra = self.decode_budget * self.num_layers - self.num_layers
+                scale = extra / max(sum(shares), 1e-9)
+                rounded = round_to_total([share * scale for share in shares], extra, [extra] * self.num_layers)
+                self._decode_targets.append([1 + count for count in rounded])
+        return self._decode_targets
+
+    def _evict(self, layer_idx: int, scaling: float, sliding_window: int | None) -> None:
+        storage = self.layers[layer_idx].storage
+        recent = self._recent_queries[layer_idx]
+        next_position = storage.append_start + storage.steps
+        chosen, kept_windows = [], []
+        for row in range(storage.batch):
+            target = self._decode_targets[row][layer_idx]
+            heads = [storage.full_row(row, head) for head in range(storage.kv_heads)]
+            indices, kept_window = select_while_decoding(
+                self.method, heads, recent[row], scaling, target, next_position, sliding_window
+            )
+            chosen.append(indices)
+            kept_windows.append(kept_window)
+        self.layers[layer_idx].storage = storage.keep(chosen)
+        kept = min(kept_windows)
+        self._recent_queries[layer_idx] = recent[:, :, recent.shape[2] - kept :] if kept else None
+        self.decode_evictions += 1
 
     # the read API
 
@@ -267,35 +452,65 @@ class CompressedCache(Cache):
         return sum(layer.storage.nbytes()[0] for layer in self.layers if layer.storage is not None)
 
     def kept_kv(self, layer_idx: int, sequence: int = 0) -> list[Row]:
-        """Per KV head, the ``(positions, keys, values)`` one sequence kept in a layer (positions in its prompt).
-
-        Copies, so that the cache's own tensors stay its own.
+        """Per KV head, the ``(positions, keys, values)`` one sequence holds in a layer (positions in its own
+        sequence: the prompt's from 0, then the tokens fed after it), as copies.
         """
         storage = self._storage(layer_idx)
         rows = []
         for head in range(storage.kv_heads):
-            positions, keys, values = storage.row(sequence, head)
+            positions, keys, values = storage.full_row(sequence, head)
             rows.append((positions.long() - self.padding[sequence], keys.clone(), values.clone()))
         return rows
+
+    def token_ids(self, sequence: int = 0) -> list[int]:
+        """The token ids this cache has been fed for one sequence: its prompt, then every token after it.
+
+        The last generated token is not among them until it is fed (transformers' convention: the
+        next call passes the whole history, and only the tokens the cache does not hold are fed).
+        """
+        if not self._ids_known or self._history is None:
+            raise RuntimeError(
+                "this cache's token ids are unknown: it was fed inputs_embeds, or by a call that bypassed the "
+                "model's forward"
+            )
+        return list(self._flush_history()[sequence])
+
+    def continuation(self, ids: list[int], sequence: int = 0) -> list[int]:
+        """The tokens of ``ids`` after what the cache holds, or a :class:`ContinuationError` if ``ids`` do not
+        start with the held tokens (the cache holds another prompt)."""
+        held = self.token_ids(sequence)
+        differ = next((i for i, (a, b) in enumerate(zip(held, ids)) if a != b), None)
+        if differ is None and len(ids) <= len(held):
+            raise ContinuationError(
+                f"the inputs ({len(ids)} tokens) add nothing to the {len(held)} tokens this CompressedCache holds; "
+                "pass the whole history followed by new tokens"
+            )
+        if differ is not None:
+            raise ContinuationError(
+                f"this CompressedCache holds another prompt: the inputs differ from its {len(held)} held tokens at "
+                f"token {differ} (id {ids[differ]} instead of {held[differ]}). {FRESH_START}"
+            )
+        return list(ids[len(held) :])
 
     def stats(self, positions: bool = True) -> CacheStats:
         """Totals and per-sequence figures: bytes, entries, budgets, appended tokens, kept positions.
 
         ``positions=False`` leaves ``kept_positions`` empty (cheaper for long prompts).
         """
-        if self.sequences is None:
+        if self.infos is None:
             raise RuntimeError("nothing has been prefilled into this cache yet")
         storages = [self._storage(index) for index in range(self.num_layers)]
         kv_bytes = index_bytes = kept_entry_bytes = 0
-        for storage in storages:
+        bounds = [pad + info.length for pad, info in zip(self.padding, self.infos)]
+        prompt_counts = [storage.count_before(bounds) for storage in storages]
+        for storage, counts in zip(storages, prompt_counts):
             kv, index = storage.nbytes()
             kv_bytes += kv
             index_bytes += index
-            kept_entry_bytes += int(storage.lengths.sum()) * 2 * storage.keys.shape[-1] * storage.keys.element_size()
-        steps = storages[0].steps
+            kept_entry_bytes += int(counts.sum()) * 2 * storage.keys.shape[-1] * storage.keys.element_size()
         sequences = [
-            self._sequence_stats(sample, sequence, storages, steps, index_bytes, positions)
-            for sample, sequence in enumerate(self.sequences)
+            self._sequence_stats(sample, info, storages, prompt_counts, bounds[sample], index_bytes, positions)
+            for sample, info in enumerate(self.infos)
         ]
         return CacheStats(
             method=self.method.spec,
@@ -305,33 +520,37 @@ class CompressedCache(Cache):
             full_entries=sum(s.full_entries for s in sequences),
             full_kv_bytes=sum(s.full_kv_bytes for s in sequences),
             kept_entry_bytes=kept_entry_bytes,
-            appended_tokens=steps,
+            appended_tokens=max(s.appended_tokens for s in sequences),
+            held_entries=sum(s.held_entries for s in sequences),
             peak_prefill_bytes=self.peak_prefill_bytes,
             compression_seconds=dict(self.clock.seconds),
+            decode_evictions=self.decode_evictions,
             sequences=sequences,
         )
 
-    def _sequence_stats(self, sample, sequence, storages, steps, index_bytes, positions) -> SequenceStats:
-        kept, head_budgets, full_kv_bytes = [], [], 0
-        for layer, storage in enumerate(storages):
-            head_budgets.append(storage.lengths[sample].tolist())
+    def _sequence_stats(self, sample, info, storages, prompt_counts, bound, index_bytes, positions) -> SequenceStats:
+        kept, head_budgets, full_kv_bytes, held = [], [], 0, 0
+        appended = self.get_seq_length() - bound
+        for layer, (storage, counts) in enumerate(zip(storages, prompt_counts)):
+            head_budgets.append(counts[sample].tolist())
+            held += int(storage.row_lengths()[sample].sum())
             if positions:
-                kept.append(
-                    [(storage.row(sample, h)[0] - self.padding[sample]).tolist() for h in range(storage.kv_heads)]
-                )
+                rows = [storage.row(sample, h)[0] for h in range(storage.kv_heads)]
+                kept.append([(row[row < bound] - self.padding[sample]).tolist() for row in rows])
             entry = 2 * storage.keys.shape[-1] * storage.keys.element_size()
-            full_kv_bytes += (sequence.visible_lengths[layer] + steps) * storage.kv_heads * entry
+            full_kv_bytes += (info.visible_lengths[layer] + appended) * storage.kv_heads * entry
         kv_heads = len(head_budgets[0])
         return SequenceStats(
-            prompt_length=sequence.length,
-            budget=min(sequence.budget, sequence.length),
-            window=sequence.window,
+            prompt_length=info.length,
+            budget=min(info.budget, info.length),
+            window=info.window,
             kept_entries=sum(sum(heads) for heads in head_budgets),
-            full_entries=sum(sequence.visible_lengths) * kv_heads,
-            appended_tokens=steps,
+            full_entries=sum(info.visible_lengths) * kv_heads,
+            appended_tokens=appended,
             kv_bytes=sum(storage.sequence_kv_bytes(sample) for storage in storages),
             full_kv_bytes=full_kv_bytes,
-            index_bytes=index_bytes // len(self.sequences),
+            index_bytes=index_bytes // len(self.infos),
+            held_entries=held,
             kept_positions=kept,
             head_budgets=head_budgets,
             layer_budgets=[sum(heads) / kv_heads for heads in head_budgets],
@@ -342,6 +561,222 @@ class CompressedCache(Cache):
         if storage is None:
             raise RuntimeError(f"layer {layer_idx} holds no compressed prompt yet")
         return storage
+
+    def _check_ready(self, action: str) -> None:
+        if self.infos is None:
+            raise RuntimeError(f"cannot {action} a CompressedCache before its prompt has been prefilled and compressed")
+
+    def _flush_history(self) -> list[list[int]] | None:
+        if self._history is not None and self._pending:
+            fed = torch.cat([chunk.cpu() for chunk in self._pending], dim=-1).tolist()
+            for row, ids in zip(self._history, fed):
+                row.extend(ids)
+            self._pending = []
+        return self._history
+
+    # copies, batches, files
+
+    def copy(self) -> CompressedCache:
+        """An independent cache holding the same entries and history: decoding one leaves the other unchanged."""
+        self._check_ready("copy")
+        return self._derived(
+            [layer.storage.clone() for layer in self.layers],
+            self.infos,
+            self.padding,
+            self._flush_history() if self._ids_known else None,
+            [None if q is None else q.clone() for q in self._recent_queries],
+            self._decode_targets,
+        )
+
+    @classmethod
+    def stack(cls, caches: list[CompressedCache]) -> CompressedCache:
+        """One cache whose batch is every cache's sequences in order, each holding exactly what it held.
+
+        The caches must share the model, method, budget and decode settings. Sequences that hold
+        fewer tokens are left-padded, as in a batch of prompts; each row's positions continue its own.
+        """
+        if not caches:
+            raise ValueError("stack needs at least one cache")
+        first = caches[0]
+        for cache in caches:
+            cache._check_ready("stack")
+            settings = (cache.method, cache.budget, cache.num_layers, cache.decode_budget, cache.decode_interval)
+            if settings != (first.method, first.budget, first.num_layers, first.decode_budget, first.decode_interval):
+                raise ValueError(
+                    "caches to stack must share method, budget, model and decode settings; got "
+                    f"{cache.method.spec!r} at {cache.budget} and {first.method.spec!r} at {first.budget}"
+                )
+        end = max(cache.get_seq_length() for cache in caches)
+        padding = [pad + end - cache.get_seq_length() for cache in caches for pad in cache.padding]
+        storages = [RaggedKV.concat([cache.layers[i].storage for cache in caches]) for i in range(first.num_layers)]
+        known = all(cache._ids_known and cache._history is not None for cache in caches)
+        history = [list(row) for cache in caches for row in cache._flush_history()] if known else None
+        recent = []
+        for layer in range(first.num_layers):
+            queries = [cache._recent_queries[layer] for cache in caches]
+            if any(q is None for q in queries):
+                recent.append(None)
+            else:
+                shortest = min(q.shape[2] for q in queries)
+                recent.append(torch.cat([q[:, :, q.shape[2] - shortest :] for q in queries]))
+        targets = None
+        if all(cache._decode_targets is not None for cache in caches):
+            targets = [row for cache in caches for row in cache._decode_targets]
+        stacked = first._derived(
+            storages, [info for cache in caches for info in cache.infos], padding, history, recent, targets
+        )
+        stacked.peak_prefill_bytes = max(cache.peak_prefill_bytes for cache in caches)
+        return stacked
+
+    def _derived(self, storages, infos, padding, history, recent, targets) -> CompressedCache:
+        derived = CompressedCache(
+            self.model_config,
+            method=self.method,
+            budget=self.budget,
+            progressive=self.progressive,
+            decode_budget=self.decode_budget,
+            decode_interval=self.decode_interval,
+        )
+        for layer, storage in zip(derived.layers, storages):
+            layer.storage = storage
+            layer.dtype, layer.device = storage.keys.dtype, storage.keys.device
+            layer.is_initialized = True
+        derived.infos = list(infos)
+        derived.sequences = []
+        derived.padding = list(padding)
+        derived.prompt_length = max(pad + info.length for pad, info in zip(padding, infos))
+        derived.peak_prefill_bytes = self.peak_prefill_bytes
+        derived.clock = _copy.deepcopy(self.clock)
+        derived._history = None if history is None else [list(row) for row in history]
+        derived._ids_known = history is not None
+        derived._recent_queries = list(recent)
+        derived._decode_targets = None if targets is None else [list(row) for row in targets]
+        derived.decode_evictions = self.decode_evictions
+        derived.weights_fingerprint = self.weights_fingerprint
+        return derived
+
+    def save(self, path: str | os.PathLike) -> int:
+        """Write the compressed context to ``path`` (safetensors with a JSON header); returns the file's bytes.
+
+        The header records the format version, lavakv's and transformers' versions, the model's
+        identity, the method, the budget, the dtype, and each sequence's prompt length and token-id
+        hash, so that :meth:`load` can refuse a file that does not fit the model it is given.
+        """
+        self._check_ready("save")
+        if self._pending:
+            self._flush_history()
+        if not self._ids_known or self._history is None:
+            raise RuntimeError("cannot save a cache whose token ids are unknown (it was fed inputs_embeds)")
+        tensors = {}
+        for index, layer in enumerate(self.layers):
+            for name, tensor in layer.storage.tensors().items():
+                tensors[f"layers.{index}.{name}"] = tensor
+        for row, ids in enumerate(self._history):
+            tensors[f"sequences.{row}.token_ids"] = torch.tensor(ids, dtype=torch.long)
+        for index, queries in enumerate(self._recent_queries):
+            if queries is not None:
+                tensors[f"layers.{index}.recent_queries"] = queries.contiguous()
+        header = {
+            "method": self.method.spec,
+            "budget": None if self.budget is None else asdict(self.budget),
+            "decode_budget": self.decode_budget,
+            "decode_interval": self.decode_interval,
+            "decode_targets": self._decode_targets,
+            "decode_evictions": self.decode_evictions,
+            "dtype": str(self.layers[0].storage.keys.dtype).removeprefix("torch."),
+            "padding": self.padding,
+            "append_start": [layer.storage.append_start for layer in self.layers],
+            "peak_prefill_bytes": self.peak_prefill_bytes,
+            "sequences": [
+                {**asdict(info), "token_ids_sha256": ids_hash(ids), "tokens": len(ids)}
+                for info, ids in zip(self.infos, self._history)
+            ],
+        }
+        identity = model_identity(self.model_config, self.weights_fingerprint)
+        return write_file(path, tensors, header, identity)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model) -> CompressedCache:
+        """The cache :meth:`save` wrote to ``path``, for ``model`` (which it prepares, as the constructor does).
+
+        A file for another model (architecture, shapes or weights), another dtype, a newer
+        format, or a truncated or corrupt file is a ``ValueError`` naming what differs; nothing
+        half-loaded is returned.
+        """
+        identity = model_identity(model.config, weights_fingerprint(model))
+        header, tensors = read_file(path, identity)
+        dtype = str(model.dtype).removeprefix("torch.")
+        if header["dtype"] != dtype:
+            raise ValueError(
+                f"{path}: the cache was saved in {header['dtype']}, but the model runs in {dtype}; load the model "
+                f"with dtype={header['dtype']}"
+            )
+        try:
+            budget = None if header["budget"] is None else Budget(**header["budget"])
+            cache = cls(
+                model,
+                method=header["method"],
+                budget=budget,
+                decode_budget=header["decode_budget"],
+                decode_interval=header["decode_interval"],
+            )
+            infos = [
+                SequenceInfo(s["length"], s["budget"], s["window"], tuple(s["visible_lengths"]))
+                for s in header["sequences"]
+            ]
+            history = []
+            for row, sequence in enumerate(header["sequences"]):
+                ids = tensors.pop(f"sequences.{row}.token_ids").tolist()
+                if ids_hash(ids) != sequence["token_ids_sha256"]:
+                    raise ValueError(f"the token ids of sequence {row} do not match their hash")
+                history.append(ids)
+            storages, recent = [], []
+            device = model.device
+            for index, layer in enumerate(cache.layers):
+                prefix = f"layers.{index}."
+                named = {k[len(prefix) :]: v.to(device) for k, v in tensors.items() if k.startswith(prefix)}
+                recent.append(named.pop("recent_queries", None))
+                storage = RaggedKV.from_tensors(
+                    named, header["append_start"][index], track_positions=bool(layer.sliding_window)
+                )
+                if storage.batch != len(infos) or storage.keys.dtype != model.dtype:
+                    raise ValueError(f"layer {index} holds {storage.batch} sequences in {storage.keys.dtype}")
+                storages.append(storage)
+            if len(set(header["append_start"])) != 1 or len(header["padding"]) != len(infos):
+                raise ValueError("the layers' timelines or the padding do not agree")
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{path}: not a valid lavakv cache file ({error})") from error
+        loaded = cache._derived(storages, infos, header["padding"], history, recent, header["decode_targets"])
+        loaded.peak_prefill_bytes = header["peak_prefill_bytes"]
+        loaded.decode_evictions = header["decode_evictions"]
+        return loaded
+
+
+FRESH_START = (
+    "Pass the whole history (the ids it holds, see cache.token_ids(), then the new ones), or start afresh with a new "
+    "CompressedCache; cache.copy() keeps a compressed context to reuse for another question."
+)
+
+
+def check_decode_budget(method: Method, decode_budget: int | None, decode_interval: int) -> tuple[int | None, int]:
+    """``(decode_budget, decode_interval)`` validated for ``method``, or a clear error."""
+    if isinstance(decode_interval, bool) or not isinstance(decode_interval, int) or decode_interval < 1:
+        raise ValueError(
+            f"decode_interval must be an integer >= 1 (decode steps between evictions), got {decode_interval!r}"
+        )
+    if decode_budget is None:
+        return None, decode_interval
+    if not method.compresses:
+        raise ValueError(
+            f"method {method.spec!r} keeps every entry and has no score to evict with; a decode_budget needs a "
+            "compressing method"
+        )
+    if isinstance(decode_budget, bool) or not isinstance(decode_budget, int) or decode_budget <= method.window:
+        raise ValueError(
+            f"decode_budget must be an integer greater than the method's window ({method.window}) in tokens per KV "
+            f"head per layer, got {decode_budget!r}"
+        )
+    return decode_budget, decode_interval
 
 
 def check_budget(method: Method, budget: int | Budget | None, ratio: float | None) -> Budget | None:

@@ -10,12 +10,22 @@ import logging
 import time
 from dataclasses import dataclass, fields
 
+import torch
 from transformers import GenerationConfig
 
-from .cache import CompressedCache, SequenceStats, check_budget
+from .cache import CompressedCache, SequenceStats, check_budget, check_decode_budget
 from .decoding import TokenFeed
 from .methods import Budget, Method, resolve_method
-from .prompting import Prompt, check_fits, check_token_ids, encode_prompt, pad_token_id, split_prompt, stop_token_ids
+from .prompting import (
+    Prompt,
+    check_fits,
+    check_token_ids,
+    encode_prompt,
+    is_single_prompt,
+    pad_token_id,
+    split_prompt,
+    stop_token_ids,
+)
 
 QUESTION_SEPARATOR = "\n\n"
 LOGITS_SETTINGS = (
@@ -55,15 +65,22 @@ class GenerationStats(SequenceStats):
 
 @dataclass
 class GenerationOutput:
+    """One prompt's answer: its text, its token ids, the compression statistics.
+
+    ``history`` is every token of the conversation so far, prompt then answer: pass it, followed
+    by the next turn's ids, to continue through the same cache (``generate(..., cache=cache)``).
+    """
+
     text: str
     token_ids: list[int]
     stats: GenerationStats
+    history: list[int]
 
 
 def _batch(prompt) -> tuple[list, bool]:
-    if isinstance(prompt, str):
+    if is_single_prompt(prompt):
         return [prompt], False
-    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, (str, list, tuple)) for p in prompt):
+    if isinstance(prompt, (list, tuple)) and prompt and all(is_single_prompt(p) for p in prompt):
         return list(prompt), True
     return [prompt], False
 
@@ -72,29 +89,42 @@ def generate(
     model,
     tokenizer,
     prompt: Prompt | list[Prompt],
-    method: str | Method = "lava",
+    method: str | Method | None = None,
     budget: int | Budget | None = None,
     ratio: float | None = None,
     max_new_tokens: int = 64,
     chat_template: bool = True,
     question: str | list[str] | None = None,
     progressive: bool | None = None,
+    questions: list[str] | None = None,
+    cache: CompressedCache | None = None,
+    decode_budget: int | None = None,
+    decode_interval: int = 32,
     **options,
 ) -> GenerationOutput | list[GenerationOutput]:
-    """Generate greedily from ``prompt`` with the KV cache compressed by ``method``.
+    """Generate greedily from ``prompt`` with the KV cache compressed by ``method`` (default ``"lava"``).
 
-    ``prompt`` is a string, a list of token ids, or a list of either (a batch, left-padded,
-    each prompt compressed on its own). ``method`` is a :class:`~lavakv.Method` or a method spec
-    (``"lava"``, ``"lava:heads=uniform"``). ``budget`` is the number of prompt tokens kept per KV
-    head per layer on average (window included); ``ratio`` gives it as a fraction of each
-    prompt. With ``question`` (query-agnostic protocol) the prompt is the context: the prompt
-    ``context + "\\n\\n" + question`` is split where the question starts, the context is
-    prefilled and compressed alone, then the question is fed through the compressed cache.
-    Method options (``window``, ``alpha``, ...) go in ``options``; one the method does not take
-    is an error.
+    ``prompt`` is a string, a list of token ids, a chat (a list of ``{"role", "content"}``
+    messages), or a list of these (a batch, left-padded, each prompt compressed on its own).
+    ``method`` is a :class:`~lavakv.Method` or a method spec (``"lava"``, ``"lava:heads=uniform"``).
+    ``budget`` is the number of prompt tokens kept per KV head per layer on average (window
+    included); ``ratio`` gives it as a fraction of each prompt. Method options (``window``,
+    ``alpha``, ...) go in ``options``; one the method does not take is an error.
+
+    * ``question`` (query-agnostic protocol): the prompt is the context; the prompt ``context +
+      "\n\n" + question`` is split where the question starts, the context is prefilled and
+      compressed alone, then the question is fed through the compressed cache.
+    * ``questions``: one context, many questions. The context is prefilled and compressed once;
+      each question goes through its own copy of the compressed cache, and the answers are
+      decoded together as one batch. Returns one output per question, each with the tokens
+      ``question=`` gives it alone.
+    * ``cache``: decode through this :class:`~lavakv.CompressedCache` (its method and budget
+      apply). An empty one is filled by the prompt; one that holds a conversation continues it
+      when ``prompt`` is the whole history (``out.history`` plus the next turn's ids, or the chat
+      so far): only the new tokens are fed. A prompt that does not extend what it holds is refused.
+    * ``decode_budget`` / ``decode_interval``: bound the cache while generating (see
+      :class:`~lavakv.CompressedCache`).
     """
-    resolved = resolve_method(method, **options)
-    resolved_budget = check_budget(resolved, budget, ratio)
     ignored = ignored_generation_settings(model)
     if ignored:
         logger.warning(
@@ -104,27 +134,114 @@ def generate(
         )
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    prompts, is_batch = _batch(prompt)
-    if question is not None:
-        questions = [question] * len(prompts) if isinstance(question, str) else list(question)
-        if len(questions) != len(prompts):
-            raise ValueError(f"got {len(questions)} questions for {len(prompts)} prompts")
-        outputs = []
-        for context, asked in zip(prompts, questions):
-            if not isinstance(context, str) or not isinstance(asked, str):
-                raise TypeError("the query-agnostic protocol takes the context and the question as strings")
-            if not asked.strip():
-                raise ValueError("the question is empty")
-            context_ids, question_ids = split_prompt(tokenizer, context + QUESTION_SEPARATOR, asked, chat_template)
-            outputs += _generate_ids(
-                model, tokenizer, [context_ids], [question_ids], resolved, resolved_budget, max_new_tokens, progressive
+    if cache is not None:
+        given = {
+            "method": method,
+            "budget": budget,
+            "ratio": ratio,
+            "progressive": progressive,
+            "decode_budget": decode_budget,
+            **options,
+        }
+        extra = [name for name, value in given.items() if value is not None]
+        if extra:
+            raise ValueError(
+                f"a cache brings its own method, budget and settings; leave out {', '.join(extra)} "
+                f"(this cache: {cache.method.spec!r} at {cache.budget})"
             )
+        if questions is not None:
+            raise ValueError("questions= builds its own caches from one context; it takes no cache=")
+        settings = None
+    else:
+        resolved = resolve_method("lava" if method is None else method, **options)
+        resolved_budget = check_budget(resolved, budget, ratio)
+        check_decode_budget(resolved, decode_budget, decode_interval)
+        settings = dict(
+            method=resolved,
+            budget=resolved_budget,
+            progressive=progressive,
+            decode_budget=decode_budget,
+            decode_interval=decode_interval,
+        )
+    if questions is not None:
+        return _answer_many(model, tokenizer, prompt, question, questions, chat_template, settings, max_new_tokens)
+    prompts, is_batch = _batch(prompt)
+    if cache is not None and cache.batch_size > 0:
+        if question is not None:
+            raise ValueError("a cache that holds a conversation takes the whole history as prompt, not question=")
+        if is_batch or cache.batch_size != 1:
+            raise ValueError(
+                f"continuing goes one conversation per cache; this cache holds {cache.batch_size} sequences and got "
+                f"{len(prompts)} prompts (cache.copy() or cache.batch_select_indices([i]) gives one)"
+            )
+        return _continue(model, tokenizer, prompts[0], cache, chat_template, max_new_tokens)
+    if question is not None:
+        questions_per_prompt = [question] * len(prompts) if isinstance(question, str) else list(question)
+        if len(questions_per_prompt) != len(prompts):
+            raise ValueError(f"got {len(questions_per_prompt)} questions for {len(prompts)} prompts")
+        if cache is not None and len(prompts) > 1:
+            raise ValueError("a cache holds one batch: give it one context with question=, or use questions=")
+        outputs = []
+        for context, asked in zip(prompts, questions_per_prompt):
+            context_ids, question_ids = _split(tokenizer, context, asked, chat_template)
+            built = cache if cache is not None else CompressedCache(model, **settings)
+            outputs += _generate_ids(model, tokenizer, [context_ids], [question_ids], built, max_new_tokens)
+            cache = None
     else:
         encoded = [encode_prompt(tokenizer, p, chat_template) for p in prompts]
-        outputs = _generate_ids(
-            model, tokenizer, encoded, None, resolved, resolved_budget, max_new_tokens, progressive
-        )
+        built = cache if cache is not None else CompressedCache(model, **settings)
+        outputs = _generate_ids(model, tokenizer, encoded, None, built, max_new_tokens)
     return outputs if is_batch else outputs[0]
+
+
+def _split(tokenizer, context, asked, chat_template) -> tuple[list[int], list[int]]:
+    if not isinstance(context, str) or not isinstance(asked, str):
+        raise TypeError("the query-agnostic protocol takes the context and the question as strings")
+    if not asked.strip():
+        raise ValueError("the question is empty")
+    return split_prompt(tokenizer, context + QUESTION_SEPARATOR, asked, chat_template)
+
+
+def _answer_many(model, tokenizer, context, question, questions, chat_template, settings, max_new_tokens):
+    """Compress ``context`` once, feed each question through a copy, decode all answers as one batch."""
+    if question is not None:
+        raise ValueError("give either question= or questions=, not both")
+    if not isinstance(context, str):
+        raise TypeError("questions= takes one context as a string")
+    if isinstance(questions, str) or not questions:
+        raise ValueError("questions= takes a non-empty list of question strings")
+    split = [_split(tokenizer, context, asked, chat_template) for asked in questions]
+    context_ids = split[0][0]
+    if any(ids != context_ids for ids, _ in split):
+        raise ValueError("the chat template renders the context differently for different questions")
+    vocab_size = getattr(model.config.get_text_config(), "vocab_size", None)
+    check_token_ids(context_ids, vocab_size, "the context")
+    for _, question_ids in split:
+        check_fits(model, len(context_ids) + len(question_ids), max_new_tokens)
+    cache = CompressedCache(model, **settings)
+    start = time.perf_counter()
+    TokenFeed(model, cache).prefill([context_ids], pad_token_id(tokenizer))
+    copies, logits = [], []
+    for index, (_, question_ids) in enumerate(split):
+        copy = cache if index == len(split) - 1 else cache.copy()
+        logits.append(TokenFeed(model, copy, lengths=[len(context_ids)]).extend([question_ids]))
+        copies.append(copy)
+    batch = CompressedCache.stack(copies) if len(copies) > 1 else copies[0]
+    feed = TokenFeed(model, batch, lengths=[len(context_ids) + len(q) for _, q in split])
+    prompts = [context_ids + question_ids for _, question_ids in split]
+    return _decode(model, tokenizer, feed, batch, torch.cat(logits), prompts, max_new_tokens, start)
+
+
+def _continue(model, tokenizer, prompt, cache: CompressedCache, chat_template, max_new_tokens):
+    """Feed what ``prompt`` adds to the conversation ``cache`` holds, then decode."""
+    ids = encode_prompt(tokenizer, prompt, chat_template)
+    new = cache.continuation(ids)
+    check_token_ids(new, getattr(model.config.get_text_config(), "vocab_size", None), "the new tokens")
+    check_fits(model, len(ids), max_new_tokens)
+    start = time.perf_counter()
+    feed = TokenFeed(model, cache, lengths=[len(ids) - len(new)])
+    logits = feed.extend([new])
+    return _decode(model, tokenizer, feed, cache, logits, [ids], max_new_tokens, start)[0]
 
 
 def ignored_generation_settings(model) -> list[str]:
@@ -145,10 +262,8 @@ def _generate_ids(
     tokenizer,
     encoded: list[list[int]],
     questions: list[list[int]] | None,
-    method: Method,
-    budget: Budget | None,
+    cache: CompressedCache,
     max_new_tokens: int,
-    progressive: bool | None,
 ) -> list[GenerationOutput]:
     """Prefill ``encoded`` (then feed ``questions`` through the compressed cache) and decode greedily."""
     vocab_size = getattr(model.config.get_text_config(), "vocab_size", None)
@@ -157,12 +272,17 @@ def _generate_ids(
         asked = questions[row] if questions is not None else []
         check_token_ids(asked, vocab_size, "the question")
         check_fits(model, len(ids) + len(asked), max_new_tokens)
-    cache = CompressedCache(model, method=method, budget=budget, progressive=progressive)
     feed = TokenFeed(model, cache)
     start = time.perf_counter()
     logits = feed.prefill(encoded, pad_token_id(tokenizer))
     if questions is not None:
         logits = feed.extend(questions)
+    prompts = [ids + (questions[row] if questions is not None else []) for row, ids in enumerate(encoded)]
+    return _decode(model, tokenizer, feed, cache, logits, prompts, max_new_tokens, start)
+
+
+def _decode(model, tokenizer, feed, cache, logits, prompts, max_new_tokens, start) -> list[GenerationOutput]:
+    """Greedy tokens from ``logits`` on, with each row's statistics."""
     first_step = time.perf_counter()
     tokens = feed.greedy(logits, max_new_tokens, stop_token_ids(model, tokenizer))
     end = time.perf_counter()
@@ -182,6 +302,7 @@ def _generate_ids(
                     prefill_seconds=first_step - start,
                     decode_seconds=end - first_step,
                 ),
+                history=list(prompts[row]) + list(tokens[row]),
             )
         )
     return outputs

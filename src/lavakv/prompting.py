@@ -9,7 +9,19 @@ starts, so the two parts decode to exactly the templated prompt.
 
 from __future__ import annotations
 
-Prompt = str | list[int]
+Prompt = str | list[int] | list[dict]
+"""A string, token ids, or a chat: ``{"role": ..., "content": ...}`` messages."""
+
+
+def is_single_prompt(prompt) -> bool:
+    """Whether ``prompt`` is one prompt (a string, a list of token ids, or a chat), not a batch of them."""
+    if isinstance(prompt, str):
+        return True
+    if isinstance(prompt, (list, tuple)) and prompt:
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return True
+        return all(isinstance(m, dict) for m in prompt)
+    return False
 
 
 def uses_chat_template(tokenizer, chat_template: bool) -> bool:
@@ -23,7 +35,10 @@ def _templated(tokenizer, text: str) -> str:
 
 
 def encode_prompt(tokenizer, prompt: Prompt, chat_template: bool) -> list[int]:
-    """Token ids of one prompt: a string (through the chat template unless disabled) or ids as they are."""
+    """Token ids of one prompt: a string (through the chat template unless disabled), ids as they are, or a
+    chat (its messages through the chat template, ending with the assistant's turn to speak)."""
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+        return _encode_chat(tokenizer, list(prompt))
     if isinstance(prompt, str):
         if not prompt.strip():
             raise ValueError("the prompt is empty")
@@ -34,7 +49,21 @@ def encode_prompt(tokenizer, prompt: Prompt, chat_template: bool) -> list[int]:
         if not prompt:
             raise ValueError("the prompt is empty (no token ids)")
         return list(prompt)
-    raise TypeError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+    raise TypeError(
+        f"a prompt must be a string, a list of token ids or a list of chat messages, got {type(prompt).__name__}"
+    )
+
+
+def _encode_chat(tokenizer, messages: list[dict]) -> list[int]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("a chat prompt needs a tokenizer with a chat template; give a string or token ids instead")
+    for index, message in enumerate(messages):
+        if set(message) < {"role", "content"} or not isinstance(message.get("content"), str):
+            raise ValueError(f"chat message {index} must have a 'role' and a string 'content', got {message!r}")
+    if messages[-1]["role"] == "assistant":
+        raise ValueError("the chat ends with the assistant's message; end it with the turn to answer")
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def check_token_ids(ids: list[int], vocab_size: int | None, what: str = "the prompt") -> None:

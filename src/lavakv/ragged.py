@@ -11,6 +11,12 @@ cache above it:
 * tokens appended while decoding go to every row alike, in a dense ``[batch, kv_heads, steps,
   head_dim]`` tail, at positions ``append_start + step``.
 
+Rows of one storage share one timeline: positions are right-aligned like a left-padded batch, so
+that every row's next token is at ``append_start + steps``. :meth:`RaggedKV.fold` moves the tail
+into the rows, :meth:`RaggedKV.concat` joins storages into one batch (aligning their timelines),
+:meth:`RaggedKV.repeat_interleave` and :meth:`RaggedKV.select` derive batches from one, and
+:meth:`RaggedKV.keep` keeps chosen entries of every row (eviction while decoding).
+
 Attention reads the rows as a ``[batch, kv_heads, longest, head_dim]`` view when every row has
 the same length (no copy), and otherwise gathers a padded copy with one ``index_select`` and hides
 the padding with a mask built once at packing. The result is exact attention over each row's
@@ -37,6 +43,8 @@ class RaggedKV:
         lengths: torch.Tensor,
         append_start: int,
         track_positions: bool = False,
+        appended_keys: torch.Tensor | None = None,
+        appended_values: torch.Tensor | None = None,
     ):
         if lengths.dim() != 2 or int(lengths.sum()) != keys.shape[0]:
             raise ValueError(
@@ -47,9 +55,10 @@ class RaggedKV:
         self.lengths = lengths
         self.batch, self.kv_heads = lengths.shape
         self._offsets = [0] + lengths.reshape(-1).cumsum(0).tolist()
-        self.append_start = append_start
-        self.appended_keys: torch.Tensor | None = None
-        self.appended_values: torch.Tensor | None = None
+        self.append_start = int(append_start)
+        self.track_positions = track_positions
+        self.appended_keys: torch.Tensor | None = appended_keys
+        self.appended_values: torch.Tensor | None = appended_values
         batch, kv_heads = self.batch, self.kv_heads
         self.longest = int(lengths.max()) if lengths.numel() else 0
         device = keys.device
@@ -81,6 +90,145 @@ class RaggedKV:
         values = torch.cat([v for heads in rows for _, _, v in heads])
         return cls(keys, values, positions.to(torch.int32), lengths, append_start, track_positions)
 
+    @classmethod
+    def concat(cls, storages: list[RaggedKV]) -> RaggedKV:
+        """One batch of every storage's sequences, in order; each keeps exactly its entries.
+
+        Timelines are aligned on the latest next position: a storage whose next token comes earlier
+        has its positions shifted (left padding). Storages whose tails agree keep them; otherwise
+        tails are folded into the rows first.
+        """
+        if not storages:
+            raise ValueError("concat needs at least one storage")
+        if len({(s.kv_heads, s.keys.shape[-1], s.keys.dtype) for s in storages}) != 1:
+            raise ValueError("storages to concatenate must agree in KV heads, head dim and dtype")
+        ends = [s.append_start + s.steps for s in storages]
+        end = max(ends)
+        same_tail = len({(s.append_start, s.steps) for s in storages}) == 1
+        parts = storages if same_tail else [s.fold(shift=end - e) for s, e in zip(storages, ends)]
+        tail_keys = tail_values = None
+        if same_tail and storages[0].steps:
+            tail_keys = torch.cat([s.appended_keys for s in parts])
+            tail_values = torch.cat([s.appended_values for s in parts])
+        return cls(
+            torch.cat([s.keys for s in parts]),
+            torch.cat([s.values for s in parts]),
+            torch.cat([s.positions for s in parts]),
+            torch.cat([s.lengths for s in parts]),
+            parts[0].append_start,
+            any(s.track_positions for s in storages),
+            tail_keys,
+            tail_values,
+        )
+
+    def fold(self, shift: int = 0) -> RaggedKV:
+        """This storage with its tail moved into the rows (no tail left) and positions moved by ``shift``."""
+        steps = self.steps
+        if steps == 0 and shift == 0:
+            return self
+        index = self._row_entries()
+        positions = (self.positions.long() + shift).to(torch.int32)
+        if steps == 0:
+            keys, values = self.keys, self.values
+        else:
+            rows = self.batch * self.kv_heads
+            tail_positions = self.append_start + shift + torch.arange(steps, device=positions.device)
+            positions = torch.cat([positions, tail_positions.to(torch.int32).repeat(rows)])
+            keys = torch.cat([self.keys, self.appended_keys.reshape(rows * steps, -1)])
+            values = torch.cat([self.values, self.appended_values.reshape(rows * steps, -1)])
+            tail_index = torch.arange(rows * steps).view(rows, steps) + self.keys.shape[0]
+            index = [torch.cat([own, tail]) for own, tail in zip(index, tail_index)]
+            order = torch.cat(index).to(keys.device)
+            positions, keys, values = positions[order], keys[order], values[order]
+        return RaggedKV(
+            keys,
+            values,
+            positions,
+            self.lengths + steps,
+            self.append_start + steps + shift,
+            self.track_positions,
+        )
+
+    def keep(self, chosen: list[list[torch.Tensor]]) -> RaggedKV:
+        """A storage holding, for every row, the entries ``chosen[sequence][head]`` indexes (tail folded in).
+
+        Indices count a row's entries in position order, its packed entries first, then its tail.
+        """
+        folded = self.fold()
+        order = []
+        for row, offset in enumerate(folded._offsets[:-1]):
+            sequence, head = divmod(row, self.kv_heads)
+            order.append(chosen[sequence][head].to(torch.long).cpu() + offset)
+        lengths = torch.tensor([[len(c) for c in heads] for heads in chosen], dtype=torch.long)
+        index = torch.cat(order).to(folded.keys.device)
+        return RaggedKV(
+            folded.keys[index],
+            folded.values[index],
+            folded.positions[index],
+            lengths,
+            folded.append_start,
+            self.track_positions,
+        )
+
+    def repeat_interleave(self, repeats: int) -> RaggedKV:
+        """Each sequence ``repeats`` times in a row (independent copies)."""
+        return self.select([sequence for sequence in range(self.batch) for _ in range(repeats)])
+
+    def select(self, sequences: list[int]) -> RaggedKV:
+        """A storage of the given sequences, in that order (copies)."""
+        for sequence in sequences:
+            if not 0 <= sequence < self.batch:
+                raise IndexError(f"sequence {sequence} is outside this storage's batch of {self.batch}")
+        rows = self._row_entries()
+        index = torch.cat([rows[s * self.kv_heads + h] for s in sequences for h in range(self.kv_heads)]).to(
+            self.keys.device
+        )
+        chosen = torch.tensor(sequences, dtype=torch.long)
+        tail_keys = tail_values = None
+        if self.steps:
+            device_index = chosen.to(self.appended_keys.device)
+            tail_keys = self.appended_keys.index_select(0, device_index)
+            tail_values = self.appended_values.index_select(0, device_index)
+        return RaggedKV(
+            self.keys[index],
+            self.values[index],
+            self.positions[index],
+            self.lengths[chosen],
+            self.append_start,
+            self.track_positions,
+            tail_keys,
+            tail_values,
+        )
+
+    def clone(self) -> RaggedKV:
+        """An independent copy: appending to one never changes the other."""
+        return RaggedKV(
+            self.keys.clone(),
+            self.values.clone(),
+            self.positions.clone(),
+            self.lengths.clone(),
+            self.append_start,
+            self.track_positions,
+            None if self.appended_keys is None else self.appended_keys.clone(),
+            None if self.appended_values is None else self.appended_values.clone(),
+        )
+
+    def _row_entries(self) -> list[torch.Tensor]:
+        """Per row, the indices of its packed entries (on the CPU)."""
+        return [torch.arange(start, end) for start, end in zip(self._offsets[:-1], self._offsets[1:])]
+
+    def count_before(self, bounds: list[int]) -> torch.Tensor:
+        """``[batch, kv_heads]``: each row's entries at positions below its sequence's bound (tail included)."""
+        rows = self.batch * self.kv_heads
+        row_of_entry = torch.repeat_interleave(torch.arange(rows), self.lengths.reshape(-1))
+        bound = torch.tensor(bounds, dtype=torch.long).repeat_interleave(self.kv_heads)[row_of_entry]
+        below = self.positions.long().cpu() < bound
+        counts = torch.bincount(row_of_entry[below], minlength=rows).view(self.batch, self.kv_heads)
+        if self.steps:
+            tail = torch.arange(self.append_start, self.append_start + self.steps)
+            counts += (tail[None, :] < torch.tensor(bounds)[:, None]).sum(-1)[:, None]
+        return counts
+
     @property
     def indptr(self) -> torch.Tensor:
         """Row offsets ``[batch * kv_heads + 1]``: row ``r`` spans ``indptr[r]:indptr[r + 1]`` (on the CPU)."""
@@ -104,6 +252,52 @@ class RaggedKV:
         index = sequence * self.kv_heads + head
         start, end = self._offsets[index], self._offsets[index + 1]
         return self.positions[start:end], self.keys[start:end], self.values[start:end]
+
+    def full_row(self, sequence: int, head: int) -> Row:
+        """Every entry one row holds, packed then appended, in position order (copies when there is a tail)."""
+        positions, keys, values = self.row(sequence, head)
+        if not self.steps:
+            return positions, keys, values
+        tail = torch.arange(self.append_start, self.append_start + self.steps, device=positions.device)
+        return (
+            torch.cat([positions, tail.to(positions.dtype)]),
+            torch.cat([keys, self.appended_keys[sequence, head]]),
+            torch.cat([values, self.appended_values[sequence, head]]),
+        )
+
+    def row_lengths(self) -> torch.Tensor:
+        """``[batch, kv_heads]`` entries each row holds, tail included (on the CPU)."""
+        return self.lengths + self.steps
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The storage's tensors by name (see :meth:`from_tensors`), contiguous, for saving."""
+        named = {"keys": self.keys, "values": self.values, "positions": self.positions, "lengths": self.lengths}
+        if self.steps:
+            named["appended_keys"] = self.appended_keys
+            named["appended_values"] = self.appended_values
+        return {name: tensor.contiguous() for name, tensor in named.items()}
+
+    @classmethod
+    def from_tensors(cls, named: dict[str, torch.Tensor], append_start: int, track_positions: bool) -> RaggedKV:
+        """The storage :meth:`tensors` describes; a missing or inconsistent tensor is a ``ValueError``."""
+        missing = [name for name in ("keys", "values", "positions", "lengths") if name not in named]
+        if missing or (("appended_keys" in named) != ("appended_values" in named)):
+            raise ValueError(f"ragged storage tensors incomplete (missing: {', '.join(missing) or 'a tail half'})")
+        keys, values, positions, lengths = (named[n] for n in ("keys", "values", "positions", "lengths"))
+        if keys.shape != values.shape or keys.dim() != 2 or positions.shape != keys.shape[:1]:
+            raise ValueError(
+                f"ragged storage shapes disagree: keys {tuple(keys.shape)}, values {tuple(values.shape)}, "
+                f"positions {tuple(positions.shape)}"
+            )
+        tail_keys, tail_values = named.get("appended_keys"), named.get("appended_values")
+        if tail_keys is not None and (
+            tail_keys.shape != tail_values.shape or tail_keys.shape[:2] != tuple(lengths.shape)
+        ):
+            raise ValueError(
+                f"ragged storage tail of shape {tuple(tail_keys.shape)} does not fit lengths {tuple(lengths.shape)}"
+            )
+        positions, lengths = positions.to(torch.int32), lengths.long()
+        return cls(keys, values, positions, lengths, append_start, track_positions, tail_keys, tail_values)
 
     def padded(self, packed: torch.Tensor) -> torch.Tensor:
         """``[batch, kv_heads, longest, d]`` rows of ``keys`` or ``values`` (a view when no row is padded)."""
@@ -155,9 +349,7 @@ class RaggedKV:
 
     def nbytes(self) -> tuple[int, int]:
         """(bytes of the key/value tensors held, bytes of the index tensors held)."""
-        kv = sum(
-            t.nbytes for t in (self.keys, self.values, self.appended_keys, self.appended_values) if t is not None
-        )
+        kv = sum(t.nbytes for t in (self.keys, self.values, self.appended_keys, self.appended_values) if t is not None)
         index = sum(t.nbytes for t in (self.positions, self.lengths, self.gather_index, self.valid) if t is not None)
         if self.gather_index is not None and self.slot_positions is not None:
             index += self.slot_positions.nbytes

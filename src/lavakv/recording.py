@@ -18,6 +18,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .attention import hand_off, model_forward, prepare_model
 from .cache import CompressedCache
+from .cachefile import weights_fingerprint
 from .methods import Budget, Method
 
 
@@ -101,6 +102,9 @@ class PrefillRecord:
         self.layers = recording.recorded
         self.attention_mask = recording.prefill_mask
         self.prompt_length = input_ids.shape[1]
+        self.input_ids = input_ids
+        self.input_mask = attention_mask
+        self.weights_fingerprint = weights_fingerprint(model)
         self.score_memo: dict = {}
 
     def compress(
@@ -127,6 +131,8 @@ class PrefillRecord:
             score_memo=self.score_memo if reuse_scores else None,
             **options,
         )
+        cache.weights_fingerprint = self.weights_fingerprint
+        cache.observe_inputs(self.input_ids, self.input_mask)
         with torch.inference_mode():
             for layer_idx, (query, key, value, scaling) in enumerate(self.layers):
                 cache.compress_layer(layer_idx, query, key, value, self.attention_mask, scaling)

@@ -10,6 +10,7 @@ from the retained candidates exactly as the one-shot selection is computed from 
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Iterator
@@ -20,6 +21,10 @@ import torch
 
 from .methods import Budget, LayerInput, Method
 from .methods.registry import stable_rank
+
+Row = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -127,6 +132,12 @@ class SequenceCompression:
         self.slots = budget - self.window
         self.caps = [max(0, visible - self.window) for visible in visible_lengths]
         self.total_slots = sum(min(self.slots, cap) for cap in self.caps)
+        problem = method.budget_problem(budget, self.observed) if self.compresses else None
+        if problem is not None:
+            # Token budgets are refused up front (Method.check_budget); a ratio's tokens come per prompt.
+            logger.warning(
+                "%s; this %d-token prompt's budget is %d tokens, and it keeps what fits", problem, length, budget
+            )
         self.progressive = progressive
         self.layers: list[LayerEntries | None] = [None] * self.num_layers
         self.summaries: list[float | None] = []
@@ -157,9 +168,7 @@ class SequenceCompression:
             self.summaries.append(None)
             self._after_layer(layer)
             return
-        layer_input = LayerInput(
-            query, key, value, scaling, observed=min(self.observed, visible), prefix_length=prefix
-        )
+        layer_input = LayerInput(query, key, value, scaling, observed=min(self.observed, visible), prefix_length=prefix)
         with self.clock.phase("score"):
             scores = self._score(layer, layer_input)
         with self.clock.phase("allocate"):
@@ -276,3 +285,55 @@ class SequenceCompression:
     def nbytes(self) -> int:
         """Bytes held by layers not yet handed to the cache."""
         return sum(entries.nbytes for entries in self.layers if entries is not None)
+
+
+def select_while_decoding(
+    method: Method,
+    heads: list[Row],
+    queries: torch.Tensor,
+    scaling: float,
+    target: int,
+    next_position: int,
+    sliding_window: int | None = None,
+) -> tuple[list[torch.Tensor], int]:
+    """Which entries one sequence's layer keeps when a decode budget compresses it back to ``target`` per head.
+
+    ``heads`` are each KV head's held ``(positions, keys, values)`` in position order, the latest
+    generated tokens last; ``queries [H, w, d]`` are those tokens' queries. The method's own
+    score, computed from these queries as at prefill from the window's, ranks each head's
+    entries; its own head allocation splits ``target`` per head (window included, on average)
+    among the heads; the last ``window`` entries are always kept. On a sliding-window layer
+    entries the next query can no longer see are dropped first. Returns the kept indices of
+    each head (ascending) and how many trailing entries every head kept.
+    """
+    counts = [len(positions) for positions, _, _ in heads]
+    kv_heads = len(heads)
+    if sum(counts) <= target * kv_heads:
+        return [torch.arange(count) for count in counts], queries.shape[1]
+    window = min(method.window, target - 1, min(counts))
+    observed = max(1, min(method.window, queries.shape[1], min(counts)))
+    group = queries.shape[0] // kv_heads
+    prefixes = [count - window for count in counts]
+    padded = torch.full((kv_heads, max(prefixes)), -math.inf)
+    for head, ((positions, keys, values), prefix) in enumerate(zip(heads, prefixes)):
+        if prefix == 0:
+            continue
+        layer = LayerInput(
+            queries[head * group : (head + 1) * group, -observed:].to(keys.dtype),
+            keys[None],
+            values[None],
+            scaling,
+            observed=observed,
+            prefix_length=prefix,
+        )
+        scores = method.score(layer).float()[0].cpu()
+        if sliding_window:
+            unseen = (next_position - positions[:prefix].long().cpu()) >= sliding_window
+            scores = scores.masked_fill(unseen, -math.inf)
+        padded[head, :prefix] = scores
+    caps = method.heads.allocate(padded, target - window)
+    kept = []
+    for head, (cap, prefix, count) in enumerate(zip(caps, prefixes, counts)):
+        chosen = stable_rank(padded[head, :prefix])[:cap].sort().values
+        kept.append(torch.cat([chosen, torch.arange(prefix, count)]))
+    return kept, window
