@@ -1,8 +1,8 @@
 """lavakv: KV-cache compression for HuggingFace transformers (LAVa and its baselines)."""
 
 from .attention import CompressingCache, prepare_model, register_attention
-from .cache import CacheStats, CompressedCache, SequenceStats
-from .generate import GenerationOutput, GenerationStats, generate
+from .cache import CacheStats, CompressedCache, ContinuationError, SequenceStats
+from .generate import GenerationOutput, GenerationStats, compress, generate
 from .methods import (
     PRESETS,
     Budget,
@@ -25,6 +25,7 @@ __all__ = [
     "CacheStats",
     "CompressedCache",
     "CompressingCache",
+    "ContinuationError",
     "GenerationOutput",
     "GenerationStats",
     "HeadAllocation",
@@ -32,6 +33,7 @@ __all__ = [
     "Method",
     "Score",
     "SequenceStats",
+    "compress",
     "generate",
     "load_model",
     "parse_spec",

@@ -28,7 +28,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
 from .attention import hand_off, prepare_model, prompt_lengths
-from .cachefile import ids_hash, model_identity, read_file, weights_fingerprint, write_file
+from .cachefile import check_identity, ids_hash, model_identity, read_file, weights_fingerprint, write_file
 from .methods import Budget, Method, resolve_method
 from .methods.registry import round_to_total
 from .ragged import RaggedKV, Row
@@ -703,14 +703,14 @@ class CompressedCache(Cache):
         format, or a truncated or corrupt file is a ``ValueError`` naming what differs; nothing
         half-loaded is returned.
         """
-        identity = model_identity(model.config, weights_fingerprint(model))
-        header, tensors = read_file(path, identity)
+        header, tensors = read_file(path)
         dtype = str(model.dtype).removeprefix("torch.")
-        if header["dtype"] != dtype:
+        if header.get("dtype") != dtype:
             raise ValueError(
-                f"{path}: the cache was saved in {header['dtype']}, but the model runs in {dtype}; load the model "
-                f"with dtype={header['dtype']}"
+                f"{path}: the cache was saved in {header.get('dtype')}, but the model runs in {dtype}; load the model "
+                f"with dtype={header.get('dtype')}"
             )
+        check_identity(path, header, model_identity(model.config, weights_fingerprint(model)))
         try:
             budget = None if header["budget"] is None else Budget(**header["budget"])
             cache = cls(

@@ -114,12 +114,11 @@ def write_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], header
     return path.stat().st_size
 
 
-def read_file(path: str | os.PathLike, identity: dict) -> tuple[dict, dict[str, torch.Tensor]]:
-    """``(header, tensors)`` of a file :func:`write_file` wrote, for a model of ``identity``; ``ValueError`` otherwise.
+def read_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(header, tensors)`` of a file :func:`write_file` wrote; ``ValueError`` otherwise.
 
-    Refused, each with what differs: a file that is missing, not safetensors, truncated or
-    corrupted (checksum), of another format or a newer format version, or made for another
-    model (configuration fields, then weights).
+    Refused, each with what is wrong: a file that is missing, not safetensors, truncated or
+    corrupted (checksum), or of another format or a newer format version.
     """
     path = Path(path)
     if not path.is_file():
@@ -144,11 +143,12 @@ def read_file(path: str | os.PathLike, identity: dict) -> tuple[dict, dict[str, 
         )
     if header.get("checksum") != _checksum(tensors):
         raise ValueError(f"{path}: the tensors do not match the file's checksum (corrupt or truncated)")
-    _check_identity(path, header.get("model", {}), identity)
     return header, tensors
 
 
-def _check_identity(path: Path, saved: dict, current: dict) -> None:
+def check_identity(path: str | os.PathLike, header: dict, current: dict) -> None:
+    """Refuse a file saved for another model than ``current`` (:func:`model_identity`), naming what differs."""
+    saved = header.get("model", {})
     saved_fields, current_fields = saved.get("config", {}), current["config"]
     differ = [
         f"{name}: file {saved_fields.get(name)!r}, model {current_fields.get(name)!r}"

@@ -17,17 +17,19 @@ from .cache import CompressedCache, SequenceStats, check_budget, check_decode_bu
 from .decoding import TokenFeed
 from .methods import Budget, Method, resolve_method
 from .prompting import (
+    QUESTION_SEPARATOR,
     Prompt,
     check_fits,
     check_token_ids,
+    context_ids,
     encode_prompt,
     is_single_prompt,
     pad_token_id,
+    question_ids,
     split_prompt,
     stop_token_ids,
 )
 
-QUESTION_SEPARATOR = "\n\n"
 LOGITS_SETTINGS = (
     "repetition_penalty",
     "encoder_repetition_penalty",
@@ -88,7 +90,7 @@ def _batch(prompt) -> tuple[list, bool]:
 def generate(
     model,
     tokenizer,
-    prompt: Prompt | list[Prompt],
+    prompt: Prompt | list[Prompt] | None = None,
     method: str | Method | None = None,
     budget: int | Budget | None = None,
     ratio: float | None = None,
@@ -119,9 +121,12 @@ def generate(
       decoded together as one batch. Returns one output per question, each with the tokens
       ``question=`` gives it alone.
     * ``cache``: decode through this :class:`~lavakv.CompressedCache` (its method and budget
-      apply). An empty one is filled by the prompt; one that holds a conversation continues it
+      apply). An empty one is filled by the prompt. One that holds a conversation continues it
       when ``prompt`` is the whole history (``out.history`` plus the next turn's ids, or the chat
-      so far): only the new tokens are fed. A prompt that does not extend what it holds is refused.
+      so far): only the new tokens are fed, and a prompt that does not extend what it holds is
+      refused. One that holds a compressed context (:func:`compress`, :meth:`CompressedCache.load`)
+      answers ``question=`` (through the cache itself) or ``questions=`` (through copies, leaving
+      it unchanged) with no prompt.
     * ``decode_budget`` / ``decode_interval``: bound the cache while generating (see
       :class:`~lavakv.CompressedCache`).
     """
@@ -149,8 +154,6 @@ def generate(
                 f"a cache brings its own method, budget and settings; leave out {', '.join(extra)} "
                 f"(this cache: {cache.method.spec!r} at {cache.budget})"
             )
-        if questions is not None:
-            raise ValueError("questions= builds its own caches from one context; it takes no cache=")
         settings = None
     else:
         resolved = resolve_method("lava" if method is None else method, **options)
@@ -163,8 +166,28 @@ def generate(
             decode_budget=decode_budget,
             decode_interval=decode_interval,
         )
+    if questions is not None and question is not None:
+        raise ValueError("give either question= or questions=, not both")
+    if cache is not None and cache.batch_size > 0 and (question is not None or questions is not None):
+        if prompt is not None:
+            raise ValueError("this cache already holds the context: give the question(s) without a prompt")
+        asked = [question] if questions is None else _question_list(questions)
+        if not all(isinstance(q, str) for q in asked):
+            raise TypeError("question= takes a string (questions= a list of strings) with a cache")
+        ids = [question_ids(tokenizer, q, chat_template) for q in asked]
+        outputs = _ask(model, tokenizer, cache, ids, max_new_tokens, time.perf_counter(), reuse=questions is None)
+        return outputs if questions is not None else outputs[0]
+    if prompt is None:
+        raise ValueError("give a prompt (or a cache holding a context, with question= or questions=)")
     if questions is not None:
-        return _answer_many(model, tokenizer, prompt, question, questions, chat_template, settings, max_new_tokens)
+        if cache is not None:
+            raise ValueError("questions= with a prompt builds its own caches; give a cache holding the context instead")
+        if not isinstance(prompt, str):
+            raise TypeError("questions= takes one context as a string")
+        start = time.perf_counter()
+        built = compress(model, tokenizer, prompt, chat_template=chat_template, **settings)
+        ids = [question_ids(tokenizer, q, chat_template) for q in _question_list(questions)]
+        return _ask(model, tokenizer, built, ids, max_new_tokens, start, reuse=True)
     prompts, is_batch = _batch(prompt)
     if cache is not None and cache.batch_size > 0:
         if question is not None:
@@ -183,9 +206,9 @@ def generate(
             raise ValueError("a cache holds one batch: give it one context with question=, or use questions=")
         outputs = []
         for context, asked in zip(prompts, questions_per_prompt):
-            context_ids, question_ids = _split(tokenizer, context, asked, chat_template)
+            context_part, question_part = _split(tokenizer, context, asked, chat_template)
             built = cache if cache is not None else CompressedCache(model, **settings)
-            outputs += _generate_ids(model, tokenizer, [context_ids], [question_ids], built, max_new_tokens)
+            outputs += _generate_ids(model, tokenizer, [context_part], [question_part], built, max_new_tokens)
             cache = None
     else:
         encoded = [encode_prompt(tokenizer, p, chat_template) for p in prompts]
@@ -202,33 +225,74 @@ def _split(tokenizer, context, asked, chat_template) -> tuple[list[int], list[in
     return split_prompt(tokenizer, context + QUESTION_SEPARATOR, asked, chat_template)
 
 
-def _answer_many(model, tokenizer, context, question, questions, chat_template, settings, max_new_tokens):
-    """Compress ``context`` once, feed each question through a copy, decode all answers as one batch."""
-    if question is not None:
-        raise ValueError("give either question= or questions=, not both")
-    if not isinstance(context, str):
-        raise TypeError("questions= takes one context as a string")
-    if isinstance(questions, str) or not questions:
-        raise ValueError("questions= takes a non-empty list of question strings")
-    split = [_split(tokenizer, context, asked, chat_template) for asked in questions]
-    context_ids = split[0][0]
-    if any(ids != context_ids for ids, _ in split):
-        raise ValueError("the chat template renders the context differently for different questions")
+def compress(
+    model,
+    tokenizer,
+    context: str | list[int],
+    method: str | Method = "lava",
+    budget: int | Budget | None = None,
+    ratio: float | None = None,
+    chat_template: bool = True,
+    progressive: bool | None = None,
+    decode_budget: int | None = None,
+    decode_interval: int = 32,
+    **options,
+) -> CompressedCache:
+    """Prefill and compress a context once, for questions later (query-agnostic protocol).
+
+    ``context`` is text (the context part of the prompt ``context + "\n\n" + question``, chat
+    template included) or token ids. The cache answers with ``generate(model, tokenizer,
+    cache=cache, question=...)`` or ``questions=[...]``, and :meth:`~CompressedCache.save` keeps
+    it on disk.
+    """
+    ids = (
+        context_ids(tokenizer, context, chat_template)
+        if isinstance(context, str)
+        else encode_prompt(tokenizer, context, chat_template)
+    )
+    check_token_ids(ids, getattr(model.config.get_text_config(), "vocab_size", None), "the context")
+    check_fits(model, len(ids), 1)
+    cache = CompressedCache(
+        model,
+        method=method,
+        budget=budget,
+        ratio=ratio,
+        progressive=progressive,
+        decode_budget=decode_budget,
+        decode_interval=decode_interval,
+        **options,
+    )
+    TokenFeed(model, cache).prefill([ids], pad_token_id(tokenizer))
+    return cache
+
+
+def _question_list(questions) -> list[str]:
+    if isinstance(questions, str) or not isinstance(questions, (list, tuple)) or not questions:
+        raise ValueError(f"questions= takes a non-empty list of question strings, got {questions!r}")
+    return list(questions)
+
+
+def _ask(model, tokenizer, cache: CompressedCache, questions: list[list[int]], max_new_tokens, start, reuse: bool):
+    """Feed each question through a copy of the compressed context in ``cache``; decode the answers as one batch.
+
+    With ``reuse`` the last question goes through ``cache`` itself (it is changed); otherwise
+    ``cache`` is left as it was.
+    """
+    if cache.batch_size != 1:
+        raise ValueError(f"questions are asked of a cache holding one context; this one holds {cache.batch_size}")
+    held = cache.token_ids(0)
     vocab_size = getattr(model.config.get_text_config(), "vocab_size", None)
-    check_token_ids(context_ids, vocab_size, "the context")
-    for _, question_ids in split:
-        check_fits(model, len(context_ids) + len(question_ids), max_new_tokens)
-    cache = CompressedCache(model, **settings)
-    start = time.perf_counter()
-    TokenFeed(model, cache).prefill([context_ids], pad_token_id(tokenizer))
+    for ids in questions:
+        check_token_ids(ids, vocab_size, "the question")
+        check_fits(model, len(held) + len(ids), max_new_tokens)
     copies, logits = [], []
-    for index, (_, question_ids) in enumerate(split):
-        copy = cache if index == len(split) - 1 else cache.copy()
-        logits.append(TokenFeed(model, copy, lengths=[len(context_ids)]).extend([question_ids]))
+    for index, ids in enumerate(questions):
+        copy = cache if reuse and index == len(questions) - 1 else cache.copy()
+        logits.append(TokenFeed(model, copy, lengths=[len(held)]).extend([ids]))
         copies.append(copy)
     batch = CompressedCache.stack(copies) if len(copies) > 1 else copies[0]
-    feed = TokenFeed(model, batch, lengths=[len(context_ids) + len(q) for _, q in split])
-    prompts = [context_ids + question_ids for _, question_ids in split]
+    feed = TokenFeed(model, batch, lengths=[len(held) + len(ids) for ids in questions])
+    prompts = [held + ids for ids in questions]
     return _decode(model, tokenizer, feed, batch, torch.cat(logits), prompts, max_new_tokens, start)
 
 

@@ -9,6 +9,9 @@ starts, so the two parts decode to exactly the templated prompt.
 
 from __future__ import annotations
 
+QUESTION_SEPARATOR = "\n\n"
+"""What joins a context and its question in the query-agnostic protocol."""
+
 Prompt = str | list[int] | list[dict]
 """A string, token ids, or a chat: ``{"role": ..., "content": ...}`` messages."""
 
@@ -100,6 +103,42 @@ def split_prompt(
     context_ids = tokenizer(text[:cut], add_special_tokens=False)["input_ids"]
     question_ids = tokenizer(text[cut:], add_special_tokens=False)["input_ids"]
     return list(context_ids), list(question_ids)
+
+
+CHAT_MARKER = "\u2063lavakv-marker\u2063"
+"""A string no prompt contains, to read where the chat template puts the user's message."""
+
+
+def _template_around(tokenizer) -> tuple[str, str]:
+    """The chat template's text before and after the user's message."""
+    text = _templated(tokenizer, CHAT_MARKER)
+    cut = text.rfind(CHAT_MARKER)
+    return text[:cut], text[cut + len(CHAT_MARKER) :]
+
+
+def context_ids(tokenizer, context: str, chat_template: bool) -> list[int]:
+    """The context part of the query-agnostic prompt ``context + "\n\n" + question``, whatever the question.
+
+    Equal to :func:`split_prompt`'s first part (the template's opening and the context), so that a
+    context compressed once can be asked any question later.
+    """
+    if not isinstance(context, str) or not context.strip():
+        raise ValueError("the context is empty")
+    text = context + QUESTION_SEPARATOR
+    if not uses_chat_template(tokenizer, chat_template):
+        return list(tokenizer(text)["input_ids"])
+    before, _ = _template_around(tokenizer)
+    return list(tokenizer(before + text, add_special_tokens=False)["input_ids"])
+
+
+def question_ids(tokenizer, question: str, chat_template: bool) -> list[int]:
+    """The question part of the query-agnostic prompt: :func:`split_prompt`'s second part, without the context."""
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"the question is empty, got {question!r}")
+    if not uses_chat_template(tokenizer, chat_template):
+        return list(tokenizer(question, add_special_tokens=False)["input_ids"])
+    _, after = _template_around(tokenizer)
+    return list(tokenizer(question + after, add_special_tokens=False)["input_ids"])
 
 
 def _question_start(text: str, context: str, question: str, name: str) -> int:

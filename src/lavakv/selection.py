@@ -85,11 +85,14 @@ class PhaseClock:
     """Seconds a cache spent compressing, summed over layers and samples.
 
     ``score`` is computing the scores, ``allocate`` the layer and head allocations, and ``total``
-    everything compression adds to a prefill (selection, copies and packing included). Used by
+    everything compression adds to a prefill (selection, copies and packing included), ``decode``
+    the evictions of a decode budget while generating. Used by
     ``lavakv bench`` to show what compression costs on top of the model's own prefill.
     """
 
-    seconds: dict[str, float] = field(default_factory=lambda: {"score": 0.0, "allocate": 0.0, "total": 0.0})
+    seconds: dict[str, float] = field(
+        default_factory=lambda: {"score": 0.0, "allocate": 0.0, "total": 0.0, "decode": 0.0}
+    )
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
