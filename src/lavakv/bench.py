@@ -289,7 +289,7 @@ def check_bench_arguments(
             raise ValueError(f"method {method!r} does not compress; the full cache is always measured")
         for budget in budgets:
             try:
-                Budget(tokens=budget).check_window(resolved.window)
+                resolved.check_budget(Budget(tokens=budget))
             except ValueError as error:
                 raise ValueError(f"{method}: {error}") from None
             if budget >= prompt_tokens:

@@ -94,7 +94,7 @@ def make_pairs(methods: list[str | Method], budgets: list[int], window: int | No
             raise ValueError(f"method {spec!r} needs at least one budget (--budgets)")
         for tokens in budgets:
             budget = Budget(tokens=tokens, window_policy=policy)
-            budget.check_window(method.window)
+            method.check_budget(budget)
             pairs.append(Pair(method, budget, spec))
     unique: dict[tuple[str, int], Pair] = {}
     for pair in pairs:

@@ -19,6 +19,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
+from .budget import Budget
 from .registry import (
     REGISTRIES,
     HeadAllocation,
@@ -108,6 +109,31 @@ class Method:
     @property
     def parts(self) -> dict[str, Part]:
         return {kind: getattr(self, kind) for kind in PART_KINDS} if self.compresses else {}
+
+    def check_budget(self, budget: Budget) -> None:
+        """Refuse a budget this method cannot honour, before any work: one not above a fixed window, or a
+        token budget too small for a part's options (StreamingLLM's ``sink`` beside the window).
+
+        A ratio budget is only known per prompt: :meth:`budget_problem` tells at compression time.
+        """
+        budget.check_window(self.window)
+        if self.compresses and budget.tokens is not None:
+            problem = self.budget_problem(budget.tokens, budget.window_for(self.window, budget.tokens))
+            if problem is not None:
+                raise ValueError(problem)
+
+    def budget_problem(self, tokens: int, window: int) -> str | None:
+        """Why ``tokens`` per KV head per layer with an observation ``window`` cannot serve this method's
+        options, or ``None`` when they can (or nothing is compressed)."""
+        if not self.compresses:
+            return None
+        kept = Budget.kept_window(window, tokens)
+        for part in self.parts.values():
+            try:
+                part.check_slots(tokens - kept, tokens, kept)
+            except ValueError as error:
+                return f"method {self.spec!r}: {error}"
+        return None
 
     def option_names(self) -> list[str]:
         """Every option this method takes: ``window`` and its parts' options."""

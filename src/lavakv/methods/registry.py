@@ -80,6 +80,13 @@ class Part:
         if value not in choices:
             self.fail(f"unknown {option} {value!r}; valid: {', '.join(choices)}")
 
+    def check_slots(self, slots: int, budget: int, window: int) -> None:
+        """Refuse a budget too small for this part's options (nothing is too small by default).
+
+        ``budget`` is the tokens per KV head per layer, ``window`` the tokens of it the kept window
+        takes, and ``slots`` (``budget - window``) the prefix entries a head keeps on average.
+        """
+
 
 @dataclass(frozen=True)
 class Score(Part):

@@ -127,12 +127,22 @@ class StreamingScore(Score):
     """StreamingLLM (Xiao et al., ICLR 2024, "Efficient Streaming Language Models with Attention Sinks").
 
     The first ``sink`` tokens rank above everything, then recency: later tokens rank higher.
+    The window (the most recent tokens) is kept besides, so the sink and the window share the
+    budget: ``sink + window <= budget``, or the sink would silently shrink to what is left.
     """
 
     sink: int = 4
 
     def __post_init__(self) -> None:
         self.check_int("sink", minimum=0)
+
+    def check_slots(self, slots: int, budget: int, window: int) -> None:
+        if self.sink > slots:
+            self.fail(
+                f"sink {self.sink} does not fit in budget {budget}: the budget holds the sink and the "
+                f"{window}-token window (sink + window <= budget), so sink must be <= {slots}; give a "
+                f"smaller sink, a budget >= {self.sink + window} or a smaller window"
+            )
 
     def __call__(self, layer: LayerInput) -> torch.Tensor:
         positions = torch.arange(layer.prefix_length, dtype=torch.float32, device=layer.key.device)
