@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -162,7 +163,7 @@ def _model_identity(path: str | None) -> str:
 
 def cmd_eval(args) -> int:
     """Evaluate methods x budgets on benchmarks, prefilling each sample once, into a resumable store."""
-    from .eval.benchmarks import BENCHMARKS, build_samples
+    from .eval.benchmarks import BENCHMARKS, build_samples, check_lengths_fit
     from .eval.runner import EVAL_WINDOW_IDENTITY, _progress, check_protocol, make_pairs, parse_shard, plan, run
     from .eval.store import ResultStore
     from .models import load_model
@@ -179,26 +180,44 @@ def cmd_eval(args) -> int:
         raise FileNotFoundError(f"--data {args.data}: no such directory")
     if args.max_length is not None and args.max_length < 1:
         raise ValueError(f"--max-length must be >= 1, got {args.max_length}")
+    if args.max_words is not None and args.max_words < 1:
+        raise ValueError(f"--max-words must be an integer >= 1 (words per LongBench sample), got {args.max_words}")
+    if args.max_words is not None and "longbench" not in benchmarks:
+        raise ValueError(f"--max-words filters LongBench samples only; --benchmark {args.benchmark} has none")
+    datasets = _split(args.datasets, str, "datasets")
+    lengths = _split(args.lengths, int, "lengths")
+
+    def check_lengths(max_length: int, limit: str) -> None:
+        for name in benchmarks:
+            check_lengths_fit(name, lengths, datasets, max_length, limit)
 
     def samples_of(name: str, tokenizer) -> list:
-        return build_samples(
+        samples = build_samples(
             name,
             tokenizer,
             data=args.data,
-            datasets=_split(args.datasets, str, "datasets"),
-            lengths=_split(args.lengths, int, "lengths"),
+            datasets=datasets,
+            lengths=lengths,
             depths=_split(args.depths, float, "depths"),
             limit=args.limit,
             max_words=args.max_words,
             seed=args.seed,
         )
+        if not samples:
+            where = f" in --data {args.data}" if name in ("longbench", "infinitebench") else ""
+            raise ValueError(f"--benchmark {name} has no samples{where} (datasets: {args.datasets or 'all present'})")
+        return samples
 
+    if args.max_length is not None:
+        check_lengths(args.max_length, "--max-length")
     read_from_files = {name: samples_of(name, None) for name in benchmarks if name in ("longbench", "infinitebench")}
     ResultStore(args.out).close()
     model, tokenizer = load_model(args.model)
     max_length = args.max_length or context_length(model)
     if max_length is None:
         raise ValueError("the model's config states no context length: give --max-length")
+    if args.max_length is None:
+        check_lengths(max_length, "the model's context")
     identity = {
         "model": _model_identity(args.model),
         "protocol": args.protocol,
@@ -287,6 +306,17 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _take_dash_values(parser: argparse.ArgumentParser) -> None:
+    """Let option values such as ``--shard -1/2`` start with a dash and a digit.
+
+    argparse takes a word starting with ``-`` for an option unless it looks like a plain negative
+    number, so ``--shard -1/2`` failed with "expected one argument" before ``parse_shard`` could
+    name the rule. No lavakv option starts with a dash and a digit, so such a word is a value (the
+    rule newer Pythons use, ``-\\.?\\d``).
+    """
+    parser._negative_number_matcher = re.compile(r"-\.?\d")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lavakv", description="KV-cache compression for transformers models")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -329,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--window", type=int, help="observation window for every method (default: min(32, budget/2))")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--shard", help="i/N: evaluate every N-th sample from the i-th (processes share --out)")
+    _take_dash_values(ev)
     ev.add_argument("--from-scratch", action="store_true", help="prefill every (method, budget) anew (for timing)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.set_defaults(handler=cmd_eval)

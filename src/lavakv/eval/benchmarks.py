@@ -24,6 +24,7 @@ def build_samples(
 ) -> list[Sample]:
     """The samples of ``benchmark``; ``limit`` keeps the first N per dataset (per length for generated ones)."""
     check_count(limit, "--limit", minimum=1)
+    check_count(max_words, "--max-words", minimum=1)
     if benchmark == "niah":
         from .niah import niah_samples
 
@@ -55,3 +56,32 @@ def build_samples(
 
         return load_infinitebench(data, datasets, limit=limit)
     raise ValueError(f"unknown benchmark {benchmark!r}; valid: {', '.join(BENCHMARKS)}")
+
+
+def check_lengths_fit(
+    benchmark: str, lengths: list[int] | None, datasets: list[str] | None, max_length: int, limit: str
+) -> None:
+    """Refuse generated prompt lengths that, with their answers, exceed ``max_length`` tokens.
+
+    The runner cuts the middle of a prompt that does not fit, and with it the needle a NIAH or
+    RULER sample is about, which then scores 0 without a word. ``limit`` says where
+    ``max_length`` comes from ("the model's context", "--max-length"). Other benchmarks pass.
+    """
+    if benchmark == "niah":
+        from .niah import NIAH_MAX_NEW_TOKENS, check_lengths
+
+        lengths, new_tokens = check_lengths(lengths or DEFAULT_NIAH_LENGTHS), NIAH_MAX_NEW_TOKENS
+    elif benchmark == "ruler":
+        from .niah import check_lengths
+        from .ruler import ruler_max_new_tokens
+
+        lengths, new_tokens = check_lengths(lengths or DEFAULT_RULER_LENGTHS), ruler_max_new_tokens(datasets)
+    else:
+        return
+    too_long = [length for length in lengths if length + new_tokens > max_length]
+    if too_long:
+        raise ValueError(
+            f"{benchmark} length {', '.join(map(str, too_long))} does not fit {limit} of {max_length} tokens "
+            f"with max_new_tokens={new_tokens}: the prompt would be cut in the middle, needle included; "
+            f"give --lengths of at most {max_length - new_tokens}"
+        )

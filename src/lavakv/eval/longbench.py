@@ -8,6 +8,7 @@ directory may carry its own ``_prompts.json`` / ``_maxlen.json`` to override the
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -21,6 +22,7 @@ from lavakv.eval.samples import Sample, check_count
 __all__ = ["LONGBENCH_DATASETS", "LongBenchSpec", "load_longbench", "longbench_prompts", "longbench_maxlen"]
 
 LONGBENCH_E_SUFFIX = "_e"
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -98,14 +100,16 @@ def load_longbench(
     order; other files there are ignored. ``max_words`` keeps samples whose ``length`` field (words for
     English, characters for Chinese, as LongBench counts) is at most that, so a model with a short
     window can still be evaluated on the samples it can hold; ``limit`` then keeps the first N of each
-    dataset in file order. Errors name the file, line and field at fault.
+    dataset in file order. Errors name the file, line and field at fault; a ``max_words`` that
+    leaves no sample at all is an error naming how many it removed and the shortest length.
     """
     check_count(limit, "limit", minimum=0)
-    check_count(max_words, "max_words", minimum=0)
+    check_count(max_words, "max_words", minimum=1)
     root = check_dir(data_dir, "LongBench")
     names = resolve_names(root, datasets, _longbench_names(), "LongBench dataset")
     prompts, maxlen = _tables_for(root)
     samples: list[Sample] = []
+    too_long: dict[str, list[int]] = {}
     for name in names:
         base = _base_name(name)
         spec = LONGBENCH_DATASETS[base]
@@ -128,6 +132,7 @@ def load_longbench(
                 elif not isinstance(length, int) or isinstance(length, bool):
                     raise ValueError(f"{where}: field 'length' must be an integer, got {length!r}")
                 if length > max_words:
+                    too_long.setdefault(name, []).append(length)
                     continue
             sample_id = str(record["_id"]) if record.get("_id") is not None else f"{name}-{line_no}"
             check_unique(sample_id, seen, where)
@@ -152,7 +157,26 @@ def load_longbench(
                 )
             )
             kept += 1
+    _check_filtered(samples, too_long, names, max_words)
     return samples
+
+
+def _check_filtered(samples: list[Sample], too_long: dict[str, list[int]], names: list[str], max_words: int) -> None:
+    """Say when ``max_words`` emptied datasets: an error if it left nothing at all, else a warning for each."""
+    removed = sum(len(lengths) for lengths in too_long.values())
+    if removed and not samples:
+        shortest = min(min(lengths) for lengths in too_long.values())
+        chinese = any(LONGBENCH_DATASETS[_base_name(name)].language == "zh" for name in too_long)
+        unit = "words long (characters for Chinese)" if chinese else "words long"
+        raise ValueError(
+            f"max_words={max_words} removed all {removed} samples of LongBench {', '.join(names)}: the shortest "
+            f"is {shortest} {unit}; give max_words >= {shortest}"
+        )
+    kept = {sample.dataset for sample in samples}
+    for name, lengths in too_long.items():
+        if name not in kept:
+            message = "max_words=%d removed all %d samples of LongBench %s (the shortest is %d words long)"
+            logger.warning(message, max_words, len(lengths), name, min(lengths))
 
 
 def _longbench_names() -> list[str]:

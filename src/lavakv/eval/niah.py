@@ -73,6 +73,8 @@ NEEDLES: tuple[Needle, ...] = (
     ),
 )
 
+NIAH_MAX_NEW_TOKENS = 32
+"""Tokens a needle answer may take."""
 NIAH_INSTRUCTION = "Read the text below carefully. A question about one fact in it follows at the end.\n\n"
 
 
@@ -352,7 +354,7 @@ def _niah_sample(tokenizer, haystack: EssayHaystack, needle: Needle, length: int
         context=context,
         question=question,
         answers=[needle.answer],
-        max_new_tokens=32,
+        max_new_tokens=NIAH_MAX_NEW_TOKENS,
         metric="needle_recall",
         chat_template=False,
         extra={

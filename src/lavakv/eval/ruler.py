@@ -101,6 +101,12 @@ def ruler_samples(
     return samples
 
 
+def ruler_max_new_tokens(tasks: list[str] | None) -> int:
+    """The most tokens an answer of ``tasks`` (``None``: every task) may take."""
+    tasks = list(RULER_TASKS) if tasks is None else _check_tasks(tasks)
+    return max(_MAX_NEW_TOKENS.get(task, 32) for task in tasks)
+
+
 def _check_tasks(tasks: Sequence[str]) -> list[str]:
     if isinstance(tasks, str) or not tasks:
         raise ValueError(f"tasks must be a non-empty list of task names (or None for all), got {tasks!r}")

@@ -1,0 +1,154 @@
+"""``lavakv eval`` refuses what would silently give no or meaningless results: filters that leave no
+sample, NIAH/RULER lengths beyond the model's context, and shards written with a leading dash."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from conftest import TinyTokenizer, tiny_model
+
+from lavakv import models
+from lavakv.cli import build_parser, main
+from lavakv.eval import niah, ruler
+from lavakv.eval.longbench import load_longbench
+
+TINY_CONTEXT = 2048
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Loading a model fails the test: the check under test must come first."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(models, "load_model", refuse)
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    """``--model`` loads a tiny random model whose context is TINY_CONTEXT tokens; sample generation fails the test."""
+    model = tiny_model("llama", max_position_embeddings=TINY_CONTEXT)
+    monkeypatch.setattr(models, "load_model", lambda *args, **kwargs: (model, TinyTokenizer()))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("samples were generated before the lengths were checked")
+
+    monkeypatch.setattr(niah, "niah_samples", refuse)
+    monkeypatch.setattr(ruler, "ruler_samples", refuse)
+    return model
+
+
+def _longbench_dir(path, lengths: dict[str, list[int]]):
+    path.mkdir()
+    for dataset, values in lengths.items():
+        records = [
+            {"input": f"q{i}?", "context": f"text {i}", "answers": [f"a{i}"], "length": n, "_id": f"{dataset}{i}"}
+            for i, n in enumerate(values)
+        ]
+        (path / f"{dataset}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _eval(tmp_path, *options: str) -> list[str]:
+    return ["eval", "--out", str(tmp_path / "run"), "--methods", "snapkv", "--budgets", "64", *options]
+
+
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_max_words_below_one_is_refused_before_loading(value, tmp_path, capsys, no_model):
+    data = _longbench_dir(tmp_path / "data", {"qasper": [100, 200]})
+    assert main(_eval(tmp_path, "--benchmark", "longbench", "--data", str(data), "--max-words", value)) == 2
+    err = capsys.readouterr().err
+    assert "--max-words must be an integer >= 1" in err and f"got {value}" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_max_words_filter_that_removes_every_sample_says_so_before_loading(tmp_path, capsys, no_model):
+    lengths = {"qasper": [300, 120, 500], "trec": [250]}
+    data = _longbench_dir(tmp_path / "data", lengths)
+    command = _eval(tmp_path, "--benchmark", "longbench", "--data", str(data), "--max-words", "100")
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    removed = sum(len(values) for values in lengths.values())
+    shortest = min(min(values) for values in lengths.values())
+    assert f"max_words=100 removed all {removed} samples" in err
+    assert f"shortest is {shortest} words" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_dataset_emptied_by_max_words_is_named_while_others_run(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("lavakv"), "propagate", True)
+    data = _longbench_dir(tmp_path / "data", {"qasper": [300, 500], "trec": [50, 80, 400]})
+    with caplog.at_level(logging.WARNING, logger="lavakv"):
+        samples = load_longbench(data, max_words=100)
+    assert {sample.dataset for sample in samples} == {"trec"}
+    assert any("removed all 2 samples of LongBench qasper" in r.getMessage() for r in caplog.records)
+    assert not any("trec" in r.getMessage() for r in caplog.records)
+
+
+def test_max_words_without_longbench_is_refused(tmp_path, capsys, no_model):
+    assert main(_eval(tmp_path, "--benchmark", "niah", "--max-words", "3000")) == 2
+    assert "--max-words filters LongBench samples only" in capsys.readouterr().err
+
+
+def test_a_benchmark_without_samples_is_refused_before_loading(tmp_path, capsys, no_model):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "qasper.jsonl").write_text("")
+    assert main(_eval(tmp_path, "--benchmark", "longbench", "--data", str(data))) == 2
+    err = capsys.readouterr().err
+    assert "--benchmark longbench has no samples" in err and str(data) in err
+
+
+def test_niah_lengths_beyond_the_model_context_are_refused_before_any_sample(tmp_path, capsys, tiny):
+    too_long = TINY_CONTEXT + 100
+    assert main(_eval(tmp_path, "--benchmark", "niah", "--lengths", f"1000,{too_long}")) == 2
+    err = capsys.readouterr().err
+    assert f"niah length {too_long} does not fit the model's context of {TINY_CONTEXT} tokens" in err
+    assert f"max_new_tokens={niah.NIAH_MAX_NEW_TOKENS}" in err
+    assert f"at most {TINY_CONTEXT - niah.NIAH_MAX_NEW_TOKENS}" in err
+    assert "length 1000 " not in err
+
+
+def test_a_length_that_fits_only_without_its_answer_is_refused(tmp_path, capsys, tiny):
+    assert main(_eval(tmp_path, "--benchmark", "niah", "--lengths", str(TINY_CONTEXT))) == 2
+    assert f"niah length {TINY_CONTEXT} does not fit" in capsys.readouterr().err
+
+
+def test_ruler_default_lengths_are_checked_against_the_longest_answer(tmp_path, capsys, tiny):
+    assert main(_eval(tmp_path, "--benchmark", "ruler", "--datasets", "vt")) == 2
+    err = capsys.readouterr().err
+    assert f"ruler length {TINY_CONTEXT} does not fit the model's context" in err
+    assert f"max_new_tokens={ruler.ruler_max_new_tokens(['vt'])}" in err
+    assert ruler.ruler_max_new_tokens(None) == max(ruler.ruler_max_new_tokens([t]) for t in ruler.RULER_TASKS)
+
+
+def test_max_length_is_checked_before_loading(tmp_path, capsys, no_model):
+    assert main(_eval(tmp_path, "--benchmark", "niah", "--lengths", "1000", "--max-length", "1000")) == 2
+    err = capsys.readouterr().err
+    assert "niah length 1000 does not fit --max-length of 1000 tokens" in err
+
+
+def test_lengths_that_fit_pass():
+    from lavakv.eval.benchmarks import check_lengths_fit
+
+    check_lengths_fit("niah", [1000, TINY_CONTEXT - niah.NIAH_MAX_NEW_TOKENS], None, TINY_CONTEXT, "the context")
+    check_lengths_fit("longbench", [10**6], None, TINY_CONTEXT, "the context")
+
+
+@pytest.mark.parametrize("spelling", [["--shard", "-1/2"], ["--shard=-1/2"], ["--shard", "-2/3"]])
+def test_a_negative_shard_reaches_the_shard_rule(spelling, tmp_path, capsys, no_model):
+    assert main(_eval(tmp_path, "--benchmark", "niah", *spelling)) == 2
+    err = capsys.readouterr().err
+    assert "--shard i/N needs N >= 1 and 0 <= i < N" in err
+    assert "expected one argument" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_dash_value_does_not_swallow_a_missing_value():
+    args = build_parser().parse_args(["eval", "--benchmark", "niah", "--out", "x", "--shard", "-1/2"])
+    assert args.shard == "-1/2"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "--benchmark", "niah", "--shard", "--out", "x"])
