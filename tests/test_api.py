@@ -56,7 +56,7 @@ def test_missing_model_path_and_unreadable_gguf(tmp_path):
         lavakv.load_model(tmp_path / "nowhere")
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"not a gguf file at all")
-    with pytest.raises(ValueError, match="cannot read GGUF file"):
+    with pytest.raises(ValueError, match="is not a GGUF file"):
         lavakv.load_model(broken)
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(ValueError, match="no config.json"):
@@ -78,7 +78,6 @@ def test_load_model_reads_a_transformers_directory(tmp_path):
 
 def test_query_agnostic_protocol_with_full_cache_matches_the_whole_prompt():
     from lavakv.generate import _generate_ids
-    from lavakv.methods import Budget, Method
 
     model = tiny_model("llama")
     context, question = random_prompt(120, seed=1), random_prompt(10, seed=2)
@@ -91,9 +90,11 @@ def test_query_agnostic_protocol_with_full_cache_matches_the_whole_prompt():
             return ""
 
     expected = plain_generate(model, context + question, 6)
-    got = _generate_ids(model, Tok(), [context], [question], Method.preset("full"), None, 6, None)[0]
+    full = lavakv.CompressedCache(model, method="full")
+    got = _generate_ids(model, Tok(), [context], [question], full, 6)[0]
     assert got.token_ids == expected
-    compressed = _generate_ids(model, Tok(), [context], [question], Method.preset("lava"), Budget(40), 6, None)[0]
+    lava = lavakv.CompressedCache(model, method="lava", budget=40)
+    compressed = _generate_ids(model, Tok(), [context], [question], lava, 6)[0]
     assert compressed.stats.kept_entries == 40 * 2 * 4
     assert compressed.stats.prompt_length == 120
 

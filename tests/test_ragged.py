@@ -132,3 +132,113 @@ def test_bad_layouts_are_refused():
     storage.append(torch.zeros(1, 2, 2, DIM), torch.zeros(1, 2, 2, DIM))
     with pytest.raises(RuntimeError, match="track_positions"):
         storage.attend(torch.zeros(1, 2, 2, DIM), 1.0, sliding_window=4)
+
+
+def _with_tail(lengths, steps, length=20, seed=0, track=False):
+    """A packed storage plus ``steps`` appended tokens, and its rows with the tail written out."""
+    rows = _rows(lengths, length=length, seed=seed)
+    storage = RaggedKV.pack(rows, [0] * len(lengths), append_start=length, track_positions=track)
+    generator = torch.Generator().manual_seed(seed + 100)
+    tail_keys = torch.randn(len(lengths), len(lengths[0]), steps, DIM, generator=generator)
+    tail_values = torch.randn(len(lengths), len(lengths[0]), steps, DIM, generator=generator)
+    if steps:
+        storage.append(tail_keys, tail_values)
+    full = [
+        [
+            (
+                torch.cat([p, length + torch.arange(steps)]),
+                torch.cat([k, tail_keys[b, h]]),
+                torch.cat([v, tail_values[b, h]]),
+            )
+            for h, (p, k, v) in enumerate(heads)
+        ]
+        for b, heads in enumerate(rows)
+    ]
+    return storage, full
+
+
+def _dense_reference_rows(full, query, scaling, next_position, sliding_window=None):
+    batch, heads, q_len, _ = query.shape
+    kv_heads = len(full[0])
+    group = heads // kv_heads
+    out = torch.zeros(batch, q_len, heads, DIM)
+    for b in range(batch):
+        for h in range(heads):
+            positions, keys, values = full[b][h // group]
+            for i in range(q_len):
+                query_position = next_position - q_len + i
+                visible = positions <= query_position
+                if sliding_window:
+                    visible &= query_position - positions < sliding_window
+                logits = ((keys @ query[b, h, i]) * scaling).masked_fill(~visible, -math.inf)
+                out[b, i, h] = torch.softmax(logits, dim=0) @ values
+    return out
+
+
+@pytest.mark.parametrize("steps", [0, 3])
+def test_fold_moves_the_tail_into_the_rows_and_attention_is_unchanged(steps):
+    storage, full = _with_tail([[3, 7], [6, 1]], steps, track=True)
+    folded = storage.fold()
+    assert folded.steps == 0 and folded.append_start == 20 + steps
+    assert folded.lengths.tolist() == [[3 + steps, 7 + steps], [6 + steps, 1 + steps]]
+    for b in range(2):
+        for h in range(2):
+            positions, keys, values = folded.row(b, h)
+            assert torch.equal(positions.long(), full[b][h][0]) and torch.equal(keys, full[b][h][1])
+    query = torch.randn(2, 4, 1, DIM, generator=torch.Generator().manual_seed(1))
+    folded.append(torch.zeros(2, 2, 1, DIM), torch.zeros(2, 2, 1, DIM))
+    storage.append(torch.zeros(2, 2, 1, DIM), torch.zeros(2, 2, 1, DIM))
+    torch.testing.assert_close(folded.attend(query, 0.3, 9), storage.attend(query, 0.3, 9), rtol=1e-5, atol=1e-6)
+
+
+def test_concat_aligns_timelines_and_keeps_every_row():
+    first, first_rows = _with_tail([[3, 7]], 2, length=20, seed=1)
+    second, second_rows = _with_tail([[5, 2], [1, 4]], 4, length=12, seed=2)
+    joined = RaggedKV.concat([first, second])
+    assert joined.batch == 3 and joined.append_start + joined.steps == 22
+    shifted = [[(p + 6, k, v) for p, k, v in heads] for heads in second_rows]
+    full = first_rows + shifted
+    for b in range(3):
+        for h in range(2):
+            positions, keys, _ = joined.full_row(b, h)
+            assert torch.equal(positions.long(), full[b][h][0]) and torch.equal(keys, full[b][h][1])
+    query = torch.randn(3, 2, 1, DIM, generator=torch.Generator().manual_seed(2))
+    new_keys = torch.randn(3, 2, 1, DIM, generator=torch.Generator().manual_seed(3))
+    joined.append(new_keys, new_keys)
+    grown = [
+        [
+            (torch.cat([p, torch.tensor([22])]), torch.cat([k, new_keys[b, h]]), torch.cat([v, new_keys[b, h]]))
+            for h, (p, k, v) in enumerate(heads)
+        ]
+        for b, heads in enumerate(full)
+    ]
+    expected = _dense_reference_rows(grown, query, 0.4, 23)
+    torch.testing.assert_close(joined.attend(query, 0.4), expected, rtol=1e-5, atol=1e-5)
+    same = RaggedKV.concat([first, first.clone()])
+    assert same.steps == 2 and same.batch == 2
+
+
+def test_keep_select_repeat_and_clone():
+    storage, full = _with_tail([[3, 7], [6, 1]], 2)
+    chosen = [[torch.tensor([0, 4]), torch.tensor([1, 2, 8])], [torch.tensor([7]), torch.tensor([0, 1, 2])]]
+    kept = storage.keep(chosen)
+    assert kept.lengths.tolist() == [[2, 3], [1, 3]] and kept.steps == 0
+    for b in range(2):
+        for h in range(2):
+            positions, keys, _ = kept.row(b, h)
+            assert torch.equal(positions.long(), full[b][h][0][chosen[b][h]])
+            assert torch.equal(keys, full[b][h][1][chosen[b][h]])
+    picked = storage.select([1, 1, 0])
+    assert picked.lengths.tolist() == [[6, 1], [6, 1], [3, 7]]
+    assert torch.equal(picked.full_row(0, 0)[1], storage.full_row(1, 0)[1])
+    assert torch.equal(storage.repeat_interleave(2).lengths, torch.tensor([[3, 7], [3, 7], [6, 1], [6, 1]]))
+    copy = storage.clone()
+    copy.append(torch.ones(2, 2, 1, DIM), torch.ones(2, 2, 1, DIM))
+    assert storage.steps == 2 and copy.steps == 3
+    assert storage.count_before([21, 0]).tolist() == [[4, 8], [0, 0]]
+    restored = RaggedKV.from_tensors(storage.tensors(), storage.append_start, False)
+    assert torch.equal(restored.full_row(1, 0)[1], storage.full_row(1, 0)[1])
+    with pytest.raises(ValueError, match="incomplete"):
+        RaggedKV.from_tensors({"keys": storage.keys}, 20, False)
+    with pytest.raises(IndexError, match="outside"):
+        storage.select([2])

@@ -322,7 +322,12 @@ class CompressedCache(Cache):
                     f"attention mask over {attention_mask.shape[-1]}) continue a history of "
                     f"{attention_mask.shape[-1] - new} tokens: it holds another prompt. {FRESH_START}"
                 )
-        if position_ids is not None and new is not None and new > 1 and self.infos is not None:
+        if (
+            position_ids is not None
+            and new is not None
+            and 1 < new <= position_ids.shape[-1]
+            and self.infos is not None
+        ):
             first = position_ids.reshape(-1, position_ids.shape[-1])[:, -new].tolist()
             expected = [held - pad for pad in self.padding]
             if len(first) == len(expected) and first != expected:
@@ -776,6 +781,9 @@ def check_decode_budget(method: Method, decode_budget: int | None, decode_interv
             f"decode_budget must be an integer greater than the method's window ({method.window}) in tokens per KV "
             f"head per layer, got {decode_budget!r}"
         )
+    problem = method.budget_problem(decode_budget, method.window)
+    if problem is not None:
+        raise ValueError(f"decode_budget {decode_budget}: {problem}")
     return decode_budget, decode_interval
 
 
@@ -791,5 +799,5 @@ def check_budget(method: Method, budget: int | Budget | None, ratio: float | Non
         return None
     if resolved is None:
         raise ValueError(f"method {method.spec!r} needs a budget (tokens per KV head per layer) or a ratio in (0, 1]")
-    resolved.check_window(method.window)
+    method.check_budget(resolved)
     return resolved

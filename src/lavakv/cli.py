@@ -1,4 +1,4 @@
-"""Command line: ``lavakv generate``, ``demo``, ``eval``, ``report`` and ``bench``.
+"""Command line: ``lavakv generate``, ``compress``, ``demo``, ``eval``, ``report`` and ``bench``.
 
 Commands only: each parses its arguments, checks them, calls the library and prints the result.
 Progress and status go through the ``lavakv`` logger, set up here.
@@ -69,40 +69,134 @@ def _read_prompt(args) -> str:
     return args.prompt
 
 
+def _decode_settings(args) -> dict:
+    return {"decode_budget": args.decode_budget, "decode_interval": args.decode_interval}
+
+
 def cmd_generate(args) -> int:
-    from .cache import check_budget
+    from .cache import CompressedCache, check_budget, check_decode_budget
     from .generate import generate
+    from .models import load_model
+
+    questions = args.question or []
+    if args.cache:
+        if args.prompt is not None or args.prompt_file:
+            raise ValueError("--cache holds the context already: give --question, not --prompt or --prompt-file")
+        if not questions:
+            raise ValueError("--cache needs at least one --question")
+        _refuse_method_flags(args, "--cache brings its own method and budget")
+        if not Path(args.cache).is_file():
+            raise FileNotFoundError(f"compressed cache file not found: {args.cache}")
+        model, tokenizer = load_model(args.model)
+        cache = CompressedCache.load(args.cache, model)
+        chat = not args.no_chat_template
+        if len(questions) == 1:
+            outputs = [
+                generate(
+                    model,
+                    tokenizer,
+                    cache=cache,
+                    question=questions[0],
+                    max_new_tokens=args.max_new_tokens,
+                    chat_template=chat,
+                )
+            ]
+        else:
+            outputs = generate(
+                model,
+                tokenizer,
+                cache=cache,
+                questions=questions,
+                max_new_tokens=args.max_new_tokens,
+                chat_template=chat,
+            )
+        return _print_outputs(args, outputs, questions)
+    prompt = _read_prompt(args)
+    method = _method(args)
+    budget = args.budget if args.budget is not None or args.ratio is not None or not method.compresses else 128
+    check_budget(method, budget, args.ratio)
+    check_decode_budget(method, args.decode_budget, args.decode_interval)
+    model, tokenizer = load_model(args.model)
+    common = dict(
+        method=method,
+        budget=budget,
+        ratio=args.ratio,
+        max_new_tokens=args.max_new_tokens,
+        chat_template=not args.no_chat_template,
+        **_decode_settings(args),
+    )
+    if len(questions) > 1:
+        outputs = generate(model, tokenizer, prompt, questions=questions, **common)
+    else:
+        outputs = [generate(model, tokenizer, prompt, question=questions[0] if questions else None, **common)]
+    return _print_outputs(args, outputs, questions)
+
+
+def _refuse_method_flags(args, reason: str) -> None:
+    given = [f"--{name}" for name in ("budget", "ratio", "decode_budget") if getattr(args, name) is not None]
+    given += [f"--{name}" for name in declared_options() if getattr(args, name) is not None]
+    if args.method != "lava":
+        given.insert(0, "--method")
+    if given:
+        raise ValueError(f"{reason}; leave out {', '.join(given)}")
+
+
+def _print_outputs(args, outputs, questions) -> int:
+    if args.json:
+        records = []
+        for out in outputs:
+            stats = asdict(out.stats)
+            if not args.positions:
+                stats.pop("kept_positions")
+            records.append({"text": out.text, "token_ids": out.token_ids, "stats": stats})
+        print(json.dumps(records[0] if len(records) == 1 and len(questions) <= 1 else records))
+        return 0
+    for index, out in enumerate(outputs):
+        if len(outputs) > 1:
+            print(f"Q{index + 1}: {questions[index]}\nA{index + 1}: {out.text}\n")
+        else:
+            print(out.text)
+    s = outputs[0].stats
+    answered = f" for {len(outputs)} questions" if len(outputs) > 1 else ""
+    print(
+        f"\n[{s.method}] prompt {s.prompt_length} tokens, budget {s.budget}/head/layer: kept {s.kept_entries:,} of "
+        f"{s.full_entries:,} entries; cache {s.kv_bytes / 2**20:.2f} MiB vs {s.full_kv_bytes / 2**20:.2f} MiB full; "
+        f"prefill {s.prefill_seconds:.2f} s, decode {s.decode_seconds:.2f} s{answered}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_compress(args) -> int:
+    """Compress a context once into a ``.lkv`` file that ``lavakv generate --cache`` asks questions of."""
+    from .cache import check_budget
+    from .generate import compress
     from .models import load_model
 
     prompt = _read_prompt(args)
     method = _method(args)
     budget = args.budget if args.budget is not None or args.ratio is not None or not method.compresses else 128
     check_budget(method, budget, args.ratio)
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"directory for --out not found: {out.parent}")
     model, tokenizer = load_model(args.model)
-    out = generate(
+    cache = compress(
         model,
         tokenizer,
         prompt,
         method=method,
         budget=budget,
         ratio=args.ratio,
-        max_new_tokens=args.max_new_tokens,
         chat_template=not args.no_chat_template,
-        question=args.question,
     )
-    if args.json:
-        stats = asdict(out.stats)
-        if not args.positions:
-            stats.pop("kept_positions")
-        print(json.dumps({"text": out.text, "token_ids": out.token_ids, "stats": stats}))
-        return 0
-    s = out.stats
-    print(out.text)
+    size = cache.save(out)
+    stats = cache.stats(positions=False)
+    sequence = stats.sequences[0]
     print(
-        f"\n[{s.method}] prompt {s.prompt_length} tokens, budget {s.budget}/head/layer: kept {s.kept_entries:,} of "
-        f"{s.full_entries:,} entries; cache {s.kv_bytes / 2**20:.2f} MiB vs {s.full_kv_bytes / 2**20:.2f} MiB full; "
-        f"prefill {s.prefill_seconds:.2f} s, decode {s.decode_seconds:.2f} s for {s.generated_tokens} tokens",
-        file=sys.stderr,
+        f"{out}: {size / 2**20:.2f} MiB for a {sequence.prompt_length}-token context ({stats.method}, budget "
+        f"{sequence.budget}/head/layer: kept {stats.kept_entries:,} of {stats.full_entries:,} entries); the full "
+        f"cache would hold {stats.full_kv_bytes / 2**20:.2f} MiB ({stats.full_kv_bytes / size:.1f}x the file)"
     )
     return 0
 
@@ -324,13 +418,31 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="generate with a compressed KV cache")
     gen.add_argument("--prompt", help="the prompt text")
     gen.add_argument("--prompt-file", help="read the prompt from a file")
-    gen.add_argument("--question", help="query-agnostic protocol: compress the prompt alone, then ask this")
+    gen.add_argument(
+        "--question",
+        action="append",
+        help="query-agnostic protocol: compress the prompt alone, then ask this (repeat it: the context is "
+        "compressed once and the questions are answered together)",
+    )
+    gen.add_argument("--cache", help="a compressed context from lavakv compress (.lkv) to ask --question of")
+    gen.add_argument(
+        "--decode-budget", type=int, help="bound the cache while generating: tokens per KV head per layer (off)"
+    )
+    gen.add_argument("--decode-interval", type=int, default=32, help="decode steps between evictions (default 32)")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--no-chat-template", action="store_true", help="feed the prompt as plain text")
     gen.add_argument("--json", action="store_true", help="print text and statistics as JSON")
     gen.add_argument("--positions", action="store_true", help="with --json, include the kept positions")
     _add_method_arguments(gen)
     gen.set_defaults(handler=cmd_generate)
+
+    comp = commands.add_parser("compress", help="compress a context once into a file to ask questions of later")
+    comp.add_argument("--prompt", help="the context text")
+    comp.add_argument("--prompt-file", help="read the context from a file")
+    comp.add_argument("--out", required=True, help="the .lkv file to write")
+    comp.add_argument("--no-chat-template", action="store_true", help="feed the context as plain text")
+    _add_method_arguments(comp)
+    comp.set_defaults(handler=cmd_compress)
 
     demo = commands.add_parser("demo", help="passkey demo: full cache vs compressed caches on the embedded model")
     demo.add_argument("--budget", type=int, default=64, help="tokens per KV head per layer (default 64)")
@@ -375,9 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", help="smollm2 (default), llama3-layout-1b (random weights), a directory or .gguf")
     bench.add_argument("--length", type=int, default=2048, help="prompt tokens (default 2048)")
     bench.add_argument("--budgets", default="128,512", help="comma-separated (default 128,512)")
-    bench.add_argument(
-        "--methods", default="snapkv,ada-snapkv,cake,lava", help=f"comma-separated; each {SPEC_HELP}"
-    )
+    bench.add_argument("--methods", default="snapkv,ada-snapkv,cake,lava", help=f"comma-separated; each {SPEC_HELP}")
     bench.add_argument("--decode-tokens", type=int, default=64, help="greedy steps timed per configuration")
     bench.add_argument("--json", help="also write the measurements and ratios to this JSON file")
     bench.set_defaults(handler=cmd_bench)

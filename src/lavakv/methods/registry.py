@@ -201,7 +201,9 @@ def part_class(kind: str, name: str) -> type[Part]:
 class LayerInput:
     """One sequence's prefill tensors for one layer, with the window attention computed once, lazily.
 
-    ``query`` is ``[H, n, d]``, ``key`` and ``value`` are ``[H_kv, n, d]`` (keys after RoPE);
+    ``query`` is ``[H, q, d]``, the queries of the last ``q`` of the ``n`` positions (``q = n`` at
+    prefill, the latest generated tokens while decoding); ``key`` and ``value`` are ``[H_kv, n, d]``
+    (keys after RoPE);
     ``observed`` is the number of last queries that score the prefix (the window), ``prefix_length``
     the number ``m`` of leading entries that compete for slots (the rest is the kept window).
     """

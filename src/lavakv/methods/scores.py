@@ -108,16 +108,20 @@ class CakeScore(PooledScore):
 class H2OScore(Score):
     """H2O (Zhang et al., NeurIPS 2023, "H2O: Heavy-Hitter Oracle for Efficient Generative Inference").
 
-    Attention received from every prompt query (accumulated), averaged over each GQA group.
+    Attention received from every query given (the whole prompt at prefill, the latest generated
+    tokens while decoding), accumulated, averaged over each GQA group.
     Computed in chunks of queries so that the full ``n x n`` matrix never exists at once.
     """
 
     def __call__(self, layer: LayerInput) -> torch.Tensor:
-        heads, length = layer.query.shape[0], layer.length
+        heads, length, queries = layer.query.shape[0], layer.length, layer.query.shape[1]
+        first = length - queries
         total = torch.zeros(heads, length, dtype=torch.float32, device=layer.key.device)
-        for start in range(0, length, H2O_QUERY_CHUNK):
+        for start in range(0, queries, H2O_QUERY_CHUNK):
             chunk = layer.query[:, start : start + H2O_QUERY_CHUNK]
-            total += attention_probabilities(chunk, layer.key, layer.scaling, first_query_position=start).sum(dim=1)
+            total += attention_probabilities(chunk, layer.key, layer.scaling, first_query_position=first + start).sum(
+                dim=1
+            )
         return reduce_group(total[:, : layer.prefix_length], layer.num_kv_heads, "mean")
 
 
