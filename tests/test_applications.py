@@ -300,3 +300,18 @@ def test_a_sink_that_does_not_fit_the_budget_is_refused():
         CompressedCache(model, method="streamingllm", budget=64, sink=200)
     with pytest.raises(ValueError, match="decode_budget 40: .*sink 20 does not fit in budget 40"):
         CompressedCache(model, method="streamingllm", budget=64, sink=20, decode_budget=40)
+
+
+def test_cli_checks_cache_arguments_before_loading_a_model(tmp_path, capsys):
+    from lavakv.cli import main
+
+    missing = str(tmp_path / "none.lkv")
+    assert main(["generate", "--cache", missing, "--question", "Q?", "--model", "/no/such/model"]) == 2
+    assert "compressed cache file not found" in capsys.readouterr().err
+    assert main(["generate", "--cache", missing, "--model", "/no/such/model"]) == 2
+    assert "needs at least one --question" in capsys.readouterr().err
+    assert main(["generate", "--cache", missing, "--question", "Q?", "--budget", "64"]) == 2
+    assert "leave out --budget" in capsys.readouterr().err
+    command = ["generate", "--prompt", "hi", "--method", "full", "--decode-budget", "64", "--model", "/no/such/model"]
+    assert main(command) == 2
+    assert "keeps every entry" in capsys.readouterr().err

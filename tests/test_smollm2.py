@@ -125,3 +125,54 @@ def test_eval_and_report_commands_on_smollm2(smollm2, tmp_path, capsys):
         == 2
     )
     assert "protocol='query-aware'" in capsys.readouterr().err
+
+
+def test_context_and_question_parts_alone_equal_the_split_prompt(smollm2):
+    from lavakv.prompting import QUESTION_SEPARATOR, context_ids, question_ids, split_prompt
+
+    _, tokenizer = smollm2
+    context = "The lighthouse keeper's cat is called Marmalade. " * 8
+    for question in ["What is the cat called?", "  Who keeps the lighthouse?  ", "Name it."]:
+        expected = split_prompt(tokenizer, context + QUESTION_SEPARATOR, question, chat_template=True)
+        assert (context_ids(tokenizer, context, True), question_ids(tokenizer, question, True)) == expected
+        plain = split_prompt(tokenizer, context + QUESTION_SEPARATOR, question, chat_template=False)
+        assert (context_ids(tokenizer, context, False), question_ids(tokenizer, question, False)) == plain
+
+
+def test_compress_to_a_file_and_ask_it_from_the_command_line(smollm2, tmp_path, capsys):
+    model, tokenizer = smollm2
+    document = tmp_path / "doc.txt"
+    document.write_text("The lighthouse keeper's cat is called Marmalade. She sleeps on the lamp. " * 20)
+    path = tmp_path / "doc.lkv"
+    assert (
+        main(["compress", "--prompt-file", str(document), "--method", "lava", "--budget", "64", "--out", str(path)])
+        == 0
+    )
+    assert "the full cache would hold" in capsys.readouterr().out
+    questions = ["What is the cat called?", "Where does she sleep?"]
+    command = ["generate", "--cache", str(path), "--json", "--max-new-tokens", "12"]
+    assert main(command + [arg for q in questions for arg in ("--question", q)]) == 0
+    answers = json.loads(capsys.readouterr().out)
+    expected = lavakv.generate(
+        model, tokenizer, document.read_text(), method="lava", budget=64, question=questions[1], max_new_tokens=12
+    )
+    assert answers[1]["token_ids"] == expected.token_ids
+    assert main(["generate", "--cache", str(path), "--question", "Who?", "--method", "snapkv"]) == 2
+    assert "--cache brings its own method" in capsys.readouterr().err
+
+
+def test_a_chat_continues_through_its_compressed_cache(smollm2):
+    model, tokenizer = smollm2
+    chat = [{"role": "user", "content": "Name three colours. " + "Think carefully. " * 40}]
+    cache = lavakv.CompressedCache(model, method="snapkv", budget=64)
+    first = lavakv.generate(model, tokenizer, chat, cache=cache, max_new_tokens=12)
+    follow = chat + [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And two animals?"}]
+    history = lavakv.prompting.encode_prompt(tokenizer, follow, True)
+    assert history[: len(cache.token_ids())] == cache.token_ids()
+    second = lavakv.generate(model, tokenizer, follow, cache=cache, max_new_tokens=12)
+    reference = lavakv.CompressedCache(model, method="snapkv", budget=64)
+    lavakv.generate(model, tokenizer, chat, cache=reference, max_new_tokens=12)
+    again = lavakv.generate(model, tokenizer, history, cache=reference, max_new_tokens=12)
+    assert second.token_ids == again.token_ids
+    with pytest.raises(lavakv.ContinuationError, match="holds another prompt"):
+        lavakv.generate(model, tokenizer, [{"role": "user", "content": "Something else."}], cache=cache)

@@ -114,13 +114,16 @@ class PrefillRecord:
         ratio: float | None = None,
         progressive: bool = False,
         reuse_scores: bool = True,
+        decode_budget: int | None = None,
+        decode_interval: int = 32,
         **options,
     ) -> CompressedCache:
         """A new cache holding what ``method`` keeps of the recorded prompt, ready for decoding.
 
         ``progressive`` replays the layer-by-layer selection a compressing prefill makes (same
         result, more work for dynamic layer budgets); ``reuse_scores=False`` computes every score
-        anew, so that the cache's clock shows the full cost of compression.
+        anew, so that the cache's clock shows the full cost of compression. ``decode_budget`` and
+        ``decode_interval`` bound the cache while decoding (see :class:`~lavakv.CompressedCache`).
         """
         cache = CompressedCache(
             self.config,
@@ -129,6 +132,8 @@ class PrefillRecord:
             ratio=ratio,
             progressive=progressive,
             score_memo=self.score_memo if reuse_scores else None,
+            decode_budget=decode_budget,
+            decode_interval=decode_interval,
             **options,
         )
         cache.weights_fingerprint = self.weights_fingerprint
