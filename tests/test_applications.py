@@ -59,7 +59,8 @@ def test_questions_of_a_compressed_context_leave_it_unchanged(tokenizer):
     assert all(torch.equal(a, b[1]) for a, b in zip(before, cache.kept_kv(1)))
     one = lavakv.generate(model, tokenizer, cache=cache, question=" 1 2", max_new_tokens=5)
     assert one.token_ids == answers[0].token_ids
-    assert cache.token_ids() == one.history[:-1]
+    assert cache.token_ids() == held
+    assert lavakv.generate(model, tokenizer, cache=cache, question=" 1 2", max_new_tokens=5).token_ids == one.token_ids
 
 
 def test_copy_is_independent():
@@ -90,7 +91,7 @@ def test_stacked_caches_of_different_lengths_decode_as_each_alone():
     assert feed.greedy(torch.cat(logits), 6, stop_ids=set()) == alone
     stats = stacked.stats()
     assert [s.prompt_length for s in stats.sequences] == [140, 90]
-    with pytest.raises(ValueError, match="share method"):
+    with pytest.raises(ValueError, match="differ in method .snapkv. vs .ada-snapkv."):
         CompressedCache.stack([caches[0], _compressed(model, prompts[0], "snapkv")])
 
 
@@ -275,13 +276,126 @@ def _entries(cache, layer) -> list[dict[int, torch.Tensor]]:
     return [dict(zip(positions.tolist(), keys)) for positions, keys, _ in cache.kept_kv(layer)]
 
 
-@pytest.mark.parametrize("method", ["lava", "snapkv", "h2o"])
+@pytest.mark.parametrize("method", ["lava", "cake", "snapkv", "h2o"])
 def test_a_decode_budget_above_the_length_changes_no_token(method, tokenizer):
     model = tiny_model("llama")
     prompt = random_prompt(120, seed=18)
-    plain = lavakv.generate(model, tokenizer, prompt, method=method, budget=48, max_new_tokens=40)
-    bounded = lavakv.generate(model, tokenizer, prompt, method=method, budget=48, max_new_tokens=40, decode_budget=500)
+    settings = dict(method=method, budget=48, max_new_tokens=200)
+    plain = lavakv.generate(model, tokenizer, prompt, **settings)
+    cache = CompressedCache(model, method=method, budget=48, decode_budget=120 + 200 + 1)
+    bounded = lavakv.generate(model, tokenizer, prompt, cache=cache, max_new_tokens=200)
     assert plain.token_ids == bounded.token_ids
+    assert cache.stats(positions=False).decode_evictions == 0
+
+
+def test_the_bound_holds_from_the_prefill_on_and_survives_copies_and_files(tmp_path, tokenizer):
+    model = tiny_model("llama")
+    prompt = random_prompt(150, seed=19)
+    cache = _compressed(model, prompt, "lava", budget=96, decode_budget=40, decode_interval=8)
+    heads = cache.num_layers * 2
+    assert cache.stats(positions=False).held_entries / heads <= 48
+    assert cache.stats(positions=False).decode_evictions > 0
+    feed = TokenFeed(model, cache, lengths=[150])
+    logits = feed.extend([[3, 4]])
+    for _ in range(20):
+        logits = feed.extend(logits.argmax(-1, keepdim=True))
+    path = tmp_path / "bounded.lkv"
+    cache.save(path)
+    history = cache.token_ids() + [5, 6]
+    expected = lavakv.generate(model, tokenizer, history, cache=cache.copy(), max_new_tokens=40).token_ids
+    loaded = CompressedCache.load(path, model)
+    assert (loaded.decode_budget, loaded.decode_interval) == (40, 8)
+    assert lavakv.generate(model, tokenizer, history, cache=loaded, max_new_tokens=40).token_ids == expected
+    assert loaded.stats(positions=False).held_entries / heads <= 48
+
+
+def test_many_questions_with_a_decode_budget_match_each_alone(tokenizer):
+    model = tiny_model("llama")
+    context = " ".join(map(str, random_prompt(130, seed=20)))
+    questions = [" 5 6 7", " 8 9", " 10 11 12 13 14"]
+    settings = dict(method="ada-snapkv", budget=64, decode_budget=40, decode_interval=4, max_new_tokens=30)
+    many = lavakv.generate(model, tokenizer, context, questions=questions, **settings)
+    for question, out in zip(questions, many):
+        assert out.token_ids == lavakv.generate(model, tokenizer, context, question=question, **settings).token_ids
+
+
+def test_eviction_keeps_what_the_methods_score_ranks_first():
+    from lavakv.methods import Method
+    from lavakv.selection import select_while_decoding
+
+    generator = torch.Generator().manual_seed(0)
+    count, dim = 40, 16
+    keys, values = torch.randn(2, count, dim, generator=generator)
+    positions = torch.arange(count)
+    heads = [(positions, keys, values)]
+    queries = torch.randn(1, 4, dim, generator=generator)
+    streaming = Method.preset("streamingllm", sink=3, window=4)
+    kept, window = select_while_decoding(streaming, heads, queries, 0.25, target=10, next_position=count)
+    assert kept[0].tolist() == [0, 1, 2, 33, 34, 35, 36, 37, 38, 39] and window == 4
+    snap = Method.preset("snapkv", window=4, kernel=1)
+    kept, _ = select_while_decoding(snap, heads, queries, 0.25, target=10, next_position=count)
+    attention = torch.softmax((queries[0] @ keys.T) * 0.25 + torch.triu(torch.full((4, count), -1e9), count - 3), -1)
+    best = attention[:, : count - 4].mean(0).topk(6).indices.sort().values
+    assert kept[0].tolist() == best.tolist() + [36, 37, 38, 39]
+    kept, _ = select_while_decoding(snap, heads, queries, 0.25, target=10, next_position=count, sliding_window=20)
+    assert min(kept[0].tolist()) >= count - 20
+
+
+class ChatTokenizer:
+    """A tokenizer with a chat template around the user's message (numbers in, numbers out)."""
+
+    pad_token_id = 0
+    eos_token_id = None
+    chat_template = "1 {content} 2"
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        return " ".join(f"1 {m['content']} 2" for m in messages) + " 3"
+
+    def decode(self, ids, **kwargs):
+        return " ".join(str(i) for i in ids)
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [int(t) % 96 for t in text.split()]}
+
+
+def test_questions_must_be_built_as_the_context_was(tokenizer):
+    model = tiny_model("llama")
+    context = " ".join(map(str, random_prompt(80, seed=21)))
+    cache = lavakv.compress(model, ChatTokenizer(), context, method="snapkv", budget=40)
+    assert cache.prompt_format == "chat"
+    with pytest.raises(ValueError, match="compressed as a chat prompt but the question would be a plain one"):
+        lavakv.generate(model, ChatTokenizer(), cache=cache, question=" 4 5", chat_template=False)
+    chat = lavakv.generate(model, ChatTokenizer(), cache=cache, question=" 4 5", max_new_tokens=4)
+    alone = lavakv.generate(
+        model, ChatTokenizer(), context, method="snapkv", budget=40, question=" 4 5", max_new_tokens=4
+    )
+    assert chat.token_ids == alone.token_ids
+
+
+def test_history_checks_for_model_generate_and_old_keyword():
+    import warnings
+
+    model = tiny_model("llama")
+    prompt = random_prompt(80, seed=22)
+    cache = CompressedCache(model, method="snapkv", budget=40)
+    first = model.generate(torch.tensor([prompt]), cache=cache, max_new_tokens=3, do_sample=False)
+    longer = torch.cat([torch.tensor([random_prompt(83, seed=23)]), torch.tensor([[4, 5]])], dim=1)
+    with pytest.raises(ContinuationError, match="holds another prompt"):
+        model.generate(longer, cache=cache, max_new_tokens=3, do_sample=False)
+    with pytest.raises(ContinuationError, match="hold 2 sequences, but this CompressedCache holds 1"):
+        model.generate(torch.cat([first, first]), cache=cache, max_new_tokens=3, do_sample=False)
+    assert cache.token_ids() == first[0, :-1].tolist()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.inference_mode():
+            model(input_ids=first[:, -1:], past_key_values=cache, use_cache=True)
+    assert cache.token_ids() == first[0].tolist()
+
+
+def test_a_loaded_cache_keeps_its_lengths_on_the_cpu(tmp_path):
+    model, path = _saved(tmp_path)
+    loaded = CompressedCache.load(path, model)
+    assert all(layer.storage.lengths.device.type == "cpu" for layer in loaded.layers)
 
 
 def test_decode_budget_is_validated():

@@ -31,12 +31,17 @@ clear error at its next update.
 
 **Inputs.** A cache may also define ``observe_inputs(input_ids, attention_mask, position_ids)``:
 :func:`prepare_model` registers a forward pre-hook on the model (torch's own extension point,
-on this model only) that calls it before every forward pass given that cache, so the cache knows
-the token ids it holds and can refuse inputs that do not continue them.
+on this model only) that calls it before every forward pass given that cache (as ``cache=`` or
+the older ``past_key_values=``), so the cache knows the token ids it holds and can refuse inputs
+that do not continue them. ``model.generate`` hands the model only the tokens a cache does not
+hold yet, so :func:`prepare_model` also wraps this model's ``prepare_inputs_for_generation``
+(which sees the whole history) to call the cache's ``check_history(input_ids)`` once per
+``generate`` call.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -199,18 +204,39 @@ def prepare_model(model):
 def _observe(model):
     if not getattr(model, "_lavakv_observes_inputs", False):
         model.register_forward_pre_hook(_observe_inputs, with_kwargs=True)
+        original = getattr(model, "prepare_inputs_for_generation", None)
+        if original is not None:
+            model.prepare_inputs_for_generation = _checking_history(original)
         model._lavakv_observes_inputs = True
     return model
 
 
+def _given_cache(kwargs: dict):
+    cache = kwargs.get("cache")
+    return kwargs.get("past_key_values") if cache is None else cache
+
+
 def _observe_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     """Show a forward pass's inputs to the cache it is given, when that cache asks for them."""
-    observe = getattr(kwargs.get("cache"), "observe_inputs", None)
+    observe = getattr(_given_cache(kwargs), "observe_inputs", None)
     if observe is None:
         return None
     input_ids = kwargs.get("input_ids", args[0] if args else None)
     observe(input_ids, kwargs.get("attention_mask"), kwargs.get("position_ids"))
     return None
+
+
+def _checking_history(original: Callable) -> Callable:
+    """``prepare_inputs_for_generation`` that first shows a cache the whole history of a new ``generate`` call."""
+
+    @functools.wraps(original)
+    def prepare_inputs_for_generation(input_ids, *args, **kwargs):
+        check = getattr(_given_cache(kwargs), "check_history", None)
+        if check is not None and kwargs.get("is_first_iteration") and isinstance(input_ids, torch.Tensor):
+            check(input_ids)
+        return original(input_ids, *args, **kwargs)
+
+    return prepare_inputs_for_generation
 
 
 def prompt_lengths(attention_mask: torch.Tensor | None, batch: int, length: int) -> list[int]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy as _copy
 import logging
 import os
+import weakref
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -211,9 +212,10 @@ class CompressedCache(Cache):
     ):
         config = getattr(model_or_config, "config", model_or_config)
         self.weights_fingerprint: str | None = None
+        self._model = None
         if hasattr(model_or_config, "config"):
             prepare_model(model_or_config)
-            self.weights_fingerprint = weights_fingerprint(model_or_config)
+            self._model = weakref.ref(model_or_config)
         self.model_config = config
         config = config.get_text_config()
         self.method = resolve_method(method, **options)
@@ -234,15 +236,23 @@ class CompressedCache(Cache):
         self._prefilling: int | None = None
         self._history: list[list[int]] | None = None
         self._pending: list[torch.Tensor] = []
+        self._staged: torch.Tensor | None = None
+        self._staged_mask: torch.Tensor | None = None
+        self._observed = False
         self._ids_known = True
+        self.prompt_format: str | None = None
         self._recent_queries: list[torch.Tensor | None] = [None] * self.num_layers
+        self._recent_counts: list[list[int]] = [[] for _ in range(self.num_layers)]
         self._decode_targets: list[list[int]] | None = None
+        self._scalings: list[float | None] = [None] * self.num_layers
         self.decode_evictions = 0
 
     # transformers' side
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         layer = self.layers[layer_idx]
+        if layer_idx == 0:
+            self._commit_inputs()
         if layer.storage is None:
             if layer_idx == 0 and self.sequences is not None:
                 raise RuntimeError("this CompressedCache already holds a prompt being compressed; use a new cache")
@@ -280,6 +290,7 @@ class CompressedCache(Cache):
         self._recent_queries = [
             None if q is None else q.index_select(0, index.to(q.device)) for q in self._recent_queries
         ]
+        self._recent_counts = [[counts[row] for row in rows] if counts else [] for counts in self._recent_counts]
 
     # lavakv's side: the cache protocol of lavakv.attention
 
@@ -289,27 +300,25 @@ class CompressedCache(Cache):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
     ) -> None:
-        """Record the token ids of a forward pass through this cache, refusing inputs that do not continue it.
+        """See a forward pass's inputs before it runs: refuse inputs that do not continue this cache, stage the ids.
 
         Called before every forward (see :func:`lavakv.attention.prepare_model`). The first call is
-        the prompt; later ones must continue what the cache holds: the attention mask, when given,
-        must span the held tokens plus the new ones, and the new tokens' positions must follow each
-        sequence's held ones.
+        the prompt; later ones must continue what the cache holds: as many sequences, an attention
+        mask (when given) spanning the held tokens plus the new ones, and positions following each
+        sequence's held ones. The ids join the history once the forward reaches the cache.
         """
+        self._observed = True
         if self.infos is None and self.sequences is None:
-            if input_ids is None:
-                self._ids_known = False
-                return
-            ids = input_ids.detach().cpu()
-            if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape == ids.shape:
-                real = attention_mask.detach().cpu().bool()
-                self._history = [row[mask].tolist() for row, mask in zip(ids, real)]
-            else:
-                self._history = ids.tolist()
-            self._pending = []
+            self._staged = None if input_ids is None else input_ids.detach()
+            self._staged_mask = attention_mask
             return
         held = self.get_seq_length()
         new = None if input_ids is None else input_ids.shape[-1]
+        if input_ids is not None and self.infos is not None and input_ids.shape[0] != self.batch_size:
+            raise ContinuationError(
+                f"these inputs hold {input_ids.shape[0]} sequences, but this CompressedCache holds {self.batch_size}; "
+                "cache.batch_repeat_interleave(n) or batch_select_indices([...]) reshapes it first"
+            )
         if new == 0:
             raise ContinuationError(
                 f"no new tokens to feed: the inputs are not longer than the {held} tokens this CompressedCache holds, "
@@ -322,12 +331,7 @@ class CompressedCache(Cache):
                     f"attention mask over {attention_mask.shape[-1]}) continue a history of "
                     f"{attention_mask.shape[-1] - new} tokens: it holds another prompt. {FRESH_START}"
                 )
-        if (
-            position_ids is not None
-            and new is not None
-            and 1 < new <= position_ids.shape[-1]
-            and self.infos is not None
-        ):
+        if position_ids is not None and new is not None and 1 < new <= position_ids.shape[-1] and self.infos:
             first = position_ids.reshape(-1, position_ids.shape[-1])[:, -new].tolist()
             expected = [held - pad for pad in self.padding]
             if len(first) == len(expected) and first != expected:
@@ -335,10 +339,46 @@ class CompressedCache(Cache):
                     f"these inputs start at positions {first}, but this CompressedCache holds tokens up to "
                     f"positions {expected}: they do not continue what it holds. {FRESH_START}"
                 )
+        self._staged = None if input_ids is None else input_ids.detach()
         if input_ids is None:
             self._ids_known = False
+
+    def check_history(self, input_ids: torch.Tensor) -> None:
+        """Refuse a whole history (``model.generate``'s ``input_ids``) that does not start with the held tokens."""
+        if self.infos is None or not self._ids_known or self._history is None:
+            return
+        held = self.get_seq_length()
+        if input_ids.dim() != 2 or input_ids.shape[0] != self.batch_size or input_ids.shape[1] <= held:
+            return
+        rows = input_ids[:, :held].tolist()
+        for row, (ids, history, pad) in enumerate(zip(rows, self._flush_history(), self.padding)):
+            given = ids[pad:]
+            differ = next((i for i, (a, b) in enumerate(zip(history, given)) if a != b), None)
+            if differ is not None:
+                which = f" (sequence {row})" if self.batch_size > 1 else ""
+                raise ContinuationError(
+                    f"this CompressedCache holds another prompt{which}: the inputs differ from its {len(history)} held "
+                    f"tokens at token {differ} (id {given[differ]} instead of {history[differ]}). {FRESH_START}"
+                )
+
+    def _commit_inputs(self) -> None:
+        """The forward reached the cache: the staged ids join the history (unobserved inputs make it unknown)."""
+        staged, self._staged = self._staged, None
+        if not self._observed:
+            self._ids_known = False
+        self._observed = False
+        if staged is None:
+            return
+        if self.infos is None and self.sequences is None:
+            ids, mask = staged.cpu(), self._staged_mask
+            if mask is not None and mask.dim() == 2 and mask.shape == ids.shape:
+                real = mask.detach().cpu().bool()
+                self._history = [row[keep].tolist() for row, keep in zip(ids, real)]
+            else:
+                self._history = ids.tolist()
+            self._pending = []
         elif self._history is not None:
-            self._pending.append(input_ids.detach())
+            self._pending.append(staged)
 
     def is_prefilling(self, layer_idx: int) -> bool:
         return self._prefilling == layer_idx
@@ -360,7 +400,13 @@ class CompressedCache(Cache):
     def _compress_layer(self, layer_idx, query, key, value, attention_mask, scaling) -> None:
         batch, _, length, _ = key.shape
         if layer_idx == 0:
+            if self._staged is not None:
+                self._commit_inputs()
             self._start(prompt_lengths(attention_mask, batch, length), length)
+        self._scalings[layer_idx] = scaling
+        if self.decode_budget is not None:
+            lengths = [length - pad for pad in self.padding]
+            self._remember_queries(layer_idx, query[:, :, -self.method.window :], lengths)
         window = self.sliding_windows[layer_idx]
         visible_from = max(0, length - window) if window else 0
         for sample, sequence in enumerate(self.sequences):
@@ -376,7 +422,13 @@ class CompressedCache(Cache):
                 self.layers[index].pack(rows, self.padding, self.prompt_length)
         if all(layer.storage is not None for layer in self.layers):
             self.infos = [SequenceInfo(s.length, s.budget, s.window, tuple(s.visible_lengths)) for s in self.sequences]
+            self._recent_counts = [
+                [min(count, s.window) if s.window else count for count, s in zip(counts, self.sequences)]
+                for counts in self._recent_counts
+            ]
             self.sequences = []
+            if self.decode_budget is not None:
+                self._start_decode_budget()
 
     def _start(self, lengths: list[int], length: int) -> None:
         self.prompt_length = length
@@ -399,55 +451,89 @@ class CompressedCache(Cache):
             raise RuntimeError(f"layer {layer_idx} has no compressed prompt; the prefill did not reach it")
         output = layer.attend(query, scaling, sliding_window)
         if self.decode_budget is not None:
-            self._after_decode_step(layer_idx, query, scaling, sliding_window)
+            self._after_decode_step(layer_idx, query)
         return output
 
     # compressing while decoding
 
-    def _after_decode_step(self, layer_idx: int, query: torch.Tensor, scaling: float, sliding_window) -> None:
+    def _remember_queries(self, layer_idx: int, query: torch.Tensor, counts: list[int]) -> None:
+        """Keep the latest ``window`` queries of a layer (right-aligned) and how many are real in each row."""
         window = self.method.window
         recent = self._recent_queries[layer_idx]
         recent = query if recent is None else torch.cat([recent, query], dim=2)
         self._recent_queries[layer_idx] = recent[:, :, -window:]
-        targets = self._layer_targets()
-        storage = self.layers[layer_idx].storage
-        held = storage.row_lengths().float().mean(dim=-1).tolist()
-        if all(mean < rows[layer_idx] + self.decode_interval for mean, rows in zip(held, targets)):
-            return
-        with self.clock.phase("decode"):
-            self._evict(layer_idx, scaling, sliding_window)
+        self._recent_counts[layer_idx] = [min(window, count) for count in counts]
+
+    def _start_decode_budget(self) -> None:
+        """At the end of the prefill: each layer's target, then every layer already above it evicts at once."""
+        self._decode_targets = self._layer_targets()
+        for layer_idx in range(self.num_layers):
+            self._evict_if_due(layer_idx)
+
+    def _after_decode_step(self, layer_idx: int, query: torch.Tensor) -> None:
+        steps = query.shape[2]
+        self._remember_queries(layer_idx, query, [count + steps for count in self._recent_counts[layer_idx]])
+        self._evict_if_due(layer_idx)
 
     def _layer_targets(self) -> list[list[int]]:
-        """Per sequence and layer, entries per head the decode budget gives it: the prefill's shares, at least 1."""
-        if self._decode_targets is None:
-            self._decode_targets = []
-            storages = [self._storage(index) for index in range(self.num_layers)]
-            bounds = [pad + info.length for pad, info in zip(self.padding, self.infos)]
-            kept = [storage.count_before(bounds).float().mean(dim=-1) for storage in storages]
-            for row in range(self.batch_size):
-                shares = [float(layer[row]) for layer in kept]
-                extra = self.decode_budget * self.num_layers - self.num_layers
-                scale = extra / max(sum(shares), 1e-9)
-                rounded = round_to_total([share * scale for share in shares], extra, [extra] * self.num_layers)
-                self._decode_targets.append([1 + count for count in rounded])
-        return self._decode_targets
+        """Per sequence and layer, the entries per head the decode budget gives it (at least 1; exact total).
 
-    def _evict(self, layer_idx: int, scaling: float, sliding_window: int | None) -> None:
+        A decode budget at or above what the prefill kept adds the same room to every layer on top of
+        its prefill budget (so a budget above the total length never evicts); a smaller one shrinks
+        every layer in proportion to its prefill budget.
+        """
+        storages = [self._storage(index) for index in range(self.num_layers)]
+        bounds = [pad + info.length for pad, info in zip(self.padding, self.infos)]
+        kept = [storage.count_before(bounds).float().mean(dim=-1).tolist() for storage in storages]
+        total = self.decode_budget * self.num_layers
+        targets = []
+        for row in range(self.batch_size):
+            shares = [layer[row] for layer in kept]
+            mean = sum(shares) / self.num_layers
+            if self.decode_budget >= mean:
+                wanted = [share + self.decode_budget - mean for share in shares]
+            else:
+                wanted = [share * self.decode_budget / max(mean, 1e-9) for share in shares]
+            spare = total - self.num_layers
+            rounded = round_to_total([max(0.0, w - 1) for w in wanted], spare, [spare] * self.num_layers)
+            targets.append([1 + count for count in rounded])
+        return targets
+
+    def _evict_if_due(self, layer_idx: int) -> None:
+        """Compress the rows of a layer that hold ``decode_interval`` entries per head beyond their target."""
         storage = self.layers[layer_idx].storage
-        recent = self._recent_queries[layer_idx]
+        held = storage.row_lengths().float().mean(dim=-1).tolist()
+        due = [mean >= row[layer_idx] + self.decode_interval for mean, row in zip(held, self._decode_targets)]
+        if not any(due):
+            return
+        with self.clock.phase("decode"):
+            self._evict(layer_idx, due)
+
+    def _evict(self, layer_idx: int, due: list[bool]) -> None:
+        storage = self.layers[layer_idx].storage
+        recent, counts = self._recent_queries[layer_idx], list(self._recent_counts[layer_idx])
         next_position = storage.append_start + storage.steps
-        chosen, kept_windows = [], []
+        chosen = []
         for row in range(storage.batch):
-            target = self._decode_targets[row][layer_idx]
+            lengths = storage.row_lengths()[row].tolist()
+            if not due[row]:
+                chosen.append([torch.arange(count) for count in lengths])
+                continue
             heads = [storage.full_row(row, head) for head in range(storage.kv_heads)]
+            queries = recent[row, :, recent.shape[2] - counts[row] :]
             indices, kept_window = select_while_decoding(
-                self.method, heads, recent[row], scaling, target, next_position, sliding_window
+                self.method,
+                heads,
+                queries,
+                self._scalings[layer_idx],
+                self._decode_targets[row][layer_idx],
+                next_position,
+                self.sliding_windows[layer_idx],
             )
             chosen.append(indices)
-            kept_windows.append(kept_window)
+            counts[row] = min(counts[row], kept_window)
         self.layers[layer_idx].storage = storage.keep(chosen)
-        kept = min(kept_windows)
-        self._recent_queries[layer_idx] = recent[:, :, recent.shape[2] - kept :] if kept else None
+        self._recent_counts[layer_idx] = counts
         self.decode_evictions += 1
 
     # the read API
@@ -590,6 +676,7 @@ class CompressedCache(Cache):
             self.padding,
             self._flush_history() if self._ids_known else None,
             [None if q is None else q.clone() for q in self._recent_queries],
+            self._recent_counts,
             self._decode_targets,
         )
 
@@ -597,43 +684,59 @@ class CompressedCache(Cache):
     def stack(cls, caches: list[CompressedCache]) -> CompressedCache:
         """One cache whose batch is every cache's sequences in order, each holding exactly what it held.
 
-        The caches must share the model, method, budget and decode settings. Sequences that hold
-        fewer tokens are left-padded, as in a batch of prompts; each row's positions continue its own.
+        The caches must share the model, method, budget, decode settings and prompt format.
+        Sequences that hold fewer tokens are left-padded, as in a batch of prompts; each row's
+        positions continue its own.
         """
         if not caches:
             raise ValueError("stack needs at least one cache")
         first = caches[0]
         for cache in caches:
             cache._check_ready("stack")
-            settings = (cache.method, cache.budget, cache.num_layers, cache.decode_budget, cache.decode_interval)
-            if settings != (first.method, first.budget, first.num_layers, first.decode_budget, first.decode_interval):
+            differ = [
+                f"{name} {theirs!r} vs {ours!r}"
+                for (name, theirs), ours in zip(cache._settings().items(), first._settings().values())
+                if theirs != ours
+            ]
+            if differ:
                 raise ValueError(
-                    "caches to stack must share method, budget, model and decode settings; got "
-                    f"{cache.method.spec!r} at {cache.budget} and {first.method.spec!r} at {first.budget}"
+                    f"caches to stack must share model, method, budget, decode settings and prompt "
+                    f"format; they differ in {', '.join(differ)}"
                 )
         end = max(cache.get_seq_length() for cache in caches)
         padding = [pad + end - cache.get_seq_length() for cache in caches for pad in cache.padding]
         storages = [RaggedKV.concat([cache.layers[i].storage for cache in caches]) for i in range(first.num_layers)]
         known = all(cache._ids_known and cache._history is not None for cache in caches)
         history = [list(row) for cache in caches for row in cache._flush_history()] if known else None
-        recent = []
+        recent, counts = [], []
         for layer in range(first.num_layers):
             queries = [cache._recent_queries[layer] for cache in caches]
             if any(q is None for q in queries):
                 recent.append(None)
-            else:
-                shortest = min(q.shape[2] for q in queries)
-                recent.append(torch.cat([q[:, :, q.shape[2] - shortest :] for q in queries]))
+                counts.append([])
+                continue
+            longest = max(q.shape[2] for q in queries)
+            recent.append(torch.cat([_left_pad(q, longest) for q in queries]))
+            counts.append([count for cache in caches for count in cache._recent_counts[layer]])
         targets = None
-        if all(cache._decode_targets is not None for cache in caches):
+        if first.decode_budget is not None:
             targets = [row for cache in caches for row in cache._decode_targets]
-        stacked = first._derived(
-            storages, [info for cache in caches for info in cache.infos], padding, history, recent, targets
-        )
+        infos = [info for cache in caches for info in cache.infos]
+        stacked = first._derived(storages, infos, padding, history, recent, counts, targets)
         stacked.peak_prefill_bytes = max(cache.peak_prefill_bytes for cache in caches)
         return stacked
 
-    def _derived(self, storages, infos, padding, history, recent, targets) -> CompressedCache:
+    def _settings(self) -> dict:
+        return {
+            "model": model_identity(self.model_config, None)["config_fingerprint"][:12],
+            "method": self.method.spec,
+            "budget": self.budget,
+            "decode_budget": self.decode_budget,
+            "decode_interval": self.decode_interval,
+            "prompt_format": self.prompt_format,
+        }
+
+    def _derived(self, storages, infos, padding, history, recent, counts, targets) -> CompressedCache:
         derived = CompressedCache(
             self.model_config,
             method=self.method,
@@ -655,32 +758,49 @@ class CompressedCache(Cache):
         derived._history = None if history is None else [list(row) for row in history]
         derived._ids_known = history is not None
         derived._recent_queries = list(recent)
+        derived._recent_counts = [list(row) for row in counts]
         derived._decode_targets = None if targets is None else [list(row) for row in targets]
+        derived._scalings = list(self._scalings)
         derived.decode_evictions = self.decode_evictions
         derived.weights_fingerprint = self.weights_fingerprint
+        derived._model = self._model
+        derived.prompt_format = self.prompt_format
         return derived
+
+    def release(self) -> None:
+        """Let go of every tensor this cache holds (it cannot be used afterwards), e.g. once stacked into a batch."""
+        for layer in self.layers:
+            layer.storage = None
+        self._recent_queries = [None] * self.num_layers
+        self.infos = None
+        self.sequences = []
+
+    def _fingerprint(self) -> str | None:
+        model = self._model() if self._model is not None else None
+        if model is not None:
+            self.weights_fingerprint = weights_fingerprint(model)
+        return self.weights_fingerprint
 
     def save(self, path: str | os.PathLike) -> int:
         """Write the compressed context to ``path`` (safetensors with a JSON header); returns the file's bytes.
 
         The header records the format version, lavakv's and transformers' versions, the model's
-        identity, the method, the budget, the dtype, and each sequence's prompt length and token-id
-        hash, so that :meth:`load` can refuse a file that does not fit the model it is given.
+        identity, the method, the budget, the decode settings and state, the dtype, the prompt
+        format, and each sequence's prompt length and token-id hash, so that :meth:`load` can refuse
+        a file that does not fit the model it is given and resume exactly where this cache is.
         """
         self._check_ready("save")
-        if self._pending:
-            self._flush_history()
-        if not self._ids_known or self._history is None:
+        history = self._flush_history()
+        if not self._ids_known or history is None:
             raise RuntimeError("cannot save a cache whose token ids are unknown (it was fed inputs_embeds)")
         tensors = {}
         for index, layer in enumerate(self.layers):
             for name, tensor in layer.storage.tensors().items():
                 tensors[f"layers.{index}.{name}"] = tensor
-        for row, ids in enumerate(self._history):
+            if self._recent_queries[index] is not None:
+                tensors[f"layers.{index}.recent_queries"] = self._recent_queries[index].contiguous()
+        for row, ids in enumerate(history):
             tensors[f"sequences.{row}.token_ids"] = torch.tensor(ids, dtype=torch.long)
-        for index, queries in enumerate(self._recent_queries):
-            if queries is not None:
-                tensors[f"layers.{index}.recent_queries"] = queries.contiguous()
         header = {
             "method": self.method.spec,
             "budget": None if self.budget is None else asdict(self.budget),
@@ -688,25 +808,28 @@ class CompressedCache(Cache):
             "decode_interval": self.decode_interval,
             "decode_targets": self._decode_targets,
             "decode_evictions": self.decode_evictions,
+            "recent_counts": self._recent_counts,
+            "scalings": self._scalings,
+            "prompt_format": self.prompt_format,
             "dtype": str(self.layers[0].storage.keys.dtype).removeprefix("torch."),
             "padding": self.padding,
             "append_start": [layer.storage.append_start for layer in self.layers],
             "peak_prefill_bytes": self.peak_prefill_bytes,
             "sequences": [
                 {**asdict(info), "token_ids_sha256": ids_hash(ids), "tokens": len(ids)}
-                for info, ids in zip(self.infos, self._history)
+                for info, ids in zip(self.infos, history)
             ],
         }
-        identity = model_identity(self.model_config, self.weights_fingerprint)
-        return write_file(path, tensors, header, identity)
+        return write_file(path, tensors, header, model_identity(self.model_config, self._fingerprint()))
 
     @classmethod
     def load(cls, path: str | os.PathLike, model) -> CompressedCache:
         """The cache :meth:`save` wrote to ``path``, for ``model`` (which it prepares, as the constructor does).
 
-        A file for another model (architecture, shapes or weights), another dtype, a newer
-        format, or a truncated or corrupt file is a ``ValueError`` naming what differs; nothing
-        half-loaded is returned.
+        Each layer's tensors go to the device of that layer's weights (``device_map`` placements
+        included). A file for another model (architecture, shapes or weights), another dtype, a
+        newer format, or a truncated or corrupt file is a ``ValueError`` naming what differs;
+        nothing half-loaded is returned.
         """
         header, tensors = read_file(path)
         dtype = str(model.dtype).removeprefix("torch.")
@@ -736,11 +859,15 @@ class CompressedCache(Cache):
                     raise ValueError(f"the token ids of sequence {row} do not match their hash")
                 history.append(ids)
             storages, recent = [], []
-            device = model.device
+            devices = layer_devices(model, cache.num_layers)
             for index, layer in enumerate(cache.layers):
                 prefix = f"layers.{index}."
-                named = {k[len(prefix) :]: v.to(device) for k, v in tensors.items() if k.startswith(prefix)}
-                recent.append(named.pop("recent_queries", None))
+                named = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+                queries = named.pop("recent_queries", None)
+                recent.append(None if queries is None else queries.to(devices[index]))
+                lengths = named.pop("lengths")
+                named = {name: tensor.to(devices[index]) for name, tensor in named.items()}
+                named["lengths"] = lengths
                 storage = RaggedKV.from_tensors(
                     named, header["append_start"][index], track_positions=bool(layer.sliding_window)
                 )
@@ -749,12 +876,34 @@ class CompressedCache(Cache):
                 storages.append(storage)
             if len(set(header["append_start"])) != 1 or len(header["padding"]) != len(infos):
                 raise ValueError("the layers' timelines or the padding do not agree")
+            counts = header["recent_counts"]
+            if len(counts) != cache.num_layers or len(header["scalings"]) != cache.num_layers:
+                raise ValueError("the decode state does not have one entry per layer")
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{path}: not a valid lavakv cache file ({error})") from error
-        loaded = cache._derived(storages, infos, header["padding"], history, recent, header["decode_targets"])
+        cache._scalings = list(header["scalings"])
+        cache.prompt_format = header["prompt_format"]
+        loaded = cache._derived(storages, infos, header["padding"], history, recent, counts, header["decode_targets"])
         loaded.peak_prefill_bytes = header["peak_prefill_bytes"]
         loaded.decode_evictions = header["decode_evictions"]
         return loaded
+
+
+def _left_pad(queries: torch.Tensor, width: int) -> torch.Tensor:
+    """``[B, H, w, d]`` queries right-aligned in ``width`` slots (zeros before them: not counted as real)."""
+    missing = width - queries.shape[2]
+    if missing == 0:
+        return queries
+    return torch.cat([queries.new_zeros(*queries.shape[:2], missing, queries.shape[3]), queries], dim=2)
+
+
+def layer_devices(model, num_layers: int) -> list[torch.device]:
+    """The device of each decoder layer's weights (the model's device where the layers cannot be found)."""
+    try:
+        layers = model.get_decoder().layers
+        return [next(layers[index].parameters()).device for index in range(num_layers)]
+    except (AttributeError, IndexError, StopIteration, TypeError):
+        return [model.device] * num_layers
 
 
 FRESH_START = (

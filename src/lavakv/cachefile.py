@@ -55,9 +55,12 @@ def ids_hash(ids: list[int]) -> str:
 
 
 def weights_fingerprint(model) -> str:
-    """A cheap fingerprint of a model's weights: every parameter's name and shape, and a slice of a few of them."""
+    """A cheap fingerprint of a model's weights: every parameter's name and shape, and a slice of a few of them.
+
+    Parameters not materialized (on the ``meta`` device, as offloading leaves them) are left out.
+    """
     digest = hashlib.sha256()
-    parameters = list(model.named_parameters())
+    parameters = [(name, p) for name, p in model.named_parameters() if p.device.type != "meta"]
     for name, parameter in parameters:
         digest.update(f"{name}:{tuple(parameter.shape)};".encode())
     if parameters:

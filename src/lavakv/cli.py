@@ -115,7 +115,7 @@ def cmd_generate(args) -> int:
     method = _method(args)
     budget = args.budget if args.budget is not None or args.ratio is not None or not method.compresses else 128
     check_budget(method, budget, args.ratio)
-    check_decode_budget(method, args.decode_budget, args.decode_interval)
+    check_decode_budget(method, args.decode_budget, 32 if args.decode_interval is None else args.decode_interval)
     model, tokenizer = load_model(args.model)
     common = dict(
         method=method,
@@ -133,7 +133,11 @@ def cmd_generate(args) -> int:
 
 
 def _refuse_method_flags(args, reason: str) -> None:
-    given = [f"--{name}" for name in ("budget", "ratio", "decode_budget") if getattr(args, name) is not None]
+    given = [
+        f"--{name.replace('_', '-')}"
+        for name in ("budget", "ratio", "decode_budget", "decode_interval")
+        if getattr(args, name) is not None
+    ]
     given += [f"--{name}" for name in declared_options() if getattr(args, name) is not None]
     if args.method != "lava":
         given.insert(0, "--method")
@@ -169,7 +173,7 @@ def _print_outputs(args, outputs, questions) -> int:
 
 def cmd_compress(args) -> int:
     """Compress a context once into a ``.lkv`` file that ``lavakv generate --cache`` asks questions of."""
-    from .cache import check_budget
+    from .cache import check_budget, check_decode_budget
     from .generate import compress
     from .models import load_model
 
@@ -177,6 +181,7 @@ def cmd_compress(args) -> int:
     method = _method(args)
     budget = args.budget if args.budget is not None or args.ratio is not None or not method.compresses else 128
     check_budget(method, budget, args.ratio)
+    check_decode_budget(method, args.decode_budget, args.decode_interval)
     out = Path(args.out)
     if not out.parent.is_dir():
         raise FileNotFoundError(f"directory for --out not found: {out.parent}")
@@ -189,6 +194,8 @@ def cmd_compress(args) -> int:
         budget=budget,
         ratio=args.ratio,
         chat_template=not args.no_chat_template,
+        decode_budget=args.decode_budget,
+        decode_interval=args.decode_interval,
     )
     size = cache.save(out)
     stats = cache.stats(positions=False)
@@ -428,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--decode-budget", type=int, help="bound the cache while generating: tokens per KV head per layer (off)"
     )
-    gen.add_argument("--decode-interval", type=int, default=32, help="decode steps between evictions (default 32)")
+    gen.add_argument("--decode-interval", type=int, help="decode steps between evictions (default 32)")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--no-chat-template", action="store_true", help="feed the prompt as plain text")
     gen.add_argument("--json", action="store_true", help="print text and statistics as JSON")
@@ -441,6 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--prompt-file", help="read the context from a file")
     comp.add_argument("--out", required=True, help="the .lkv file to write")
     comp.add_argument("--no-chat-template", action="store_true", help="feed the context as plain text")
+    comp.add_argument(
+        "--decode-budget", type=int, help="bound the cache while answering: tokens per KV head per layer (off)"
+    )
+    comp.add_argument("--decode-interval", type=int, default=32, help="decode steps between evictions (default 32)")
     _add_method_arguments(comp)
     comp.set_defaults(handler=cmd_compress)
 

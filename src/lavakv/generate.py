@@ -28,6 +28,7 @@ from .prompting import (
     question_ids,
     split_prompt,
     stop_token_ids,
+    uses_chat_template,
 )
 
 LOGITS_SETTINGS = (
@@ -101,7 +102,7 @@ def generate(
     questions: list[str] | None = None,
     cache: CompressedCache | None = None,
     decode_budget: int | None = None,
-    decode_interval: int = 32,
+    decode_interval: int | None = None,
     **options,
 ) -> GenerationOutput | list[GenerationOutput]:
     """Generate greedily from ``prompt`` with the KV cache compressed by ``method`` (default ``"lava"``).
@@ -125,9 +126,9 @@ def generate(
       when ``prompt`` is the whole history (``out.history`` plus the next turn's ids, or the chat
       so far): only the new tokens are fed, and a prompt that does not extend what it holds is
       refused. One that holds a compressed context (:func:`compress`, :meth:`CompressedCache.load`)
-      answers ``question=`` (through the cache itself) or ``questions=`` (through copies, leaving
-      it unchanged) with no prompt.
-    * ``decode_budget`` / ``decode_interval``: bound the cache while generating (see
+      answers ``question=`` or ``questions=`` with no prompt, through copies: it is left unchanged,
+      ready for the next question.
+    * ``decode_budget`` / ``decode_interval`` (default 32): bound the cache while generating (see
       :class:`~lavakv.CompressedCache`).
     """
     ignored = ignored_generation_settings(model)
@@ -146,6 +147,7 @@ def generate(
             "ratio": ratio,
             "progressive": progressive,
             "decode_budget": decode_budget,
+            "decode_interval": decode_interval,
             **options,
         }
         extra = [name for name, value in given.items() if value is not None]
@@ -158,6 +160,7 @@ def generate(
     else:
         resolved = resolve_method("lava" if method is None else method, **options)
         resolved_budget = check_budget(resolved, budget, ratio)
+        decode_interval = 32 if decode_interval is None else decode_interval
         check_decode_budget(resolved, decode_budget, decode_interval)
         settings = dict(
             method=resolved,
@@ -174,8 +177,9 @@ def generate(
         asked = [question] if questions is None else _question_list(questions)
         if not all(isinstance(q, str) for q in asked):
             raise TypeError("question= takes a string (questions= a list of strings) with a cache")
+        check_prompt_format(cache, tokenizer, chat_template)
         ids = [question_ids(tokenizer, q, chat_template) for q in asked]
-        outputs = _ask(model, tokenizer, cache, ids, max_new_tokens, time.perf_counter(), reuse=questions is None)
+        outputs = _ask(model, tokenizer, cache, ids, max_new_tokens, time.perf_counter(), own=False)
         return outputs if questions is not None else outputs[0]
     if prompt is None:
         raise ValueError("give a prompt (or a cache holding a context, with question= or questions=)")
@@ -185,9 +189,9 @@ def generate(
         if not isinstance(prompt, str):
             raise TypeError("questions= takes one context as a string")
         start = time.perf_counter()
-        built = compress(model, tokenizer, prompt, chat_template=chat_template, **settings)
         ids = [question_ids(tokenizer, q, chat_template) for q in _question_list(questions)]
-        return _ask(model, tokenizer, built, ids, max_new_tokens, start, reuse=True)
+        built = compress(model, tokenizer, prompt, chat_template=chat_template, **settings)
+        return _ask(model, tokenizer, built, ids, max_new_tokens, start, own=True)
     prompts, is_batch = _batch(prompt)
     if cache is not None and cache.batch_size > 0:
         if question is not None:
@@ -243,7 +247,8 @@ def compress(
     ``context`` is text (the context part of the prompt ``context + "\n\n" + question``, chat
     template included) or token ids. The cache answers with ``generate(model, tokenizer,
     cache=cache, question=...)`` or ``questions=[...]``, and :meth:`~CompressedCache.save` keeps
-    it on disk.
+    it on disk. A text context records whether the chat template was used, and questions must
+    be asked the same way.
     """
     ids = (
         context_ids(tokenizer, context, chat_template)
@@ -262,8 +267,26 @@ def compress(
         decode_interval=decode_interval,
         **options,
     )
+    if isinstance(context, str):
+        cache.prompt_format = prompt_format(tokenizer, chat_template)
     TokenFeed(model, cache).prefill([ids], pad_token_id(tokenizer))
     return cache
+
+
+def prompt_format(tokenizer, chat_template: bool) -> str:
+    """``"chat"`` when prompts go through the tokenizer's chat template, ``"plain"`` otherwise."""
+    return "chat" if uses_chat_template(tokenizer, chat_template) else "plain"
+
+
+def check_prompt_format(cache: CompressedCache, tokenizer, chat_template: bool) -> None:
+    """Refuse questions built another way than the compressed context they are asked of."""
+    asked = prompt_format(tokenizer, chat_template)
+    if cache.prompt_format is not None and cache.prompt_format != asked:
+        flag = "chat_template=False (--no-chat-template)" if cache.prompt_format == "plain" else "chat_template=True"
+        raise ValueError(
+            f"the context was compressed as a {cache.prompt_format} prompt but the question would be a {asked} one; "
+            f"ask with {flag}"
+        )
 
 
 def _question_list(questions) -> list[str]:
@@ -272,11 +295,11 @@ def _question_list(questions) -> list[str]:
     return list(questions)
 
 
-def _ask(model, tokenizer, cache: CompressedCache, questions: list[list[int]], max_new_tokens, start, reuse: bool):
+def _ask(model, tokenizer, cache: CompressedCache, questions: list[list[int]], max_new_tokens, start, own: bool):
     """Feed each question through a copy of the compressed context in ``cache``; decode the answers as one batch.
 
-    With ``reuse`` the last question goes through ``cache`` itself (it is changed); otherwise
-    ``cache`` is left as it was.
+    A cache of the caller's (``own=False``) is left as it was. One of this module's own serves the
+    last question itself, and the copies' storage is let go once they are stacked into the batch.
     """
     if cache.batch_size != 1:
         raise ValueError(f"questions are asked of a cache holding one context; this one holds {cache.batch_size}")
@@ -287,10 +310,13 @@ def _ask(model, tokenizer, cache: CompressedCache, questions: list[list[int]], m
         check_fits(model, len(held) + len(ids), max_new_tokens)
     copies, logits = [], []
     for index, ids in enumerate(questions):
-        copy = cache if reuse and index == len(questions) - 1 else cache.copy()
+        copy = cache if own and index == len(questions) - 1 else cache.copy()
         logits.append(TokenFeed(model, copy, lengths=[len(held)]).extend([ids]))
         copies.append(copy)
     batch = CompressedCache.stack(copies) if len(copies) > 1 else copies[0]
+    if len(copies) > 1:
+        for copy in copies:
+            copy.release()
     feed = TokenFeed(model, batch, lengths=[len(held) + len(ids) for ids in questions])
     prompts = [held + ids for ids in questions]
     return _decode(model, tokenizer, feed, batch, torch.cat(logits), prompts, max_new_tokens, start)

@@ -61,7 +61,7 @@ def _encode_chat(tokenizer, messages: list[dict]) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("a chat prompt needs a tokenizer with a chat template; give a string or token ids instead")
     for index, message in enumerate(messages):
-        if set(message) < {"role", "content"} or not isinstance(message.get("content"), str):
+        if not {"role", "content"} <= set(message) or not isinstance(message.get("content"), str):
             raise ValueError(f"chat message {index} must have a 'role' and a string 'content', got {message!r}")
     if messages[-1]["role"] == "assistant":
         raise ValueError("the chat ends with the assistant's message; end it with the turn to answer")

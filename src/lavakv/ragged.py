@@ -6,8 +6,9 @@ cache above it:
 
 * ``keys`` and ``values`` are ``[total, head_dim]``: every row's kept entries back to back, so the
   bytes held are exactly the bytes kept;
-* ``lengths`` is ``[batch, kv_heads]``; row ``r = sequence * kv_heads + head`` spans
-  ``indptr[r]:indptr[r + 1]`` (its prefix sums); ``positions[i]`` is entry ``i``'s token position;
+* ``lengths`` is ``[batch, kv_heads]``, always on the CPU (read without a device sync); row
+  ``r = sequence * kv_heads + head`` spans ``indptr[r]:indptr[r + 1]`` (its prefix sums);
+  ``positions[i]`` is entry ``i``'s token position;
 * tokens appended while decoding go to every row alike, in a dense ``[batch, kv_heads, steps,
   head_dim]`` tail, at positions ``append_start + step``.
 
@@ -52,7 +53,7 @@ class RaggedKV:
                 f"got shape {tuple(lengths.shape)} summing to {int(lengths.sum())}"
             )
         self.keys, self.values, self.positions = keys, values, positions
-        self.lengths = lengths
+        self.lengths = lengths.cpu()
         self.batch, self.kv_heads = lengths.shape
         self._offsets = [0] + lengths.reshape(-1).cumsum(0).tolist()
         self.append_start = int(append_start)
@@ -296,7 +297,7 @@ class RaggedKV:
             raise ValueError(
                 f"ragged storage tail of shape {tuple(tail_keys.shape)} does not fit lengths {tuple(lengths.shape)}"
             )
-        positions, lengths = positions.to(torch.int32), lengths.long()
+        positions, lengths = positions.to(torch.int32), lengths.long().cpu()
         return cls(keys, values, positions, lengths, append_start, track_positions, tail_keys, tail_values)
 
     def padded(self, packed: torch.Tensor) -> torch.Tensor:

@@ -12,13 +12,13 @@ prefilling with that method would have built, at the cost of the scoring alone.
 from __future__ import annotations
 
 import time
+import weakref
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .attention import hand_off, model_forward, prepare_model
 from .cache import CompressedCache
-from .cachefile import weights_fingerprint
 from .methods import Budget, Method
 
 
@@ -104,7 +104,7 @@ class PrefillRecord:
         self.prompt_length = input_ids.shape[1]
         self.input_ids = input_ids
         self.input_mask = attention_mask
-        self.weights_fingerprint = weights_fingerprint(model)
+        self._model = weakref.ref(model)
         self.score_memo: dict = {}
 
     def compress(
@@ -125,8 +125,9 @@ class PrefillRecord:
         anew, so that the cache's clock shows the full cost of compression. ``decode_budget`` and
         ``decode_interval`` bound the cache while decoding (see :class:`~lavakv.CompressedCache`).
         """
+        model = self._model()
         cache = CompressedCache(
-            self.config,
+            self.config if model is None else model,
             method=method,
             budget=budget,
             ratio=ratio,
@@ -136,7 +137,6 @@ class PrefillRecord:
             decode_interval=decode_interval,
             **options,
         )
-        cache.weights_fingerprint = self.weights_fingerprint
         cache.observe_inputs(self.input_ids, self.input_mask)
         with torch.inference_mode():
             for layer_idx, (query, key, value, scaling) in enumerate(self.layers):
