@@ -7,9 +7,10 @@ On SmolLM2, a context of about ``--tokens`` tokens (Paul Graham essays from ``..
 is asked ``--questions`` questions two ways, each in its own process so that its peak memory is
 its own: ``lavakv.generate(..., questions=[...])`` (one prefill and compression, one copy of the
 compressed cache per question, the answers decoded as one batch) and one
-``lavakv.generate(..., question=q)`` call per question. It reports the wall time of each, their
-ratio, the peak resident memory above the loaded model, the KV bytes held at the end, and
-whether every answer is the same token for token. Writes
+``lavakv.generate(..., question=q)`` call per question, alternating, ``--repeats`` times each.
+It reports the median wall time of each, their ratio, the peak resident memory above the
+loaded model, the KV bytes held at the end, and whether every answer is the same token for
+token. Writes
 ``benchmarks/results/many_questions.{json,md}``.
 """
 
@@ -99,6 +100,13 @@ def run_mode(mode: str, args) -> dict:
     return json.loads(line[len("RESULT ") :])
 
 
+def _median_run(runs: list[dict]) -> dict:
+    """The run of median wall time (its memory figures with it); every run must give the same answers."""
+    if any(run["answers"] != runs[0]["answers"] for run in runs):
+        raise RuntimeError("repeated runs of one mode gave different answers")
+    return sorted(runs, key=lambda run: run["seconds"])[len(runs) // 2]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=4000)
@@ -106,6 +114,7 @@ def main() -> None:
     parser.add_argument("--method", default="lava")
     parser.add_argument("--budget", type=int, default=256)
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--worker", choices=["together", "separate"], dest="mode")
     args = parser.parse_args()
     if not 1 <= args.questions <= len(QUESTIONS):
@@ -113,7 +122,11 @@ def main() -> None:
     if args.mode:
         worker(args)
         return
-    together, separate = run_mode("together", args), run_mode("separate", args)
+    runs = {"together": [], "separate": []}
+    for _ in range(args.repeats):
+        for mode in runs:
+            runs[mode].append(run_mode(mode, args))
+    together, separate = (_median_run(runs[mode]) for mode in ("together", "separate"))
     same = [a == b for a, b in zip(together["answers"], separate["answers"])]
     result = {
         "settings": {k: getattr(args, k) for k in ("tokens", "questions", "method", "budget", "max_new_tokens")},
@@ -121,6 +134,7 @@ def main() -> None:
         "together": {k: v for k, v in together.items() if k != "answers"},
         "separate": {k: v for k, v in separate.items() if k != "answers"},
         "speedup": separate["seconds"] / together["seconds"],
+        "seconds_each_run": {mode: [run["seconds"] for run in runs[mode]] for mode in runs},
         "identical_answers": sum(same),
     }
     RESULTS.mkdir(exist_ok=True)
@@ -132,6 +146,8 @@ def main() -> None:
         f"SmolLM2-135M-Instruct on 2 CPU cores, a {result['context_tokens']}-token context, {s['questions']} "
         f"questions, {s['method']} at budget {s['budget']}, {s['max_new_tokens']} new tokens per answer "
         "(`benchmarks/many_questions.py`, each mode in its own process).",
+        "",
+        f"Median of {len(runs['together'])} runs of each mode, alternating.",
         "",
         "| mode | wall s | peak RSS above the model, MiB | KV held at the end, MiB |",
         "|---|---:|---:|---:|",
