@@ -242,3 +242,31 @@ def test_keep_select_repeat_and_clone():
         RaggedKV.from_tensors({"keys": storage.keys}, 20, False)
     with pytest.raises(IndexError, match="outside"):
         storage.select([2])
+
+
+def test_appends_grow_a_buffer_geometrically_and_read_it_as_a_view():
+    storage = RaggedKV.pack(_rows([[3, 5]], length=10), [0], append_start=10)
+    generator = torch.Generator().manual_seed(4)
+    steps = torch.randn(300, 1, 2, 1, DIM, generator=generator)
+    buffers = set()
+    for step in steps:
+        storage.append(step, -step)
+        buffers.add(storage._tail_keys.data_ptr())
+        assert storage.appended_keys.data_ptr() == storage._tail_keys.data_ptr()
+    assert storage.steps == 300
+    assert len(buffers) <= 1 + math.ceil(math.log2(300 / 64))
+    expected = torch.cat(list(steps), dim=2)
+    assert torch.equal(storage.appended_keys, expected) and torch.equal(storage.appended_values, -expected)
+    capacity = storage._tail_keys.shape[2]
+    assert storage.reserved_bytes() == (capacity - 300) * 2 * 2 * DIM * 4
+    used, _ = storage.nbytes()
+    assert used == (8 + 2 * 300) * 2 * DIM * 4
+
+
+def test_a_buffer_made_in_inference_mode_takes_appends_outside_it():
+    storage = RaggedKV.pack(_rows([[2, 2]], length=6), [0], append_start=6)
+    with torch.inference_mode():
+        storage.append(torch.ones(1, 2, 1, DIM), torch.ones(1, 2, 1, DIM))
+    with torch.no_grad():
+        storage.append(torch.zeros(1, 2, 1, DIM), torch.zeros(1, 2, 1, DIM))
+    assert storage.steps == 2 and storage.appended_keys[0, 0, :, 0].tolist() == [1.0, 0.0]

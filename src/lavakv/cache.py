@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy as _copy
 import logging
 import os
+import time
 import weakref
 from dataclasses import asdict, dataclass, field
 
@@ -52,6 +53,7 @@ class CompressedLayer(CacheLayerMixin):
         self.layer_idx = layer_idx
         self.sliding_window = sliding_window
         self.storage: RaggedKV | None = None
+        self.append_seconds = 0.0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -62,7 +64,9 @@ class CompressedLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self.storage is not None:
+            start = time.perf_counter()
             self.storage.append(key_states, value_states)
+            self.append_seconds += time.perf_counter() - start
         return key_states, value_states
 
     def pack(self, rows: list[list[Row]], padding: list[int], prompt_length: int) -> None:
@@ -141,8 +145,11 @@ class CacheStats:
 
     ``kept_entry_bytes`` is what the kept prompt entries take by themselves (``kept_entries * 2 *
     head_dim * element_size``), against which ``kv_bytes`` shows the storage's own overhead (none:
-    the storage is packed). ``compression_seconds`` splits what compression added to the prefill into ``score``,
-    ``allocate`` and ``total`` (selection, copies and packing included).
+    the storage is packed). ``reserved_kv_bytes`` is memory held on top of ``kv_bytes``: decode
+    slots the append buffers have reserved but not used yet (they grow geometrically);
+    ``append_seconds`` the time spent appending decode tokens to them. ``compression_seconds``
+    splits what compression added to the prefill into ``score``, ``allocate`` and ``total``
+    (selection, copies and packing included), and gives the decode budget's evictions as ``decode``.
     """
 
     method: str
@@ -152,6 +159,8 @@ class CacheStats:
     full_entries: int
     full_kv_bytes: int
     kept_entry_bytes: int
+    reserved_kv_bytes: int
+    append_seconds: float
     appended_tokens: int
     held_entries: int
     peak_prefill_bytes: int
@@ -611,6 +620,8 @@ class CompressedCache(Cache):
             full_entries=sum(s.full_entries for s in sequences),
             full_kv_bytes=sum(s.full_kv_bytes for s in sequences),
             kept_entry_bytes=kept_entry_bytes,
+            reserved_kv_bytes=sum(storage.reserved_bytes() for storage in storages),
+            append_seconds=sum(layer.append_seconds for layer in self.layers),
             appended_tokens=max(s.appended_tokens for s in sequences),
             held_entries=sum(s.held_entries for s in sequences),
             peak_prefill_bytes=self.peak_prefill_bytes,

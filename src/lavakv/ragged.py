@@ -10,7 +10,10 @@ cache above it:
   ``r = sequence * kv_heads + head`` spans ``indptr[r]:indptr[r + 1]`` (its prefix sums);
   ``positions[i]`` is entry ``i``'s token position;
 * tokens appended while decoding go to every row alike, in a dense ``[batch, kv_heads, steps,
-  head_dim]`` tail, at positions ``append_start + step``.
+  head_dim]`` tail, at positions ``append_start + step``. The tail is a buffer that grows
+  geometrically and is read as a view of its first ``steps`` slots, so a generation of ``T``
+  tokens copies ``O(T)`` bytes in all, not ``O(T^2)``; :meth:`RaggedKV.reserved_bytes` counts the
+  slots held but not yet used.
 
 Rows of one storage share one timeline: positions are right-aligned like a left-padded batch, so
 that every row's next token is at ``append_start + steps``. :meth:`RaggedKV.fold` moves the tail
@@ -28,6 +31,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+MIN_TAIL_SLOTS = 64
+"""Decode slots the tail buffer starts with."""
 
 Row = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 """One row's ``(positions [n], keys [n, d], values [n, d])``, in ascending position order."""
@@ -58,8 +64,9 @@ class RaggedKV:
         self._offsets = [0] + lengths.reshape(-1).cumsum(0).tolist()
         self.append_start = int(append_start)
         self.track_positions = track_positions
-        self.appended_keys: torch.Tensor | None = appended_keys
-        self.appended_values: torch.Tensor | None = appended_values
+        self._tail_keys: torch.Tensor | None = appended_keys
+        self._tail_values: torch.Tensor | None = appended_values
+        self._steps = 0 if appended_keys is None else appended_keys.shape[-2]
         batch, kv_heads = self.batch, self.kv_heads
         self.longest = int(lengths.max()) if lengths.numel() else 0
         device = keys.device
@@ -238,15 +245,47 @@ class RaggedKV:
     @property
     def steps(self) -> int:
         """Tokens appended to every row since packing."""
-        return 0 if self.appended_keys is None else self.appended_keys.shape[-2]
+        return self._steps
+
+    @property
+    def appended_keys(self) -> torch.Tensor | None:
+        """``[batch, kv_heads, steps, d]``: the appended keys (a view of the tail buffer), ``None`` before any."""
+        return None if not self._steps else self._tail_keys[:, :, : self._steps]
+
+    @property
+    def appended_values(self) -> torch.Tensor | None:
+        """``[batch, kv_heads, steps, d]``: the appended values (a view of the tail buffer), ``None`` before any."""
+        return None if not self._steps else self._tail_values[:, :, : self._steps]
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Append ``[batch, kv_heads, q, d]`` new entries to every row."""
-        if self.appended_keys is None:
-            self.appended_keys, self.appended_values = keys, values
-        else:
-            self.appended_keys = torch.cat([self.appended_keys, keys], dim=-2)
-            self.appended_values = torch.cat([self.appended_values, values], dim=-2)
+        """Append ``[batch, kv_heads, q, d]`` new entries to every row, in amortized constant time per entry.
+
+        The buffer doubles when full (at least :data:`MIN_TAIL_SLOTS` slots); only then are the
+        used slots copied.
+        """
+        needed = self._steps + keys.shape[-2]
+        buffer = self._tail_keys
+        stale = buffer is not None and buffer.is_inference() and not torch.is_inference_mode_enabled()
+        if buffer is None or buffer.shape[-2] < needed or stale:
+            capacity = needed if stale else max(needed, MIN_TAIL_SLOTS, 2 * (0 if buffer is None else buffer.shape[-2]))
+            self._tail_keys = self._grown(self._tail_keys, keys, capacity)
+            self._tail_values = self._grown(self._tail_values, values, capacity)
+        self._tail_keys[:, :, self._steps : needed] = keys
+        self._tail_values[:, :, self._steps : needed] = values
+        self._steps = needed
+
+    def _grown(self, buffer: torch.Tensor | None, new: torch.Tensor, capacity: int) -> torch.Tensor:
+        grown = new.new_empty(*new.shape[:2], capacity, new.shape[-1])
+        if self._steps:
+            grown[:, :, : self._steps] = buffer[:, :, : self._steps]
+        return grown
+
+    def reserved_bytes(self) -> int:
+        """Bytes of the tail buffer's slots held but not used yet."""
+        if self._tail_keys is None:
+            return 0
+        free = self._tail_keys.shape[-2] - self._steps
+        return 2 * free * self._tail_keys[:, :, :1].nbytes
 
     def row(self, sequence: int, head: int) -> Row:
         """The packed entries of one row (views of the storage)."""
@@ -349,7 +388,8 @@ class RaggedKV:
         return mask[:, :, None].expand(-1, -1, group, -1, -1).reshape(batch, kv_heads, group * q_len, -1)
 
     def nbytes(self) -> tuple[int, int]:
-        """(bytes of the key/value tensors held, bytes of the index tensors held)."""
+        """(bytes of the key/value entries held, bytes of the index tensors held); the tail buffer's unused
+        slots are apart (:meth:`reserved_bytes`)."""
         kv = sum(t.nbytes for t in (self.keys, self.values, self.appended_keys, self.appended_values) if t is not None)
         index = sum(t.nbytes for t in (self.positions, self.lengths, self.gather_index, self.valid) if t is not None)
         if self.gather_index is not None and self.slot_positions is not None:
