@@ -20,6 +20,8 @@ from transformers import (
 )
 
 import lavakv
+from lavakv import ragged
+from lavakv.ragged import ATTENTION_PATHS
 
 COMMON = dict(
     vocab_size=96,
@@ -99,3 +101,10 @@ def smollm2():
         return lavakv.load_model()
     except FileNotFoundError as error:
         pytest.skip(f"embedded model unavailable: {error}")
+
+
+@pytest.fixture(params=ATTENTION_PATHS)
+def path(request, monkeypatch):
+    """Every decode attention path; FlexAttention runs uncompiled here (exact, and no compilation in CI)."""
+    monkeypatch.setattr(ragged, "COMPILE_FLEX", False)
+    return request.param

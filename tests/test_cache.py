@@ -79,11 +79,11 @@ def _dense_reference(query, keys, values, kept, scaling, new_keys, new_values):
 @pytest.mark.parametrize("kind", ["llama", "llama-mha", "qwen3"])
 @pytest.mark.parametrize("method", ["snapkv", "ada-snapkv", "lava", "streamingllm"])
 @pytest.mark.parametrize("q_len", [1, 3])
-def test_decode_attention_equals_dense_reference_with_evicted_entries_masked(kind, method, q_len):
+def test_decode_attention_equals_dense_reference_with_evicted_entries_masked(kind, method, q_len, path):
     model = tiny_model(kind)
     ids = random_prompt(160)
     full = _full_prefill(model, ids)
-    cache = lavakv.CompressedCache(model, method=method, budget=40)
+    cache = lavakv.CompressedCache(model, method=method, budget=40, attention_path=path)
     with torch.no_grad():
         model(torch.tensor([ids]), cache=cache, use_cache=True)
     stats = cache.stats().sequences[0]

@@ -60,7 +60,7 @@ def _dense_reference(rows, appended_keys, appended_values, query, scaling, appen
 )
 @pytest.mark.parametrize("q_len", [1, 3])
 @pytest.mark.parametrize("group", [1, 2])
-def test_attention_over_ragged_rows_equals_the_dense_reference(lengths, q_len, group):
+def test_attention_over_ragged_rows_equals_the_dense_reference(lengths, q_len, group, path):
     rows = _rows(lengths, length=20)
     batch, kv_heads = len(lengths), len(lengths[0])
     storage = RaggedKV.pack(rows, [0] * batch, append_start=20)
@@ -70,14 +70,14 @@ def test_attention_over_ragged_rows_equals_the_dense_reference(lengths, q_len, g
     storage.append(appended_keys[:, :, :2], appended_values[:, :, :2])
     storage.append(appended_keys[:, :, 2:], appended_values[:, :, 2:])
     query = torch.randn(batch, kv_heads * group, q_len, DIM, generator=generator)
-    got = storage.attend(query, DIM**-0.5)
+    got = storage.attend(query, DIM**-0.5, path=path)
     expected = _dense_reference(rows, appended_keys, appended_values, query, DIM**-0.5, append_start=20)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert storage.steps == q_len + 2
 
 
 @pytest.mark.parametrize("q_len", [1, 2])
-def test_sliding_window_hides_entries_too_far_back(q_len):
+def test_sliding_window_hides_entries_too_far_back(q_len, path):
     rows = _rows([[6, 3]], length=30, seed=2)
     storage = RaggedKV.pack(rows, [0], append_start=30, track_positions=True)
     generator = torch.Generator().manual_seed(3)
@@ -85,7 +85,7 @@ def test_sliding_window_hides_entries_too_far_back(q_len):
     appended_values = torch.randn(1, 2, q_len, DIM, generator=generator)
     storage.append(appended_keys, appended_values)
     query = torch.randn(1, 2, q_len, DIM, generator=generator)
-    got = storage.attend(query, 0.5, sliding_window=12)
+    got = storage.attend(query, 0.5, sliding_window=12, path=path)
     expected = _dense_reference(rows, appended_keys, appended_values, query, 0.5, 30, sliding_window=12)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -176,7 +176,7 @@ def _dense_reference_rows(full, query, scaling, next_position, sliding_window=No
 
 
 @pytest.mark.parametrize("steps", [0, 3])
-def test_fold_moves_the_tail_into_the_rows_and_attention_is_unchanged(steps):
+def test_fold_moves_the_tail_into_the_rows_and_attention_is_unchanged(steps, path):
     storage, full = _with_tail([[3, 7], [6, 1]], steps, track=True)
     folded = storage.fold()
     assert folded.steps == 0 and folded.append_start == 20 + steps
@@ -188,10 +188,12 @@ def test_fold_moves_the_tail_into_the_rows_and_attention_is_unchanged(steps):
     query = torch.randn(2, 4, 1, DIM, generator=torch.Generator().manual_seed(1))
     folded.append(torch.zeros(2, 2, 1, DIM), torch.zeros(2, 2, 1, DIM))
     storage.append(torch.zeros(2, 2, 1, DIM), torch.zeros(2, 2, 1, DIM))
-    torch.testing.assert_close(folded.attend(query, 0.3, 9), storage.attend(query, 0.3, 9), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        folded.attend(query, 0.3, 9, path=path), storage.attend(query, 0.3, 9, path="gather"), rtol=1e-5, atol=1e-6
+    )
 
 
-def test_concat_aligns_timelines_and_keeps_every_row():
+def test_concat_aligns_timelines_and_keeps_every_row(path):
     first, first_rows = _with_tail([[3, 7]], 2, length=20, seed=1)
     second, second_rows = _with_tail([[5, 2], [1, 4]], 4, length=12, seed=2)
     joined = RaggedKV.concat([first, second])
@@ -213,7 +215,7 @@ def test_concat_aligns_timelines_and_keeps_every_row():
         for b, heads in enumerate(full)
     ]
     expected = _dense_reference_rows(grown, query, 0.4, 23)
-    torch.testing.assert_close(joined.attend(query, 0.4), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(joined.attend(query, 0.4, path=path), expected, rtol=1e-5, atol=1e-5)
     same = RaggedKV.concat([first, first.clone()])
     assert same.steps == 2 and same.batch == 2
 
@@ -270,3 +272,29 @@ def test_a_buffer_made_in_inference_mode_takes_appends_outside_it():
     with torch.no_grad():
         storage.append(torch.zeros(1, 2, 1, DIM), torch.zeros(1, 2, 1, DIM))
     assert storage.steps == 2 and storage.appended_keys[0, 0, :, 0].tolist() == [1.0, 0.0]
+
+
+def test_flex_block_mask_is_built_once_per_query_shape(path):
+    storage, full = _with_tail([[3, 7], [6, 1]], 2)
+    query = torch.randn(2, 4, 1, DIM, generator=torch.Generator().manual_seed(5))
+    first = storage.attend(query, 0.3, path=path)
+    storage.append(torch.ones(2, 2, 1, DIM), torch.ones(2, 2, 1, DIM))
+    second = storage.attend(query, 0.3, path=path)
+    assert len(storage._flex_masks) == (1 if path == "flex" else 0)
+    expected = [_dense_reference_rows(full, query, 0.3, 22)]
+    full = [
+        [
+            (torch.cat([p, torch.tensor([22])]), torch.cat([k, torch.ones(1, DIM)]), torch.cat([v, torch.ones(1, DIM)]))
+            for p, k, v in heads
+        ]
+        for heads in full
+    ]
+    expected.append(_dense_reference_rows(full, query, 0.3, 23))
+    torch.testing.assert_close(first, expected[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second, expected[1], rtol=1e-5, atol=1e-5)
+
+
+def test_an_unknown_attention_path_is_refused():
+    storage, _ = _with_tail([[3, 7]], 1)
+    with pytest.raises(ValueError, match="unknown attention path 'dense'.*gather, flex"):
+        storage.attend(torch.zeros(1, 2, 1, DIM), 1.0, path="dense")

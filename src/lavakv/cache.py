@@ -33,7 +33,7 @@ from .attention import hand_off, prepare_model, prompt_lengths
 from .cachefile import check_identity, ids_hash, model_identity, read_file, weights_fingerprint, write_file
 from .methods import Budget, Method, resolve_method
 from .methods.registry import round_to_total
-from .ragged import RaggedKV, Row
+from .ragged import ATTENTION_PATHS, RaggedKV, Row
 from .selection import PhaseClock, SequenceCompression, select_while_decoding
 
 logger = logging.getLogger(__name__)
@@ -48,15 +48,18 @@ class CompressedLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, layer_idx: int, sliding_window: int | None):
+    def __init__(self, layer_idx: int, sliding_window: int | None, attention_path: str = "auto"):
         super().__init__()
         self.layer_idx = layer_idx
         self.sliding_window = sliding_window
         self.storage: RaggedKV | None = None
         self.append_seconds = 0.0
+        self.requested_path = attention_path
+        self.attention_path: str | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
+        self.attention_path = resolve_attention_path(self.requested_path, self.device)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -76,7 +79,9 @@ class CompressedLayer(CacheLayerMixin):
 
     def attend(self, query: torch.Tensor, scaling: float, sliding_window: int | None) -> torch.Tensor:
         """Exact attention of ``query[B, H, q, d]`` over each head's kept entries; returns ``[B, q, H, d]``."""
-        return self.storage.attend(query, scaling, sliding_window)
+        if self.attention_path is None:
+            self.attention_path = resolve_attention_path(self.requested_path, query.device)
+        return self.storage.attend(query, scaling, sliding_window, path=self.attention_path)
 
     def get_seq_length(self) -> int:
         return 0 if self.storage is None else self.storage.append_start + self.storage.steps
@@ -150,6 +155,7 @@ class CacheStats:
     ``append_seconds`` the time spent appending decode tokens to them. ``compression_seconds``
     splits what compression added to the prefill into ``score``, ``allocate`` and ``total``
     (selection, copies and packing included), and gives the decode budget's evictions as ``decode``.
+    ``attention_paths`` names the decode attention the layers run (see :func:`resolve_attention_path`).
     """
 
     method: str
@@ -166,6 +172,7 @@ class CacheStats:
     peak_prefill_bytes: int
     compression_seconds: dict[str, float]
     decode_evictions: int
+    attention_paths: list[str]
     sequences: list[SequenceStats]
 
 
@@ -217,8 +224,14 @@ class CompressedCache(Cache):
         score_memo: dict | None = None,
         decode_budget: int | None = None,
         decode_interval: int = 32,
+        attention_path: str = "auto",
         **options,
     ):
+        if attention_path != "auto" and attention_path not in ATTENTION_PATHS:
+            raise ValueError(
+                f"attention_path must be 'auto' or one of {', '.join(ATTENTION_PATHS)}, got {attention_path!r}"
+            )
+        self.attention_path = attention_path
         config = getattr(model_or_config, "config", model_or_config)
         self.weights_fingerprint: str | None = None
         self._model = None
@@ -234,7 +247,9 @@ class CompressedCache(Cache):
         self.num_layers = config.num_hidden_layers
         _, layer_kwargs = get_layer_types_and_kwargs(config)
         self.sliding_windows = [kwargs.get("sliding_window") for kwargs in layer_kwargs]
-        super().__init__(layers=[CompressedLayer(index, window) for index, window in enumerate(self.sliding_windows)])
+        super().__init__(
+            layers=[CompressedLayer(index, window, attention_path) for index, window in enumerate(self.sliding_windows)]
+        )
         self.sequences: list[SequenceCompression] | None = None
         self.infos: list[SequenceInfo] | None = None
         self.padding: list[int] = []
@@ -627,6 +642,7 @@ class CompressedCache(Cache):
             peak_prefill_bytes=self.peak_prefill_bytes,
             compression_seconds=dict(self.clock.seconds),
             decode_evictions=self.decode_evictions,
+            attention_paths=sorted({layer.attention_path or "unset" for layer in self.layers}),
             sequences=sequences,
         )
 
@@ -755,10 +771,12 @@ class CompressedCache(Cache):
             progressive=self.progressive,
             decode_budget=self.decode_budget,
             decode_interval=self.decode_interval,
+            attention_path=self.attention_path,
         )
         for layer, storage in zip(derived.layers, storages):
             layer.storage = storage
             layer.dtype, layer.device = storage.keys.dtype, storage.keys.device
+            layer.attention_path = resolve_attention_path(layer.requested_path, layer.device)
             layer.is_initialized = True
         derived.infos = list(infos)
         derived.sequences = []
@@ -906,6 +924,20 @@ def _left_pad(queries: torch.Tensor, width: int) -> torch.Tensor:
     if missing == 0:
         return queries
     return torch.cat([queries.new_zeros(*queries.shape[:2], missing, queries.shape[3]), queries], dim=2)
+
+
+def resolve_attention_path(requested: str, device: torch.device) -> str:
+    """The decode attention a layer on ``device`` runs: ``requested`` itself, or for ``"auto"`` the one
+    measured fastest there.
+
+    On CPU that is ``"gather"``: compiled FlexAttention over the packed rows takes about twice as long
+    per call at decode shapes as SDPA over a gathered padded view (``benchmarks/ragged_attention.py``),
+    and uncompiled it is two orders of magnitude slower. On accelerators it is ``"flex"``, which reads
+    the packed entries in place instead of copying them into a padded view every step.
+    """
+    if requested != "auto":
+        return requested
+    return "gather" if torch.device(device).type == "cpu" else "flex"
 
 
 def layer_devices(model, num_layers: int) -> list[torch.device]:

@@ -14,6 +14,9 @@ import torch
 
 from .attention import model_forward
 
+DEVICE_CHECK_EVERY = 16
+"""Decode steps between reads of the chosen tokens on an accelerator (see :meth:`TokenFeed.greedy`)."""
+
 
 class TokenFeed:
     """Token ids into ``model`` through ``cache``, row by row positions included.
@@ -72,27 +75,44 @@ class TokenFeed:
         max_new_tokens: int,
         stop_ids: set[int],
         finished: Callable[[list[int]], bool] | None = None,
+        check_every: int | None = None,
     ) -> list[list[int]]:
         """Greedy tokens of every row from the next-token ``logits [B, V]`` on, each row stopping on its own.
 
         A row stops after a token in ``stop_ids`` (kept in its list), after ``finished(tokens)``
-        returns true, or at ``max_new_tokens``. Rows that stopped are fed their last token until
-        every row has stopped; what they produce then is discarded.
+        returns true, or at ``max_new_tokens``. Chosen tokens stay on the model's device and are
+        fed straight back; they are read to the host only every ``check_every`` steps (default: every
+        step on CPU, where reading costs nothing, and every :data:`DEVICE_CHECK_EVERY` steps on an
+        accelerator, where each read waits for the device), so a decode step never waits for the
+        host. Rows that stopped keep being fed until every row has stopped; what they produce then
+        is discarded, so the tokens are those of a loop that checks every step.
         """
+        if check_every is None:
+            check_every = 1 if self.device.type == "cpu" else DEVICE_CHECK_EVERY
+        if check_every < 1:
+            raise ValueError(f"check_every must be at least 1, got {check_every}")
         rows = logits.shape[0]
         tokens: list[list[int]] = [[] for _ in range(rows)]
         done = [False] * rows
+        pending: list[torch.Tensor] = []
+        step = 0
         while True:
-            chosen = logits.argmax(dim=-1).tolist()
-            for row in range(rows):
-                if done[row]:
-                    continue
-                tokens[row].append(chosen[row])
-                done[row] = (
-                    len(tokens[row]) >= max_new_tokens
-                    or chosen[row] in stop_ids
-                    or (finished is not None and finished(tokens[row]))
-                )
-            if all(done):
-                return tokens
-            logits = self.extend([[row_tokens[-1]] for row_tokens in tokens])
+            chosen = logits.argmax(dim=-1)
+            pending.append(chosen)
+            step += 1
+            if step % check_every == 0 or step >= max_new_tokens:
+                block = torch.stack(pending, dim=1).tolist()
+                pending = []
+                for row, new in enumerate(block):
+                    for token in new:
+                        if done[row]:
+                            break
+                        tokens[row].append(token)
+                        done[row] = (
+                            len(tokens[row]) >= max_new_tokens
+                            or token in stop_ids
+                            or (finished is not None and finished(tokens[row]))
+                        )
+                if all(done):
+                    return tokens
+            logits = self.extend(chosen[:, None])

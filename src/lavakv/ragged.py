@@ -29,11 +29,42 @@ entries. Torch only.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
 
 MIN_TAIL_SLOTS = 64
 """Decode slots the tail buffer starts with."""
+
+ATTENTION_PATHS = ("gather", "flex")
+"""Ways :meth:`RaggedKV.attend` can compute attention (see there)."""
+
+_compiled_flex: dict[str, Callable] = {}
+
+
+def flex_kernel(device: torch.device) -> Callable:
+    """FlexAttention for ``device``: compiled (dynamic shapes, one compilation per device type) unless
+    :data:`COMPILE_FLEX` is off, in which case torch's unfused reference implementation runs (exact,
+    slow: for tests)."""
+    if not COMPILE_FLEX:
+        return _eager_flex
+    if device.type not in _compiled_flex:
+        _compiled_flex[device.type] = torch.compile(flex_attention, dynamic=True)
+    return _compiled_flex[device.type]
+
+
+COMPILE_FLEX = True
+"""Whether the ``"flex"`` path compiles FlexAttention (torch.compile); tests switch it off."""
+
+
+def _eager_flex(*args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return flex_attention(*args, **kwargs)
+
 
 Row = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 """One row's ``(positions [n], keys [n, d], values [n, d])``, in ascending position order."""
@@ -82,6 +113,8 @@ class RaggedKV:
             self.valid = valid[:, :, None, :].to(device)
             slot_positions = positions[self.gather_index].view(batch, kv_heads, self.longest)
         self.slot_positions = slot_positions if track_positions else None
+        self._padding_bias: torch.Tensor | None = None
+        self._flex_masks: dict = {}
 
     @classmethod
     def pack(
@@ -345,11 +378,21 @@ class RaggedKV:
             packed = packed.index_select(0, self.gather_index)
         return packed.view(self.batch, self.kv_heads, self.longest, packed.shape[-1])
 
-    def attend(self, query: torch.Tensor, scaling: float, sliding_window: int | None = None) -> torch.Tensor:
+    def attend(
+        self, query: torch.Tensor, scaling: float, sliding_window: int | None = None, path: str = "gather"
+    ) -> torch.Tensor:
         """Exact attention of ``query[batch, heads, q, d]`` (the last ``q`` appended tokens) over each row.
 
-        Query heads are grouped over the KV heads (GQA); returns ``[batch, q, heads, d]``.
+        Query heads are grouped over the KV heads (GQA); returns ``[batch, q, heads, d]``. ``path``
+        is one of :data:`ATTENTION_PATHS`: ``"gather"`` reads the rows as a padded view (a copy
+        when rows differ in length) and runs SDPA with a padding mask; ``"flex"`` runs
+        FlexAttention over the packed entries themselves with a block mask built once per storage
+        (no padding copy) and merges the appended tail by log-sum-exp. Both are exact.
         """
+        if path == "flex":
+            return self._attend_flex(query, scaling, sliding_window)
+        if path != "gather":
+            raise ValueError(f"unknown attention path {path!r}; valid paths: {', '.join(ATTENTION_PATHS)}")
         batch, heads, q_len, dim = query.shape
         group = heads // self.kv_heads
         keys, values = self.padded(self.keys), self.padded(self.values)
@@ -362,14 +405,21 @@ class RaggedKV:
         return output.reshape(batch, heads, q_len, dim).transpose(1, 2).contiguous()
 
     def mask(self, q_len: int, group: int, sliding_window: int | None) -> torch.Tensor | None:
-        """Visibility for the grouped query ``[batch, kv_heads, group * q, entries]``; ``None`` when all is visible."""
+        """Visibility for the grouped query ``[batch, kv_heads, group * q, entries]``; ``None`` when all is visible.
+
+        A single decode token gets an additive mask (0 or -inf, in the keys' dtype, built once per
+        storage), which SDPA on CPU runs faster than a boolean one; otherwise a boolean mask.
+        """
         steps = self.steps
         batch, kv_heads = self.batch, self.kv_heads
         if q_len == 1 and not sliding_window:
             if self.valid is None:
                 return None
-            appended = self.valid.new_ones(batch, kv_heads, 1, steps)
-            return torch.cat([self.valid, appended], dim=-1)
+            if self._padding_bias is None:
+                bias = torch.zeros(self.valid.shape, dtype=self.keys.dtype, device=self.valid.device)
+                self._padding_bias = bias.masked_fill(~self.valid, float("-inf"))
+            appended = self._padding_bias.new_zeros(batch, kv_heads, 1, steps)
+            return torch.cat([self._padding_bias, appended], dim=-1)
         device = self.keys.device
         prefix = torch.ones(batch, kv_heads, q_len, self.longest, dtype=torch.bool, device=device)
         if self.valid is not None:
@@ -386,6 +436,80 @@ class RaggedKV:
             appended = appended & ((query_step[:, None] - step_index[None, :]) < sliding_window)
         mask = torch.cat([prefix, appended], dim=-1)
         return mask[:, :, None].expand(-1, -1, group, -1, -1).reshape(batch, kv_heads, group * q_len, -1)
+
+    def _attend_flex(self, query: torch.Tensor, scaling: float, sliding_window: int | None) -> torch.Tensor:
+        batch, heads, q_len, dim = query.shape
+        group = heads // self.kv_heads
+        packed_query = query.reshape(1, 1, batch * heads * q_len, dim)
+        block_mask = self._flex_block_mask(q_len, group, sliding_window, query.device)
+        kernel = flex_kernel(query.device)
+        output, aux = kernel(
+            packed_query,
+            self.keys[None, None],
+            self.values[None, None],
+            block_mask=block_mask,
+            scale=scaling,
+            return_aux=AuxRequest(lse=True),
+        )
+        output = output.view(batch, self.kv_heads, group * q_len, dim)
+        if self.steps:
+            lse = aux.lse.view(batch, self.kv_heads, group * q_len, 1)
+            output = self._merge_tail(query, output, lse.float(), scaling, sliding_window)
+        return output.reshape(batch, heads, q_len, dim).transpose(1, 2).contiguous()
+
+    def _flex_block_mask(self, q_len: int, group: int, sliding_window: int | None, device: torch.device):
+        """The block mask pairing each packed query with its own row's entries (and a sliding window's reach).
+
+        Built once per storage and query shape; a sliding window moves with every step, so its mask is rebuilt.
+        """
+        key = (q_len, group)
+        if key in self._flex_masks and not sliding_window:
+            return self._flex_masks[key]
+        per_row = group * q_len
+        rows = self.batch * self.kv_heads
+        query_row = torch.arange(rows * per_row, device=device) // per_row
+        entry_row = torch.repeat_interleave(torch.arange(rows), self.lengths.reshape(-1)).to(device)
+        total = self.keys.shape[0]
+        if sliding_window:
+            first_query = self.append_start + self.steps - q_len
+            query_position = first_query + torch.arange(rows * per_row, device=device) % q_len
+            entry_position = self.positions.to(device).long()
+
+            def visible(b, h, q_index, kv_index):
+                same_row = query_row[q_index] == entry_row[kv_index]
+                return same_row & (query_position[q_index] - entry_position[kv_index] < sliding_window)
+        else:
+
+            def visible(b, h, q_index, kv_index):
+                return query_row[q_index] == entry_row[kv_index]
+
+        block_mask = create_block_mask(visible, 1, 1, rows * per_row, total, device=device)
+        if not sliding_window:
+            self._flex_masks[key] = block_mask
+        return block_mask
+
+    def _merge_tail(
+        self, query: torch.Tensor, prefix: torch.Tensor, prefix_lse: torch.Tensor, scaling: float, window: int | None
+    ) -> torch.Tensor:
+        """Combine attention over the packed rows (``prefix``, its log-sum-exp) with attention over the tail."""
+        batch, heads, q_len, dim = query.shape
+        group = heads // self.kv_heads
+        grouped = query.reshape(batch, self.kv_heads, group * q_len, dim).float()
+        scores = grouped @ self.appended_keys.float().transpose(-1, -2) * scaling
+        steps = self.steps
+        step_index = torch.arange(steps, device=query.device)
+        query_step = torch.arange(steps - q_len, steps, device=query.device)
+        visible = step_index[None, :] <= query_step[:, None]
+        if window:
+            visible = visible & ((query_step[:, None] - step_index[None, :]) < window)
+        visible = visible[None, :, :].expand(group, -1, -1).reshape(group * q_len, steps)
+        scores = scores.masked_fill(~visible, float("-inf"))
+        tail_lse = scores.logsumexp(dim=-1, keepdim=True)
+        tail = torch.softmax(scores, dim=-1) @ self.appended_values.float()
+        top = torch.maximum(prefix_lse, tail_lse)
+        prefix_weight, tail_weight = (prefix_lse - top).exp(), (tail_lse - top).exp()
+        merged = (prefix.float() * prefix_weight + tail * tail_weight) / (prefix_weight + tail_weight)
+        return merged.to(query.dtype)
 
     def nbytes(self) -> tuple[int, int]:
         """(bytes of the key/value entries held, bytes of the index tensors held); the tail buffer's unused
