@@ -154,7 +154,8 @@ def report() -> str:
         bound_text = "" if full else f"{bound / MIB:.1f}"
         lines.append(
             f"| {row['model']} | {row['length']} | {label(row['method'], row['budget'], row['progressive'])} "
-            f"| {row['prefill_seconds']:.1f} | {row['compression_seconds']:.2f} | {row['process_peak_bytes'] / MIB:.0f} "
+            f"| {row['prefill_seconds']:.1f} | {row['compression_seconds']:.2f} "
+            f"| {row['process_peak_bytes'] / MIB:.0f} "
             f"| {row['cache_peak_bytes'] / MIB:.1f} | {row['final_kv_bytes'] / MIB:.2f} | {bound_text} "
             f"| {ratio} | {square / MIB:.0f} |"
         )
