@@ -167,3 +167,39 @@ def test_replayed_progressive_compression_keeps_what_a_compressing_prefill_keeps
     replayed = record.compress("lava", 48, progressive=True, reuse_scores=False)
     assert replayed.clock.seconds["score"] > 0
     assert replayed.stats().sequences[0].kept_positions == live.stats().sequences[0].kept_positions
+
+
+def test_memory_sizes_are_parsed_with_their_units_and_bad_ones_refused():
+    from lavakv.bench import parse_memory
+
+    assert parse_memory("80GiB") == 80 * 2**30
+    assert parse_memory("141 GB") == 141 * 10**9
+    assert parse_memory("1.5mib") == int(1.5 * 2**20)
+    for bad in ("80", "80 parsecs", "-1GiB", "0GiB", ""):
+        with pytest.raises(ValueError, match="memory size must"):
+            parse_memory(bad)
+
+
+def test_capacity_counts_sequences_from_measured_bytes_and_compressed_caches_fit_more():
+    from lavakv.bench import measure_capacity, model_bytes, sequences_that_fit, token_kv_bytes
+
+    assert sequences_that_fit(100, 40, 10, 30) == 4
+    assert sequences_that_fit(100, 40, 10, 61) == 0
+    model = tiny_model("llama")
+    ids = torch.tensor([random_prompt(400)])
+    memory = model_bytes(model) + 64 * 2**20
+    results = measure_capacity(model, ids, memory, ["snapkv", "lava"], [64], generate_tokens=16)
+    by_method = {r.method: r for r in results}
+    full, lava = by_method["full"], by_method["lava"]
+    per_token = token_kv_bytes(model)
+    assert per_token == 4 * 2 * 2 * 16 * 4
+    assert full.sequence_bytes == (400 + 16) * per_token
+    assert lava.sequence_bytes >= (64 + 16) * per_token and lava.sequence_bytes < full.sequence_bytes / 4
+    for r in results:
+        assert r.sequences == sequences_that_fit(memory, r.model_bytes, r.sequence_bytes, r.prefill_peak_bytes)
+    assert lava.sequences > full.sequences
+
+
+def test_cli_bench_capacity_prints_the_table_and_refuses_a_bad_size(capsys):
+    assert main(["bench", "--capacity", "lots"]) == 2
+    assert "memory size must be a number with a unit" in capsys.readouterr().err

@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
+import re
 import statistics
 import threading
 import time
@@ -463,3 +464,127 @@ def compression_overhead(
             }
         )
     return rows
+
+
+MEMORY_UNITS = {"b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+
+
+def parse_memory(text: str) -> int:
+    """Bytes of a memory size such as ``80GiB``, ``141GB`` or ``512MiB``; a bad size is a ``ValueError``."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in MEMORY_UNITS:
+        raise ValueError(
+            f"memory size must be a number with a unit (GiB, GB, MiB, MB, KiB, KB or B), e.g. 80GiB, got {text!r}"
+        )
+    size = int(float(match.group(1)) * MEMORY_UNITS[unit])
+    if size <= 0:
+        raise ValueError(f"memory size must be positive, got {text!r}")
+    return size
+
+
+@dataclass
+class Capacity:
+    """How many sequences of one prompt length fit in ``memory_bytes`` with one cache configuration.
+
+    ``sequence_bytes`` is what one finished sequence holds: its cache's key/value and index bytes
+    after the prefill (measured) plus ``generate_tokens`` appended tokens at the exact per-token
+    bytes. ``prefill_peak_bytes`` is the most the process grew while prefilling one sequence
+    (activations and the cache at its fullest, measured). Sequences are prefilled one at a time
+    while the finished ones wait, so ``sequences`` is the largest ``n`` with
+    ``model_bytes + (n - 1) * sequence_bytes + prefill_peak_bytes <= memory_bytes``.
+    """
+
+    method: str
+    budget: int | None
+    prompt_tokens: int
+    generate_tokens: int
+    memory_bytes: int
+    model_bytes: int
+    sequence_bytes: int
+    prefill_peak_bytes: int
+    sequences: int
+
+
+def sequences_that_fit(memory: int, model_bytes: int, sequence_bytes: int, prefill_peak: int) -> int:
+    """The largest ``n`` with ``model_bytes + (n - 1) * sequence_bytes + prefill_peak <= memory`` (0 if none)."""
+    room = memory - model_bytes - prefill_peak
+    if room < 0:
+        return 0
+    return 1 + room // max(1, sequence_bytes)
+
+
+def model_bytes(model) -> int:
+    """Bytes of the model's parameters and buffers."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+
+def token_kv_bytes(model) -> int:
+    """Key/value bytes one more token adds to a sequence's cache (every layer and KV head)."""
+    config = model.config.get_text_config()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    element = next(model.parameters()).element_size()
+    return config.num_hidden_layers * config.num_key_value_heads * 2 * head_dim * element
+
+
+def measure_capacity(
+    model,
+    input_ids: torch.Tensor,
+    memory_bytes: int,
+    methods: Iterable[str] = BENCH_METHODS,
+    budgets: Iterable[int] = (128, 512),
+    generate_tokens: int = 0,
+) -> list[Capacity]:
+    """Capacity of the full cache and of every (method, budget) for this prompt, from one measured prefill each."""
+    methods, budgets = list(methods), list(budgets)
+    check_bench_arguments(methods, budgets, input_ids.shape[1], 1)
+    if isinstance(generate_tokens, bool) or not isinstance(generate_tokens, int) or generate_tokens < 0:
+        raise ValueError(f"generate tokens must be an integer >= 0, got {generate_tokens!r}")
+    weights = model_bytes(model)
+    per_token = token_kv_bytes(model)
+    warm_up(model, input_ids)
+    results = []
+    plan = [("full", None)] + [(method, budget) for budget in budgets for method in methods]
+    with ResidentSampler() as sampler:
+        for method, budget in plan:
+            prepared = prefill(model, input_ids, method, budget, "model", sampler)
+            measured = prepared.measurement
+            del prepared
+            sequence = measured.kv_bytes + measured.index_bytes + generate_tokens * per_token
+            peak = max(measured.prefill_peak_bytes or 0, measured.kv_bytes)
+            results.append(
+                Capacity(
+                    method=method,
+                    budget=budget,
+                    prompt_tokens=input_ids.shape[1],
+                    generate_tokens=generate_tokens,
+                    memory_bytes=memory_bytes,
+                    model_bytes=weights,
+                    sequence_bytes=sequence,
+                    prefill_peak_bytes=peak,
+                    sequences=sequences_that_fit(memory_bytes, weights, sequence, peak),
+                )
+            )
+    release_free_memory()
+    return results
+
+
+def format_capacity(results: list[Capacity]) -> str:
+    """A markdown table of :func:`measure_capacity`'s results, with each configuration's gain over the full cache."""
+    first = results[0]
+    full = next((r.sequences for r in results if r.method == "full"), 0)
+    lines = [
+        f"Capacity in {first.memory_bytes / 2**30:.2f} GiB: {first.prompt_tokens}-token prompts, "
+        f"{first.generate_tokens} generated tokens each, model {first.model_bytes / MIB:.0f} MiB",
+        "",
+        "| cache | budget | MiB per sequence | prefill peak MiB | sequences | vs full |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        gain = f"{r.sequences / full:.1f}x" if full else ("-" if not r.sequences else "only this fits")
+        lines.append(
+            f"| {r.method} | {r.budget or '-'} | {r.sequence_bytes / MIB:.2f} | {r.prefill_peak_bytes / MIB:.1f} "
+            f"| {r.sequences} | {gain} |"
+        )
+    return "\n".join(lines)

@@ -381,11 +381,14 @@ def cmd_bench(args) -> int:
     """Quick speed and memory table: full cache vs methods at one prompt length and a few budgets."""
     import torch
 
-    from .bench import bench_prompt, check_bench_arguments, format_table, load_bench_model, run_bench
+    from .bench import bench_prompt, check_bench_arguments, format_table, load_bench_model, parse_memory, run_bench
 
     methods = [parse_spec(spec).spec for spec in split_specs(args.methods)]
     budgets = _split(args.budgets, int, "budgets")
     check_bench_arguments(methods, budgets, args.length, args.decode_tokens)
+    memory = None if args.capacity is None else parse_memory(args.capacity)
+    if args.generate_tokens < 0:
+        raise ValueError(f"--generate-tokens must be >= 0, got {args.generate_tokens}")
     model, tokenizer, name = load_bench_model(args.model)
     limit = model.config.get_text_config().max_position_embeddings
     if args.length + args.decode_tokens > limit:
@@ -393,6 +396,14 @@ def cmd_bench(args) -> int:
             f"--length {args.length} plus {args.decode_tokens} decode tokens exceeds the model's context of {limit}"
         )
     input_ids = bench_prompt(tokenizer, args.length, model.config.vocab_size)
+    if args.capacity is not None:
+        from .bench import format_capacity, measure_capacity
+
+        results = measure_capacity(model, input_ids, memory, methods, budgets, args.generate_tokens)
+        if args.json:
+            Path(args.json).write_text(json.dumps([asdict(result) for result in results], indent=1))
+        print(format_capacity(results))
+        return 0
 
     def progress(result) -> None:
         logger.info("measured %s budget=%s", result.method, result.budget)
@@ -500,6 +511,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--budgets", default="128,512", help="comma-separated (default 128,512)")
     bench.add_argument("--methods", default="snapkv,ada-snapkv,cake,lava", help=f"comma-separated; each {SPEC_HELP}")
     bench.add_argument("--decode-tokens", type=int, default=64, help="greedy steps timed per configuration")
+    bench.add_argument(
+        "--capacity",
+        metavar="MEM",
+        help="instead of timing: how many sequences of --length tokens fit in MEM (e.g. 80GiB) per cache",
+    )
+    bench.add_argument(
+        "--generate-tokens", type=int, default=0, help="with --capacity: tokens each sequence generates (default 0)"
+    )
     bench.add_argument("--json", help="also write the measurements and ratios to this JSON file")
     bench.set_defaults(handler=cmd_bench)
     return parser
