@@ -46,13 +46,17 @@ _compiled_flex: dict[str, Callable] = {}
 
 
 def flex_kernel(device: torch.device) -> Callable:
-    """FlexAttention for ``device``: compiled (dynamic shapes, one compilation per device type) unless
-    :data:`COMPILE_FLEX` is off, in which case torch's unfused reference implementation runs (exact,
-    slow: for tests)."""
+    """FlexAttention for ``device``: compiled with torch.compile (one compiled function per device type,
+    recompiled by torch as shapes change) unless :data:`COMPILE_FLEX` is off, in which case torch's
+    unfused reference implementation runs (exact, slow: for tests).
+
+    On CPU (torch 2.13) compiled FlexAttention cannot return the log-sum-exp the tail merge needs,
+    and its dynamic-shape C++ code fails to build, which is why ``"auto"`` never picks it there.
+    """
     if not COMPILE_FLEX:
         return _eager_flex
     if device.type not in _compiled_flex:
-        _compiled_flex[device.type] = torch.compile(flex_attention, dynamic=True)
+        _compiled_flex[device.type] = torch.compile(flex_attention)
     return _compiled_flex[device.type]
 
 
@@ -443,14 +447,17 @@ class RaggedKV:
         packed_query = query.reshape(1, 1, batch * heads * q_len, dim)
         block_mask = self._flex_block_mask(q_len, group, sliding_window, query.device)
         kernel = flex_kernel(query.device)
-        output, aux = kernel(
+        request = AuxRequest(lse=True) if self.steps else None
+        output = kernel(
             packed_query,
             self.keys[None, None],
             self.values[None, None],
             block_mask=block_mask,
             scale=scaling,
-            return_aux=AuxRequest(lse=True),
+            return_aux=request,
         )
+        if request is not None:
+            output, aux = output
         output = output.view(batch, self.kv_heads, group * q_len, dim)
         if self.steps:
             lse = aux.lse.view(batch, self.kv_heads, group * q_len, 1)
