@@ -110,7 +110,7 @@ def write_page(results: list[dict]) -> str:
         f"{results[0]['tail']} appended tokens. *uniform* = every head holds the budget (SnapKV); the other "
         "columns hold per-head budgets spread from B/4 to 7B/4 around the same mean (Ada-SnapKV, LAVa). "
         "*first flex call* includes compiling FlexAttention for that shape (on CPU each shape compiles "
-        "statically: dynamic shapes do not build).",
+        "statically: dynamic shapes do not build; after the first shape torch's compile cache serves most of it).",
         "",
         "| shape | budget | uniform µs | gather µs | flex µs (compiled) | flex µs (uncompiled) | gather / uniform "
         "| flex / gather | first flex call s |",

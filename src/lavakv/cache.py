@@ -930,9 +930,10 @@ def resolve_attention_path(requested: str, device: torch.device) -> str:
     """The decode attention a layer on ``device`` runs: ``requested`` itself, or for ``"auto"`` the one
     measured fastest there.
 
-    On CPU that is ``"gather"``: compiled FlexAttention over the packed rows takes about twice as long
+    On CPU that is ``"gather"``: compiled FlexAttention over the packed rows takes 1.5-2.9x as long
     per call at decode shapes as SDPA over a gathered padded view (``benchmarks/ragged_attention.py``),
-    and uncompiled it is two orders of magnitude slower. On accelerators it is ``"flex"``, which reads
+    cannot return the log-sum-exp that merging the appended tokens needs, and uncompiled it is
+    two orders of magnitude slower. On accelerators it is ``"flex"``, which reads
     the packed entries in place instead of copying them into a padded view every step.
     """
     if requested != "auto":
