@@ -142,7 +142,7 @@ def report() -> str:
         "plus one layer's full keys and values; **n x n** is what one float32 attention matrix over the "
         "prompt would take for a single head. Prefill seconds are given for scale only (this run shared the "
         "cores with other work part of the time); the figures of interest are the bytes. A configuration "
-        "missing from the table (32K with LAVa 1024) is measured by rerunning the command: the store resumes.",
+        "missing from the table is measured by rerunning the command: the store resumes.",
         "",
         "| model | tokens | cache | prefill s | compression s | process peak MiB | cache peak MiB | final KV MiB "
         "| bound MiB | cache peak / bound | n x n MiB |",
@@ -162,6 +162,15 @@ def report() -> str:
             f"| {ratio} | {square / MIB:.0f} |"
         )
     lines += ["", "## Reading", ""]
+    measured = {(r["length"], r["method"], r["budget"], r["progressive"]) for r in rows}
+    missing = [
+        f"{length} tokens: {label(*plan)}"
+        for length in sorted({r["length"] for r in rows})
+        for plan in configurations(sorted({r["budget"] for r in rows if r["budget"]}))
+        if (length, *plan) not in measured
+    ]
+    if missing:
+        lines.append(f"- Not measured yet: {'; '.join(missing)}.")
     progressive = [r for r in rows if r["method"] != "full" and r["progressive"]]
     held_all = [r for r in rows if r["method"] != "full" and not r["progressive"]]
     if progressive:
