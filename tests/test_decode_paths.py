@@ -69,3 +69,22 @@ def test_greedy_reads_tokens_back_in_blocks_and_stops_like_a_step_by_step_loop(m
             assert len(token_reads) == 3, token_reads
     assert results[1] == results[4]
     assert len(results[4][1]) == 1 and len(results[4][0]) == 10
+
+
+def test_auto_falls_back_to_gather_when_flex_cannot_run(monkeypatch, caplog):
+    from lavakv import ragged
+
+    def broken(device):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(ragged, "flex_kernel", broken)
+    model = tiny_model("llama")
+    expected, _ = _batch_tokens(model, [random_prompt(80)], "gather")
+    cache = lavakv.CompressedCache(model, method="ada-snapkv", budget=40)
+    feed = TokenFeed(model, cache)
+    logits = feed.prefill([random_prompt(80)], pad_id=0)
+    for layer in cache.layers:
+        layer.attention_path = "flex"
+    assert feed.greedy(logits, 6, stop_ids=set()) == expected
+    assert cache.stats(positions=False).attention_paths == ["gather"]
+    assert "FlexAttention failed" in caplog.text

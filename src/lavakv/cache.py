@@ -81,6 +81,17 @@ class CompressedLayer(CacheLayerMixin):
         """Exact attention of ``query[B, H, q, d]`` over each head's kept entries; returns ``[B, q, H, d]``."""
         if self.attention_path is None:
             self.attention_path = resolve_attention_path(self.requested_path, query.device)
+        if self.attention_path == "flex" and self.requested_path == "auto":
+            try:
+                return self.storage.attend(query, scaling, sliding_window, path="flex")
+            except Exception as error:  # an accelerator without a working torch.compile: keep decoding
+                logger.warning(
+                    "FlexAttention failed on %s (%s); layer %d decodes with 'gather'",
+                    query.device,
+                    error,
+                    self.layer_idx,
+                )
+                self.attention_path = "gather"
         return self.storage.attend(query, scaling, sliding_window, path=self.attention_path)
 
     def get_seq_length(self) -> int:
