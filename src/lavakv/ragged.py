@@ -522,7 +522,8 @@ class RaggedKV:
         """(bytes of the key/value entries held, bytes of the index tensors held); the tail buffer's unused
         slots are apart (:meth:`reserved_bytes`)."""
         kv = sum(t.nbytes for t in (self.keys, self.values, self.appended_keys, self.appended_values) if t is not None)
-        index = sum(t.nbytes for t in (self.positions, self.lengths, self.gather_index, self.valid) if t is not None)
+        held = (self.positions, self.lengths, self.gather_index, self.valid, self._padding_bias)
+        index = sum(t.nbytes for t in held if t is not None)
         if self.gather_index is not None and self.slot_positions is not None:
             index += self.slot_positions.nbytes
         return kv, index
