@@ -12,7 +12,7 @@ import lavakv
 from lavakv.methods import HEAD_ALLOCATIONS, LAYER_ALLOCATIONS, SCORES, LayerInput, Method
 from lavakv.methods.registry import proportional_shares, round_to_total
 from lavakv.methods.scores import pool, reduce_group
-from lavakv.selection import SequenceCompression
+from lavakv.selection import GroupCompression
 
 
 def hand_layer(window_attention: torch.Tensor, values: torch.Tensor | None = None, prefix: int | None = None):
@@ -276,8 +276,8 @@ def test_short_prompts_work(method, length, budget, ratio, tokenizer):
     assert len(out.token_ids) == 3
 
 
-def test_sequence_compression_keeps_everything_when_the_budget_covers_the_prompt():
-    sequence = SequenceCompression(
+def test_group_compression_keeps_everything_when_the_budget_covers_the_prompt():
+    sequence = GroupCompression(
         Method.preset("lava"), length=20, budget=64, visible_lengths=[20] * 2, progressive=True
     )
     assert not sequence.compresses

@@ -2,9 +2,10 @@
 
 :class:`CompressedCache` is a transformers ``Cache`` that speaks lavakv's cache protocol
 (:class:`lavakv.attention.CompressingCache`): during the prefill each layer's queries, keys and
-values go to one :class:`~lavakv.selection.SequenceCompression` per sequence, which decides what
-is kept; a layer whose selection is final is packed into :class:`~lavakv.ragged.RaggedKV` storage
-(kept entries only, no padding); decode steps append to it and attend exactly over each head's
+values go to :class:`~lavakv.selection.GroupCompression` (one per run of equal prompt lengths:
+the whole batch when nothing is padded), which decides what is kept in tensor operations; a
+layer whose selection is final is packed into :class:`~lavakv.ragged.RaggedKV` storage (kept
+entries only, no padding); decode steps append to it and attend exactly over each head's
 entries. Nothing outside the cache reads its tensors: :meth:`CompressedCache.stats` reports
 bytes, entries, budgets and kept positions.
 
@@ -34,7 +35,7 @@ from .cachefile import check_identity, ids_hash, model_identity, read_file, weig
 from .methods import Budget, Method, resolve_method
 from .methods.registry import round_to_total
 from .ragged import ATTENTION_PATHS, RaggedKV, Row
-from .selection import PhaseClock, SequenceCompression, select_while_decoding
+from .selection import GroupCompression, PhaseClock, select_while_decoding
 
 logger = logging.getLogger(__name__)
 
@@ -72,10 +73,26 @@ class CompressedLayer(CacheLayerMixin):
             self.append_seconds += time.perf_counter() - start
         return key_states, value_states
 
-    def pack(self, rows: list[list[Row]], padding: list[int], prompt_length: int) -> None:
-        """Store each (sequence, head)'s kept ``(positions, keys, values)``; positions are per prompt."""
+    def pack(self, groups: list[tuple], padding: list[int], prompt_length: int) -> None:
+        """Store each compression group's packed ``(positions, keys, values, lengths)``, in batch order.
+
+        Positions count from each sequence's own prompt start and are shifted by its left ``padding``
+        (one prompt length, so one padding, per group).
+        """
         tracked = bool(self.sliding_window)
-        self.storage = RaggedKV.pack(rows, padding, append_start=prompt_length, track_positions=tracked)
+        positions, first = [], 0
+        for group_positions, _, _, lengths in groups:
+            positions.append(group_positions + padding[first])
+            first += lengths.shape[0]
+        keys, values = (torch.cat([group[i] for group in groups]) if len(groups) > 1 else groups[0][i] for i in (1, 2))
+        self.storage = RaggedKV(
+            keys,
+            values,
+            torch.cat(positions).to(torch.int32),
+            torch.cat([group[3] for group in groups]),
+            append_start=prompt_length,
+            track_positions=tracked,
+        )
 
     def attend(self, query: torch.Tensor, scaling: float, sliding_window: int | None) -> torch.Tensor:
         """Exact attention of ``query[B, H, q, d]`` over each head's kept entries; returns ``[B, q, H, d]``."""
@@ -261,7 +278,7 @@ class CompressedCache(Cache):
         super().__init__(
             layers=[CompressedLayer(index, window, attention_path) for index, window in enumerate(self.sliding_windows)]
         )
-        self.sequences: list[SequenceCompression] | None = None
+        self.groups: list[GroupCompression] | None = None
         self.infos: list[SequenceInfo] | None = None
         self.padding: list[int] = []
         self.prompt_length = 0
@@ -289,7 +306,7 @@ class CompressedCache(Cache):
         if layer_idx == 0:
             self._commit_inputs()
         if layer.storage is None:
-            if layer_idx == 0 and self.sequences is not None:
+            if layer_idx == 0 and self.groups is not None:
                 raise RuntimeError("this CompressedCache already holds a prompt being compressed; use a new cache")
             self._prefilling = layer_idx
         return hand_off(self, layer_idx, *layer.update(key_states, value_states))
@@ -343,7 +360,7 @@ class CompressedCache(Cache):
         sequence's held ones. The ids join the history once the forward reaches the cache.
         """
         self._observed = True
-        if self.infos is None and self.sequences is None:
+        if self.infos is None and self.groups is None:
             self._staged = None if input_ids is None else input_ids.detach()
             self._staged_mask = attention_mask
             return
@@ -404,7 +421,7 @@ class CompressedCache(Cache):
         self._observed = False
         if staged is None:
             return
-        if self.infos is None and self.sequences is None:
+        if self.infos is None and self.groups is None:
             ids, mask = staged.cpu(), self._staged_mask
             if mask is not None and mask.dim() == 2 and mask.shape == ids.shape:
                 real = mask.detach().cpu().bool()
@@ -444,41 +461,52 @@ class CompressedCache(Cache):
             self._remember_queries(layer_idx, query[:, :, -self.method.window :], lengths)
         window = self.sliding_windows[layer_idx]
         visible_from = max(0, length - window) if window else 0
-        for sample, sequence in enumerate(self.sequences):
-            start = max(self.padding[sample], visible_from)
-            sequence.add_layer(
-                layer_idx, query[sample, :, start:], key[sample, :, start:], value[sample, :, start:], scaling
-            )
-        held = self.kv_bytes() + sum(s.nbytes for s in self.sequences) + key.nbytes + value.nbytes
+        first = 0
+        for group in self.groups:
+            rows = slice(first, first + group.size)
+            start = max(self.padding[first], visible_from)
+            group.add_layer(layer_idx, query[rows, :, start:], key[rows, :, start:], value[rows, :, start:], scaling)
+            first += group.size
+        held = self.kv_bytes() + sum(g.nbytes for g in self.groups) + key.nbytes + value.nbytes
         self.peak_prefill_bytes = max(self.peak_prefill_bytes, held)
         for index in range(layer_idx + 1):
-            if self.layers[index].storage is None and all(s.is_final(index) for s in self.sequences):
-                rows = [sequence.release(index) for sequence in self.sequences]
-                self.layers[index].pack(rows, self.padding, self.prompt_length)
+            if self.layers[index].storage is None and all(g.is_final(index) for g in self.groups):
+                self.layers[index].pack(
+                    [group.release(index) for group in self.groups], self.padding, self.prompt_length
+                )
         if all(layer.storage is not None for layer in self.layers):
-            self.infos = [SequenceInfo(s.length, s.budget, s.window, tuple(s.visible_lengths)) for s in self.sequences]
+            members = [group for group in self.groups for _ in range(group.size)]
+            self.infos = [SequenceInfo(g.length, g.budget, g.window, tuple(g.visible_lengths)) for g in members]
             self._recent_counts = [
-                [min(count, s.window) if s.window else count for count, s in zip(counts, self.sequences)]
+                [min(count, g.window) if g.window else count for count, g in zip(counts, members)]
                 for counts in self._recent_counts
             ]
-            self.sequences = []
+            self.groups = []
             if self.decode_budget is not None:
                 self._start_decode_budget()
 
     def _start(self, lengths: list[int], length: int) -> None:
+        """One compression group per run of equal prompt lengths (the whole batch when nothing is padded)."""
         self.prompt_length = length
         self.padding = [length - n for n in lengths]
-        self.sequences = []
-        for n in lengths:
+        self.groups = []
+        first = 0
+        while first < len(lengths):
+            n = lengths[first]
             if n < 1:
                 raise ValueError("a prompt of the batch has no tokens")
+            size = 1
+            while first + size < len(lengths) and lengths[first + size] == n:
+                size += 1
             visible = [min(n, window) if window else n for window in self.sliding_windows]
             tokens = n if self.budget is None else self.budget.tokens_for(n)
             window = self.method.window if self.budget is None else self.budget.window_for(self.method.window, tokens)
-            memo = None if self.score_memo is None else self.score_memo.setdefault(len(self.sequences), {})
-            self.sequences.append(
-                SequenceCompression(self.method, n, tokens, visible, self.progressive, memo, self.clock, window=window)
+            memo = None if self.score_memo is None else self.score_memo.setdefault((first, size), {})
+            group = GroupCompression(
+                self.method, n, tokens, visible, self.progressive, memo, self.clock, window=window, size=size
             )
+            self.groups.append(group)
+            first += size
 
     def attend(self, layer_idx: int, query: torch.Tensor, scaling: float, sliding_window: int | None) -> torch.Tensor:
         layer = self.layers[layer_idx]
@@ -790,7 +818,7 @@ class CompressedCache(Cache):
             layer.attention_path = resolve_attention_path(layer.requested_path, layer.device)
             layer.is_initialized = True
         derived.infos = list(infos)
-        derived.sequences = []
+        derived.groups = []
         derived.padding = list(padding)
         derived.prompt_length = max(pad + info.length for pad, info in zip(padding, infos))
         derived.peak_prefill_bytes = self.peak_prefill_bytes
@@ -813,7 +841,7 @@ class CompressedCache(Cache):
             layer.storage = None
         self._recent_queries = [None] * self.num_layers
         self.infos = None
-        self.sequences = []
+        self.groups = []
 
     def _fingerprint(self) -> str | None:
         model = self._model() if self._model is not None else None

@@ -1,4 +1,11 @@
-"""Which entries one sequence keeps, layer by layer, as the prefill goes.
+"""Which entries a batch of sequences keeps, layer by layer, as the prefill goes.
+
+Sequences of one prompt length share their budget, window and layer caps, so they are compressed
+together as one :class:`GroupCompression`: scores for the whole group come from one call (the
+batch is folded into the head dimension, which every score treats row by row), allocations and
+selections are tensor operations over all of its (sequence, KV head) rows, and each layer's kept
+entries come out already packed for :class:`~lavakv.ragged.RaggedKV`. A padded batch forms one
+group per run of equal lengths.
 
 Static layer allocations (uniform, pyramid) know every layer's budget up front, so each layer
 is final as soon as it is scored. Dynamic ones (LAVa, CAKE) need every layer's summary first:
@@ -24,24 +31,80 @@ from .methods.registry import stable_rank
 
 Row = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
+CPU_SCORE_PART_BYTES = 8 * 2**20
+"""On a CPU, the most window-attention bytes one scoring call of a group computes at once."""
+
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class Candidates:
-    """The prefix entries one KV head still holds, in ascending position order."""
+    """The prefix entries each row (``sequence * kv_heads + head``) of one layer still holds.
+
+    Either *dense*, every row holding the same entries (``keys [size, H_kv, m, d]``, ``positions
+    [m]``, ``scores [R, m]``, possibly views of the layer's full prefill tensors), or *packed*, rows of
+    ``counts[r]`` entries back to back (``keys [N, d]``, ``positions [N]``, ``scores [N]``). Within
+    a row, entries are in ascending position order.
+    """
 
     positions: torch.Tensor
     keys: torch.Tensor
     values: torch.Tensor
+    counts: torch.Tensor
     scores: torch.Tensor | None = None
 
-    def take(self, count: int) -> Candidates:
-        """The ``count`` best-scored entries, still in position order."""
-        if count >= len(self.positions):
+    @property
+    def dense(self) -> bool:
+        return self.keys.dim() == 4
+
+    @property
+    def rows(self) -> int:
+        return self.counts.shape[0]
+
+    def valid(self) -> torch.Tensor:
+        """``[R, longest]``: which slots of a row-padded layout hold an entry."""
+        longest = int(self.counts.max()) if self.rows else 0
+        return torch.arange(longest, device=self.counts.device)[None, :] < self.counts[:, None]
+
+    def padded_scores(self) -> torch.Tensor:
+        """``[R, longest]`` scores, ``-inf`` where a row has no entry."""
+        if self.dense:
+            return self.scores
+        valid = self.valid()
+        padded = torch.full(valid.shape, -math.inf, device=self.scores.device)
+        padded[valid] = self.scores
+        return padded
+
+    def take(self, wanted: torch.Tensor) -> Candidates:
+        """Each row's ``wanted[r]`` best-scored entries (ties to the earlier position), packed and owned."""
+        counts = self.counts
+        wanted = torch.minimum(wanted.to(counts.device), counts)
+        padded = self.padded_scores()
+        order = stable_rank(padded)
+        rank = torch.empty_like(order)
+        rank.scatter_(1, order, torch.arange(padded.shape[1], device=padded.device).expand_as(order))
+        keep = rank < wanted[:, None]
+        if self.dense:
+            positions, scores = self.positions.expand(keep.shape)[keep], self.scores[keep]
+            entries = keep.view(self.keys.shape[:-1])
+        else:
+            keep = keep[self.valid()]
+            positions, scores, entries = self.positions[keep], self.scores[keep], keep
+        return Candidates(positions, self.keys[entries], self.values[entries], wanted, scores)
+
+    def owned(self) -> Candidates:
+        """A copy of any views of the layer's full tensors, so that the full prompt cache can be freed."""
+        if self.keys._base is None:
             return self
-        chosen = stable_rank(self.scores)[:count].sort().values
-        return Candidates(self.positions[chosen], self.keys[chosen], self.values[chosen], self.scores[chosen])
+        scores = None if self.scores is None else self.scores.clone()
+        return Candidates(self.positions.clone(), self.keys.clone(), self.values.clone(), self.counts, scores)
+
+    def flat(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Packed ``(positions [N], keys [N, d], values [N, d])``."""
+        if not self.dense:
+            return self.positions, self.keys, self.values
+        dim = self.keys.shape[-1]
+        return self.positions.repeat(self.rows), self.keys.reshape(-1, dim), self.values.reshape(-1, dim)
 
     @property
     def nbytes(self) -> int:
@@ -51,33 +114,53 @@ class Candidates:
 
 @dataclass
 class LayerEntries:
-    """One layer of one sequence: per KV head, its prefix entries; the window is shared by all heads."""
+    """One layer of a group: its rows' prefix candidates; the window ``[size, H_kv, w, d]`` is kept by every row."""
 
-    heads: list[Candidates]
+    prefix: Candidates
     window_positions: torch.Tensor
     window_keys: torch.Tensor
     window_values: torch.Tensor
     final: bool = False
 
-    def head_tensors(self, head: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Positions, keys and values head ``head`` keeps, prefix then window (ascending positions)."""
-        prefix = self.heads[head]
-        return (
-            torch.cat([prefix.positions, self.window_positions]),
-            torch.cat([prefix.keys, self.window_keys[head]]),
-            torch.cat([prefix.values, self.window_values[head]]),
-        )
-
-    def counts(self) -> list[int]:
-        return [len(head.positions) + len(self.window_positions) for head in self.heads]
+    def packed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(positions [N], keys [N, d], values [N, d], counts [R])``: each row's prefix then window."""
+        positions, keys, values = self.prefix.flat()
+        counts = self.prefix.counts
+        *_, window, dim = self.window_keys.shape
+        if window == 0:
+            return positions, keys, values, counts
+        rows = counts.shape[0]
+        if self.prefix.dense:
+            length = self.prefix.keys.shape[-2]
+            full_positions = torch.cat([self.prefix.positions, self.window_positions]).repeat(rows)
+            full_keys = torch.cat([self.prefix.keys, self.window_keys], dim=-2).reshape(-1, dim)
+            full_values = torch.cat([self.prefix.values, self.window_values], dim=-2).reshape(-1, dim)
+            return full_positions, full_keys, full_values, torch.full_like(counts, length + window)
+        totals = counts + window
+        starts = totals.cumsum(0) - totals
+        row_of_entry = torch.repeat_interleave(torch.arange(rows, device=counts.device), counts)
+        column = torch.arange(len(positions), device=counts.device) - (counts.cumsum(0) - counts)[row_of_entry]
+        prefix_slots = starts[row_of_entry] + column
+        window_slots = (starts + counts)[:, None] + torch.arange(window, device=counts.device)
+        size = len(positions) + rows * window
+        out_positions = positions.new_empty(size)
+        out_keys, out_values = keys.new_empty(size, dim), values.new_empty(size, dim)
+        for out, prefix, tail in (
+            (out_positions, positions, self.window_positions.expand(rows, -1)),
+            (out_keys, keys, self.window_keys),
+            (out_values, values, self.window_values),
+        ):
+            out[prefix_slots] = prefix
+            out[window_slots.reshape(-1)] = tail.reshape(rows * window, *out.shape[1:])
+        return out_positions, out_keys, out_values, totals
 
     @property
     def nbytes(self) -> int:
         window = self.window_keys.nbytes + self.window_values.nbytes + self.window_positions.nbytes
-        return window + sum(head.nbytes for head in self.heads)
+        return window + self.prefix.nbytes
 
 
-RELEASED = LayerEntries([], torch.empty(0), torch.empty(0, 0, 0), torch.empty(0, 0, 0), final=True)
+RELEASED = object()
 
 
 @dataclass
@@ -103,12 +186,13 @@ class PhaseClock:
             self.seconds[name] += time.perf_counter() - start
 
 
-class SequenceCompression:
-    """Decides, layer after layer, the entries one sequence keeps (see the module docstring).
+class GroupCompression:
+    """Decides, layer after layer, the entries ``size`` sequences of one prompt length keep (module docstring).
 
     ``budget`` is in tokens per KV head per layer and ``window`` the observation window after the
     budget's window policy (:class:`~lavakv.methods.Budget`); ``visible_lengths`` is, per layer,
-    how many trailing prompt positions its attention can see.
+    how many trailing prompt positions its attention can see. Dynamic layer allocations give each
+    sequence its own layer budgets (from its own summaries); everything else is shared.
     """
 
     def __init__(
@@ -121,8 +205,10 @@ class SequenceCompression:
         score_memo: dict | None = None,
         clock: PhaseClock | None = None,
         window: int | None = None,
+        size: int = 1,
     ):
         self.method = method
+        self.size = size
         self.clock = clock or PhaseClock()
         self.score_memo = score_memo
         self.length = length
@@ -142,152 +228,175 @@ class SequenceCompression:
                 "%s; this %d-token prompt's budget is %d tokens, and it keeps what fits", problem, length, budget
             )
         self.progressive = progressive
-        self.layers: list[LayerEntries | None] = [None] * self.num_layers
-        self.summaries: list[float | None] = []
-        self.layer_slots: list[int] | None = None
+        self.layers: list = [None] * self.num_layers
+        self.summaries: list[list[float | None]] = []
+        self.layer_slots: list[list[int]] | None = None
         if self.compresses:
             self.allocation = method.layers
             if not self.allocation.dynamic:
-                self.layer_slots = self.allocation.allocate(None, self.caps, self.slots, self.total_slots)
+                static = self.allocation.allocate(None, self.caps, self.slots, self.total_slots)
+                self.layer_slots = [static] * size
 
     def add_layer(
         self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
     ) -> None:
-        """Score and (provisionally) compress ``layer``.
+        """Score and (provisionally) compress ``layer`` for every sequence of the group.
 
-        ``query`` is ``[H, v, d]``, ``key`` and ``value`` ``[H_kv, v, d]``: the ``v`` positions the
-        layer's last query can see (the whole prompt, or a sliding window's worth).
+        ``query`` is ``[size, H, v, d]``, ``key`` and ``value`` ``[size, H_kv, v, d]``: the ``v``
+        positions the layer's last query can see (the whole prompt, or a sliding window's worth).
+        Candidates stay views of these tensors until a selection copies the entries it keeps.
         """
-        visible = key.shape[1]
-        first_position = self.length - visible
-        positions = torch.arange(first_position, self.length, device=key.device)
+        size, kv_heads, visible, _ = key.shape
+        positions = torch.arange(self.length - visible, self.length, device=key.device)
         prefix = self.caps[layer] if self.compresses else visible
+        counts = torch.full((size * kv_heads,), prefix, dtype=torch.long, device=key.device)
+        window = (positions[prefix:], key[:, :, prefix:].clone(), value[:, :, prefix:].clone())
         if not self.compresses or prefix == 0:
-            heads = [
-                self._own(Candidates(positions[:prefix], key[h, :prefix], value[h, :prefix]))
-                for h in range(key.shape[0])
-            ]
-            self.layers[layer] = self._entries(heads, positions, key, value, prefix, final=True)
-            self.summaries.append(None)
+            candidates = Candidates(positions[:prefix], key[:, :, :prefix], value[:, :, :prefix], counts).owned()
+            self.layers[layer] = LayerEntries(candidates, *window, final=True)
+            self.summaries.append([None] * size)
             self._after_layer(layer)
             return
-        layer_input = LayerInput(query, key, value, scaling, observed=min(self.observed, visible), prefix_length=prefix)
+        observed = min(self.observed, visible)
+        if self.method.score.window_queries_only:
+            query = query[:, :, -observed:]
+        parts = self._score_inputs(query, key, value, scaling, observed, prefix)
         with self.clock.phase("score"):
-            scores = self._score(layer, layer_input)
+            scores = self._score(layer, parts, observed, prefix)
         with self.clock.phase("allocate"):
-            self.summaries.append(self.allocation.summarize(layer_input, scores))
-        heads = [
-            Candidates(positions[:prefix], key[h, :prefix], value[h, :prefix], scores[h]) for h in range(key.shape[0])
-        ]
-        entries = self._entries(heads, positions, key, value, prefix, final=False)
+            self.summaries.append(self._summarize(parts, scores.view(size, kv_heads, prefix)))
+        candidates = Candidates(positions[:prefix], key[:, :, :prefix], value[:, :, :prefix], counts, scores)
+        entries = LayerEntries(candidates, *window)
         self.layers[layer] = entries
         if self.layer_slots is not None:
-            self._select(layer, self.layer_slots[layer])
+            self._select(layer, [slots[layer] for slots in self.layer_slots])
         elif self.progressive:
             seen = layer + 1
             with self.clock.phase("allocate"):
-                slots = self.allocation.allocate(self.summaries, self.caps[:seen], self.slots, self.total_slots)
+                slots = [
+                    self.allocation.allocate(
+                        [summaries[sample] for summaries in self.summaries],
+                        self.caps[:seen],
+                        self.slots,
+                        self.total_slots,
+                    )
+                    for sample in range(size)
+                ]
             for earlier in range(seen):
-                self._retain(earlier, slots[earlier])
+                self._retain(earlier, [row[earlier] for row in slots])
         else:
-            entries.heads = [self._own(head) for head in entries.heads]
+            entries.prefix = entries.prefix.owned()
         self._after_layer(layer)
 
-    def _score(self, layer: int, layer_input: LayerInput) -> torch.Tensor:
-        """The layer's scores; with a memo, computed once per score and window (scores ignore budgets)."""
-        score = self.method.score
-        if self.score_memo is None:
-            return score(layer_input).float()
-        key = (layer, layer_input.prefix_length, layer_input.observed, score)
-        if key not in self.score_memo:
-            self.score_memo[key] = score(layer_input).float()
-        return self.score_memo[key]
+    def _score_inputs(self, query, key, value, scaling, observed, prefix) -> list[tuple[int, LayerInput]]:
+        """``(sequences, input)`` parts covering the group, each with its sequences folded into the heads.
 
-    def _entries(self, heads, positions, key, value, prefix, final) -> LayerEntries:
-        return LayerEntries(
-            heads=heads,
-            window_positions=positions[prefix:],
-            window_keys=key[:, prefix:].clone(),
-            window_values=value[:, prefix:].clone(),
-            final=final,
-        )
+        One part for the whole group where the score treats heads independently; on a CPU, parts
+        whose window attention fits in :data:`CPU_SCORE_PART_BYTES` (larger intermediates run from
+        main memory and cost more per sequence than several small calls); one sequence per part
+        for a score that compares heads.
+        """
+        size = key.shape[0]
+        per_part = 1
+        if self.method.score.rows_independent:
+            per_part = size
+            if key.device.type == "cpu":
+                one = query.shape[1] * observed * key.shape[2] * 4
+                per_part = max(1, min(size, CPU_SCORE_PART_BYTES // max(one, 1)))
+        parts = []
+        for first in range(0, size, per_part):
+            q, k, v = (t[first : first + per_part].flatten(0, 1) for t in (query, key, value))
+            parts.append((q.shape[0] // query.shape[1], LayerInput(q, k, v, scaling, observed, prefix)))
+        return parts
+
+    def _score(self, layer: int, parts: list[tuple[int, LayerInput]], observed: int, prefix: int) -> torch.Tensor:
+        """The layer's scores ``[size * H_kv, m]``; with a memo, computed once per score and window."""
+        score = self.method.score
+        key = (layer, prefix, observed, score)
+        if self.score_memo is not None and key in self.score_memo:
+            return self.score_memo[key]
+        scores = torch.cat([score(part).float() for _, part in parts]) if len(parts) > 1 else score(parts[0][1]).float()
+        if self.score_memo is not None:
+            self.score_memo[key] = scores
+        return scores
+
+    def _summarize(self, parts: list[tuple[int, LayerInput]], scores: torch.Tensor) -> list[float | None]:
+        summaries, first = [], 0
+        for sequences, part in parts:
+            summaries += self.allocation.summarize_batch(part, scores[first : first + sequences])
+            first += sequences
+        return summaries
 
     def _after_layer(self, layer: int) -> None:
-        if layer == self.num_layers - 1 and self.compresses and self.layer_slots is None:
+        if layer == self.num_layers - 1 and self.compresses and self.method.layers.dynamic:
             with self.clock.phase("allocate"):
-                self.layer_slots = self.allocation.allocate(self.summaries, self.caps, self.slots, self.total_slots)
+                self.layer_slots = [
+                    self.allocation.allocate(
+                        [summaries[sample] for summaries in self.summaries], self.caps, self.slots, self.total_slots
+                    )
+                    for sample in range(self.size)
+                ]
             for index in range(self.num_layers):
                 if not self.layers[index].final:
-                    self._select(index, self.layer_slots[index])
+                    self._select(index, [slots[index] for slots in self.layer_slots])
 
-    def _padded_scores(self, layer: int) -> torch.Tensor:
-        heads = self.layers[layer].heads
-        width = max(len(head.positions) for head in heads)
-        padded = torch.full((len(heads), width), -math.inf, device=heads[0].scores.device)
-        for index, head in enumerate(heads):
-            padded[index, : len(head.scores)] = head.scores
-        return padded
+    def _row_scores(self, layer: int) -> torch.Tensor:
+        padded = self.layers[layer].prefix.padded_scores()
+        return padded.view(self.size, -1, padded.shape[-1])
 
-    def _select(self, layer: int, slots: int) -> None:
+    def _select(self, layer: int, slots: list[int]) -> None:
         """Final selection: each head keeps its own best ``cap_h`` entries under the head allocation."""
         entries = self.layers[layer]
         with self.clock.phase("allocate"):
-            caps = self.method.heads.allocate(self._padded_scores(layer), slots)
-        for head, cap in zip(entries.heads, caps):
-            if cap > len(head.positions):
-                raise RuntimeError(
-                    f"internal error: layer {layer} needs {cap} entries for a head that retained {len(head.positions)}"
-                )
-        entries.heads = [self._detach(head.take(cap)) for head, cap in zip(entries.heads, caps)]
+            caps = self.method.heads.allocate_batch(self._row_scores(layer), slots).reshape(-1)
+        counts = entries.prefix.counts.cpu()
+        if bool((caps > counts).any()):
+            raise RuntimeError(
+                f"internal error: layer {layer} needs {caps.tolist()} entries per head, but its heads retained "
+                f"{counts.tolist()}"
+            )
+        taken = entries.prefix.take(caps)
+        entries.prefix = Candidates(taken.positions, taken.keys, taken.values, taken.counts)
         entries.final = True
 
-    def _retain(self, layer: int, slots: int) -> None:
+    def _retain(self, layer: int, slots: list[int]) -> None:
         """Provisional shrink: keep enough candidates per head for any later, smaller budget.
 
         A later layer budget can exceed this one by at most one slot after rounding, which moves a
         head's share by at most ``kv_heads + 2``: that is the slack kept beyond the current need.
-        A layer is shrunk only once it holds more than twice what it needs, so that each layer is
-        re-selected a few times rather than after every later layer; memory stays within twice
-        the need.
+        A layer is shrunk only once some head holds more than twice what it needs, so that each
+        layer is re-selected a few times rather than after every later layer; memory stays within
+        twice the need.
         """
         entries = self.layers[layer]
+        scores = self._row_scores(layer)
         with self.clock.phase("allocate"):
-            needed = self.method.heads.retain(self._padded_scores(layer), slots)
-        slack = len(entries.heads) + 2
-        needs = [count + slack for count in needed]
-        if all(len(head.positions) <= 2 * need for head, need in zip(entries.heads, needs)):
-            entries.heads = [self._own(head) for head in entries.heads]
+            needed = self.method.heads.retain_batch(scores, slots).reshape(-1)
+        needs = needed + scores.shape[1] + 2
+        counts = entries.prefix.counts.cpu()
+        if bool((counts <= 2 * needs).all()):
+            entries.prefix = entries.prefix.owned()
             return
-        entries.heads = [self._own(head.take(need)) for head, need in zip(entries.heads, needs)]
-
-    @staticmethod
-    def _own(head: Candidates) -> Candidates:
-        """Copy views of the layer's full tensors so that the full prompt cache can be freed."""
-        if head.keys._base is None:
-            return head
-        scores = head.scores.clone() if head.scores is not None else None
-        return Candidates(head.positions.clone(), head.keys.clone(), head.values.clone(), scores)
-
-    @classmethod
-    def _detach(cls, head: Candidates) -> Candidates:
-        head = cls._own(head)
-        return Candidates(head.positions, head.keys, head.values, None)
+        entries.prefix = entries.prefix.take(needs)
 
     def is_final(self, layer: int) -> bool:
         entries = self.layers[layer]
         return entries is not None and entries is not RELEASED and entries.final
 
-    def release(self, layer: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Hand over a final layer's ``(positions, keys, values)`` per head; this object keeps nothing of it."""
-        entries = self.layers[layer]
-        tensors = [entries.head_tensors(head) for head in range(len(entries.heads))]
+    def release(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Hand over a final layer, packed: ``(positions, keys, values, lengths [size, H_kv])``; nothing stays here.
+
+        Each (sequence, head) row holds its prefix entries then the window, in position order;
+        positions count from the start of the sequence's own prompt.
+        """
+        positions, keys, values, counts = self.layers[layer].packed()
         self.layers[layer] = RELEASED
-        return tensors
+        return positions, keys, values, counts.cpu().view(self.size, -1)
 
     @property
     def nbytes(self) -> int:
         """Bytes held by layers not yet handed to the cache."""
-        return sum(entries.nbytes for entries in self.layers if entries is not None)
+        return sum(entries.nbytes for entries in self.layers if entries is not None and entries is not RELEASED)
 
 
 def select_while_decoding(

@@ -14,6 +14,26 @@ def candidate_counts(scores: torch.Tensor) -> list[int]:
     return (scores > -torch.inf).sum(dim=-1).tolist()
 
 
+def batch_candidate_counts(scores: torch.Tensor) -> torch.Tensor:
+    """``[B, H_kv]``: real candidates per sequence and head of ``scores [B, H_kv, M]``."""
+    return (scores > -torch.inf).sum(dim=-1).cpu()
+
+
+def batch_flattened_winners(scores: torch.Tensor, slots_per_head: list[int]) -> torch.Tensor:
+    """``c_h`` of :func:`flattened_winners` for every sequence of ``scores [B, H_kv, M]`` at once (CPU ``[B, H_kv]``).
+
+    Only real candidates win: a budget above a sequence's candidates never counts padding.
+    """
+    batch, kv_heads, width = scores.shape
+    flat = scores.reshape(batch, kv_heads * width)
+    order = stable_rank(flat)
+    wanted = torch.tensor([kv_heads * slots for slots in slots_per_head], device=flat.device)
+    won = torch.arange(kv_heads * width, device=flat.device)[None, :] < wanted[:, None]
+    won &= flat.gather(1, order) > -torch.inf
+    counts = torch.zeros(batch, kv_heads, dtype=torch.long, device=flat.device)
+    return counts.scatter_add_(1, order // width, won.long()).cpu()
+
+
 def flattened_winners(scores: torch.Tensor, slots_per_head: int) -> list[int]:
     """``c_h``: how many of the layer's top ``H_kv * slots_per_head`` scores, taken jointly, each head holds."""
     kv_heads, width = scores.shape
@@ -28,6 +48,13 @@ class UniformHeads(HeadAllocation):
 
     def allocate(self, scores: torch.Tensor, slots_per_head: int) -> list[int]:
         return [min(slots_per_head, count) for count in candidate_counts(scores)]
+
+    def allocate_batch(self, scores: torch.Tensor, slots_per_head: list[int]) -> torch.Tensor:
+        slots = torch.tensor(slots_per_head, dtype=torch.long)[:, None]
+        return torch.minimum(batch_candidate_counts(scores), slots)
+
+    def retain_batch(self, scores: torch.Tensor, slots_per_head: list[int]) -> torch.Tensor:
+        return self.allocate_batch(scores, slots_per_head)
 
 
 @register_head_allocation("ada")
@@ -54,3 +81,22 @@ class AdaptiveHeads(HeadAllocation):
         """A head keeps at least what it wins in the joint top-k: a smaller later budget may give it that many."""
         caps = self.allocate(scores, slots_per_head)
         return [max(cap, won) for cap, won in zip(caps, flattened_winners(scores, slots_per_head))]
+
+    def allocate_batch(self, scores: torch.Tensor, slots_per_head: list[int]) -> torch.Tensor:
+        return self._shares(scores, slots_per_head, batch_flattened_winners(scores, slots_per_head))
+
+    def retain_batch(self, scores: torch.Tensor, slots_per_head: list[int]) -> torch.Tensor:
+        winners = batch_flattened_winners(scores, slots_per_head)
+        return torch.maximum(self._shares(scores, slots_per_head, winners), winners)
+
+    def _shares(self, scores: torch.Tensor, slots_per_head: list[int], winners: torch.Tensor) -> torch.Tensor:
+        """Each sequence's floored shares, rounded to its exact total (integer bookkeeping on a few numbers)."""
+        kv_heads = scores.shape[1]
+        rows = zip(winners.tolist(), slots_per_head, batch_candidate_counts(scores).tolist())
+        return torch.tensor(
+            [
+                round_to_total([(1 - self.alpha) * c + self.alpha * slots for c in won], kv_heads * slots, counts)
+                for won, slots, counts in rows
+            ],
+            dtype=torch.long,
+        )

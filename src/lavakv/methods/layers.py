@@ -74,6 +74,16 @@ class EntropyLayers(LayerAllocation):
         entropy = -(probabilities * torch.log(probabilities.clamp_min(1e-300))).sum()
         return float(entropy / math.log(count))
 
+    def summarize_batch(self, layer: LayerInput, scores: torch.Tensor) -> list[float]:
+        flat = scores.reshape(scores.shape[0], -1).double().clamp_min(0)
+        count = flat.shape[1]
+        totals = flat.sum(dim=-1, keepdim=True)
+        if count <= 1:
+            return [1.0] * scores.shape[0]
+        probabilities = flat / totals.clamp_min(1e-300)
+        entropy = -(probabilities * torch.log(probabilities.clamp_min(1e-300))).sum(dim=-1) / math.log(count)
+        return torch.where(totals[:, 0] > 0, entropy, torch.ones_like(entropy)).tolist()
+
     def allocate(self, summaries, caps: list[int], slots: int, total: int) -> list[int]:
         return proportional_shares(summaries, caps, total)
 
@@ -97,6 +107,23 @@ class PreferenceLayers(LayerAllocation):
         prefix = layer.window_attention[:, :, : layer.prefix_length].float()
         dispersion = float(torch.special.entr(prefix).sum(dtype=torch.float64))
         shift = float(prefix.var(dim=1, unbiased=False).sum(dtype=torch.float64)) if prefix.shape[1] > 1 else 0.0
+        return self._preference(dispersion, shift)
+
+    def summarize_batch(self, layer: LayerInput, scores: torch.Tensor) -> list[float]:
+        batch = scores.shape[0]
+        attention = layer.window_attention
+        prefix = (
+            attention[:, :, : layer.prefix_length].float().reshape(batch, -1, attention.shape[1], layer.prefix_length)
+        )
+        dispersions = torch.special.entr(prefix).reshape(batch, -1).sum(dim=-1, dtype=torch.float64).tolist()
+        if prefix.shape[2] > 1:
+            variance = prefix.var(dim=2, unbiased=False).reshape(batch, -1)
+            shifts = variance.sum(dim=-1, dtype=torch.float64).tolist()
+        else:
+            shifts = [0.0] * batch
+        return [self._preference(d, s) for d, s in zip(dispersions, shifts)]
+
+    def _preference(self, dispersion: float, shift: float) -> float:
         return max(dispersion, 0.0) ** (1 / self.tau1) * max(shift, 0.0) ** (1 / self.tau2)
 
     def allocate(self, summaries, caps: list[int], slots: int, total: int) -> list[int]:

@@ -90,9 +90,18 @@ class Part:
 
 @dataclass(frozen=True)
 class Score(Part):
-    """One importance number per prefix entry and KV head: ``score(layer) -> [H_kv, m]``, higher kept first."""
+    """One importance number per prefix entry and KV head: ``score(layer) -> [H_kv, m]``, higher kept first.
+
+    ``rows_independent`` declares that each KV head's scores depend only on its own rows of the
+    input (its keys, values and its group's queries); the cache then scores a whole batch in one
+    call with the batch folded into the head dimension. A score that compares heads leaves it
+    off and is called once per sequence. ``window_queries_only`` declares that it reads only the
+    observation window's queries (``query[:, -observed:]``), so the prefill hands it just those.
+    """
 
     kind: ClassVar[str] = "score"
+    rows_independent: ClassVar[bool] = False
+    window_queries_only: ClassVar[bool] = False
 
     def __call__(self, layer: LayerInput) -> torch.Tensor:
         raise NotImplementedError
@@ -119,6 +128,17 @@ class HeadAllocation(Part):
         """
         return self.allocate(scores, slots_per_head)
 
+    def allocate_batch(self, scores: torch.Tensor, slots_per_head: list[int]) -> torch.Tensor:
+        """:meth:`allocate` for a batch: ``scores [B, H_kv, M]``, one ``slots_per_head`` per sequence -> ``[B, H_kv]``.
+
+        The default calls :meth:`allocate` per sequence; allocations override it with tensor code.
+        """
+        return torch.tensor([self.allocate(row, slots) for row, slots in zip(scores, slots_per_head)], dtype=torch.long)
+
+    def retain_batch(self, scores: torch.Tensor, slots_per_head: list[int]) -> torch.Tensor:
+        """:meth:`retain` for a batch, shaped as :meth:`allocate_batch`."""
+        return torch.tensor([self.retain(row, slots) for row, slots in zip(scores, slots_per_head)], dtype=torch.long)
+
 
 @dataclass(frozen=True)
 class LayerAllocation(Part):
@@ -137,6 +157,16 @@ class LayerAllocation(Part):
 
     def summarize(self, layer: LayerInput, scores: torch.Tensor) -> float | None:
         return None
+
+    def summarize_batch(self, layer: LayerInput, scores: torch.Tensor) -> list[float | None]:
+        """One summary per sequence of a batch folded into ``layer``'s heads; ``scores`` is ``[B, H_kv, m]``.
+
+        The default calls :meth:`summarize` per sequence; allocations override it with tensor code.
+        """
+        if not self.dynamic:
+            return [None] * scores.shape[0]
+        parts = layer.split(scores.shape[0])
+        return [self.summarize(part, row) for part, row in zip(parts, scores)]
 
     def allocate(self, summaries: list[float | None] | None, caps: list[int], slots: int, total: int) -> list[int]:
         raise NotImplementedError
@@ -239,6 +269,29 @@ class LayerInput:
     @property
     def length(self) -> int:
         return self.key.shape[1]
+
+    def split(self, batch: int, per_part: int = 1) -> list[LayerInput]:
+        """The ``batch`` sequences folded into this input's heads, ``per_part`` sequences per input (views)."""
+        heads, kv_heads = self.query.shape[0] // batch, self.key.shape[0] // batch
+        attention = self._window_attention
+        parts = []
+        for first in range(0, batch, per_part):
+            rows, kv_rows = (
+                slice(first * heads, (first + per_part) * heads),
+                slice(first * kv_heads, (first + per_part) * kv_heads),
+            )
+            parts.append(
+                LayerInput(
+                    self.query[rows],
+                    self.key[kv_rows],
+                    self.value[kv_rows],
+                    self.scaling,
+                    self.observed,
+                    self.prefix_length,
+                    None if attention is None else attention[rows],
+                )
+            )
+        return parts
 
 
 def attention_probabilities(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,8 @@ def reduce_group(scores: torch.Tensor, num_kv_heads: int, how: str) -> torch.Ten
 class PooledScore(Score):
     """A score smoothed along positions: ``pooling`` (max, avg or none) over an odd ``kernel``."""
 
+    rows_independent: ClassVar[bool] = True
+    window_queries_only: ClassVar[bool] = True
     kernel: int = 7
     pooling: str = "max"
 
@@ -113,6 +116,8 @@ class H2OScore(Score):
     Computed in chunks of queries so that the full ``n x n`` matrix never exists at once.
     """
 
+    rows_independent: ClassVar[bool] = True
+
     def __call__(self, layer: LayerInput) -> torch.Tensor:
         heads, length, queries = layer.query.shape[0], layer.length, layer.query.shape[1]
         first = length - queries
@@ -135,6 +140,8 @@ class StreamingScore(Score):
     budget: ``sink + window <= budget``, or the sink would silently shrink to what is left.
     """
 
+    rows_independent: ClassVar[bool] = True
+    window_queries_only: ClassVar[bool] = True
     sink: int = 4
 
     def __post_init__(self) -> None:
