@@ -12,7 +12,10 @@ cache's own compression clock (``stats().compression_seconds["total"]``: scoring
 selection, packing), free of the model's time. *batch / one* is the whole batch's time over one
 prompt's, which is ``--batch`` when nothing is shared; the kept positions of every prompt are
 checked equal between the two. Results per model in ``benchmarks/results/batch_compression.json``,
-the page ``benchmarks/results/batch_compression.md``.
+the page ``benchmarks/results/batch_compression.md``. ``--code LABEL`` files the rows under another
+label, so that an earlier lavakv (put first on ``PYTHONPATH``) can be measured beside this one:
+
+    PYTHONPATH=/tmp/old/src .venv/bin/python benchmarks/batch_compression.py --code "per-sample (b186fad)"
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from lavakv.recording import PrefillRecord
 RESULTS = Path(__file__).parent / "results" / "batch_compression.json"
 PAGE = RESULTS.with_suffix(".md")
 METHODS = ("snapkv", "pyramidkv", "ada-snapkv", "cake", "lava")
+CODE = "this version"
 
 
 def compress_row(record: PrefillRecord, row: int, method: str, budget: int):
@@ -66,6 +70,7 @@ def measure(model, tokenizer, name: str, args) -> list[dict]:
             )
             row = {
                 "model": name,
+                "code": args.code,
                 "prompt_tokens": args.length,
                 "batch": args.batch,
                 "method": method,
@@ -97,23 +102,41 @@ def report(data: dict) -> str:
         "alternating; seconds are the cache's compression clock (scoring, allocation, selection, packing), medians "
         "of the rounds. *batch / one* would be the batch size if nothing were shared.",
         "",
-        "| model | prompt tokens | batch | method | budget | one prompt s | whole batch s | batch / one | "
+        "| code | model | prompt tokens | batch | method | budget | one prompt s | whole batch s | batch / one | "
         "same kept positions |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---|",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|---|",
     ]
     for r in data["rows"]:
         lines.append(
-            f"| {r['model']} | {r['prompt_tokens']} | {r['batch']} | {r['method']} | {r['budget']} | "
+            f"| {r.get('code', CODE)} | {r['model']} | {r['prompt_tokens']} | {r['batch']} | {r['method']} | "
+            f"{r['budget']} | "
             f"{r['one_seconds']:.3f} | {r['batch_seconds']:.3f} | {r['batch_over_one']:.2f} | "
             f"{'yes' if r['identical_kept_positions'] else 'NO'} |"
         )
-    ratios = [r["batch_over_one"] for r in data["rows"]]
-    if ratios:
+    for model in sorted({r["model"] for r in data["rows"]}):
+        current = [r for r in data["rows"] if r["model"] == model and r.get("code", CODE) == CODE]
+        if not current:
+            continue
+        ratios = [r["batch_over_one"] for r in current]
         lines += [
             "",
-            f"Compressing the batch together costs {min(ratios):.2f}-{max(ratios):.2f}x one prompt's time, against "
-            f"{max(data['batches'])}x one at a time.",
+            f"**{model}**: compressing the batch of {current[0]['batch']} together costs "
+            f"{min(ratios):.2f}-{max(ratios):.2f}x one prompt's time (the batch size if nothing were shared).",
         ]
+        others = {
+            (r["method"], r["budget"]): r for r in data["rows"] if r["model"] == model and r.get("code", CODE) != CODE
+        }
+        gains = [
+            others[(r["method"], r["budget"])]["batch_seconds"] / r["batch_seconds"]
+            for r in current
+            if (r["method"], r["budget"]) in others
+        ]
+        if gains:
+            label = next(iter(others.values()))["code"]
+            lines.append(
+                f"Against {label} on the same tensors, the whole batch compresses {min(gains):.1f}-{max(gains):.1f}x "
+                "faster."
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -125,6 +148,7 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--budgets", default="128,512")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--code", default=CODE, help="label of the lavakv measured (see the docstring)")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--report", action="store_true", help="rewrite the page from --out and stop")
     args = parser.parse_args()
@@ -133,7 +157,7 @@ def main() -> None:
     if not args.report:
         model, tokenizer, name = load_bench_model(args.model)
         rows = measure(model, tokenizer, name, args)
-        data["rows"] = [r for r in data["rows"] if r["model"] != name] + rows
+        data["rows"] = [r for r in data["rows"] if (r["model"], r.get("code", CODE)) != (name, args.code)] + rows
         data["environment"] = {
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),

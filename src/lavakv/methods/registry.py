@@ -301,10 +301,13 @@ def attention_probabilities(
     heads, q_len, _ = query.shape
     kv_heads, n, _ = key.shape
     grouped = query.float().reshape(kv_heads, heads // kv_heads * q_len, -1)
-    logits = (grouped @ key.float().transpose(1, 2)).reshape(heads, q_len, n) * scaling
-    query_positions = torch.arange(first_query_position, first_query_position + q_len, device=key.device)
-    future = torch.arange(n, device=key.device)[None, :] > query_positions[:, None]
-    logits.masked_fill_(future, -math.inf)
+    logits = (grouped @ key.float().transpose(1, 2)).reshape(heads, q_len, n)
+    logits.mul_(scaling)
+    first_future = max(0, first_query_position + 1)
+    if first_future < n:
+        query_positions = torch.arange(first_query_position, first_query_position + q_len, device=key.device)
+        future = torch.arange(first_future, n, device=key.device)[None, :] > query_positions[:, None]
+        logits[:, :, first_future:].masked_fill_(future, -math.inf)
     return torch.softmax(logits, dim=-1)
 
 
