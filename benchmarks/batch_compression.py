@@ -137,6 +137,17 @@ def report(data: dict) -> str:
                 f"Against {label} on the same tensors, the whole batch compresses {min(gains):.1f}-{max(gains):.1f}x "
                 "faster."
             )
+    lines += [
+        "",
+        "What the batch shares is the Python work around the tensors (allocation, selection and packing run once over "
+        "all (sequence, head) rows, and a progressive method re-selects its earlier layers once per layer for the "
+        "whole batch instead of once per sequence), which is why LAVa gains most. The scoring itself, the window's "
+        "queries against every key of the prompt and the softmax over them, is memory-bound arithmetic whose cost "
+        "on a CPU grows with the batch: larger intermediates fall out of the cache, so on a CPU the group is "
+        "scored in parts of at most 8 MiB of window attention (`CPU_SCORE_PART_BYTES`). On an accelerator the "
+        "whole group is scored in one call, where the fixed cost per call is what a batch saves; that has not "
+        "been measured here.",
+    ]
     return "\n".join(lines) + "\n"
 
 

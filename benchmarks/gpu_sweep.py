@@ -295,7 +295,7 @@ def report(data: dict, page: Path = PAGE, plot: Path = PLOT) -> str:
         lines += [
             "**Not measured on a GPU yet.** No session of this project has had a GPU for it; the script runs in CI in "
             "its tiny CPU configuration (`--tiny --device cpu`), which checks every step but measures nothing "
-            "worth quoting. The tables below fill in when the sweep runs on a card.",
+            "worth quoting. Its table and plot appear here once the sweep runs on a card.",
             "",
         ]
     if not rows:
