@@ -298,3 +298,26 @@ def test_an_unknown_attention_path_is_refused():
     storage, _ = _with_tail([[3, 7]], 1)
     with pytest.raises(ValueError, match="unknown attention path 'dense'.*gather, flex"):
         storage.attend(torch.zeros(1, 2, 1, DIM), 1.0, path="dense")
+
+
+def test_ragged_rows_with_a_tail_attend_exactly_across_buffer_growth():
+    rows = _rows([[3, 7], [6, 1]], length=12, seed=5)
+    storage = RaggedKV.pack(rows, [0, 0], append_start=12)
+    generator = torch.Generator().manual_seed(6)
+    appended = torch.randn(2, 2, 2, 150, DIM, generator=generator)
+    for step in range(150):
+        storage.append(appended[0, :, :, step : step + 1], appended[1, :, :, step : step + 1])
+        if step + 1 in (1, 64, 65, 130, 150):
+            query = torch.randn(2, 4, 1, DIM, generator=generator)
+            expected = _dense_reference(
+                rows, appended[0, :, :, : step + 1], appended[1, :, :, : step + 1], query, 0.3, append_start=12
+            )
+            torch.testing.assert_close(storage.attend(query, 0.3, path="gather"), expected)
+    assert storage.appended_keys.data_ptr() == storage._tail_keys.data_ptr()
+    for sequence, heads in enumerate(rows):
+        for head, (positions, keys, values) in enumerate(heads):
+            held_positions, held_keys, held_values = storage.row(sequence, head)
+            assert torch.equal(held_positions, positions.to(torch.int32))
+            assert torch.equal(held_keys, keys) and torch.equal(held_values, values)
+    used, _ = storage.nbytes()
+    assert used == (17 + 4 * 150) * 2 * DIM * 4
