@@ -75,11 +75,14 @@ class Candidates:
         padded[valid] = self.scores
         return padded
 
-    def take(self, wanted: torch.Tensor) -> Candidates:
-        """Each row's ``wanted[r]`` best-scored entries (ties to the earlier position), packed and owned."""
+    def take(self, wanted: torch.Tensor, padded: torch.Tensor | None = None) -> Candidates:
+        """Each row's ``wanted[r]`` best-scored entries (ties to the earlier position), packed and owned.
+
+        ``padded`` is :meth:`padded_scores` when the caller already built it.
+        """
         counts = self.counts
         wanted = torch.minimum(wanted.to(counts.device), counts)
-        padded = self.padded_scores()
+        padded = self.padded_scores() if padded is None else padded
         order = stable_rank(padded)
         rank = torch.empty_like(order)
         rank.scatter_(1, order, torch.arange(padded.shape[1], device=padded.device).expand_as(order))
@@ -347,15 +350,16 @@ class GroupCompression:
     def _select(self, layer: int, slots: list[int]) -> None:
         """Final selection: each head keeps its own best ``cap_h`` entries under the head allocation."""
         entries = self.layers[layer]
+        scores = self._row_scores(layer)
         with self.clock.phase("allocate"):
-            caps = self.method.heads.allocate_batch(self._row_scores(layer), slots).reshape(-1)
+            caps = self.method.heads.allocate_batch(scores, slots).reshape(-1)
         counts = entries.prefix.counts.cpu()
         if bool((caps > counts).any()):
             raise RuntimeError(
                 f"internal error: layer {layer} needs {caps.tolist()} entries per head, but its heads retained "
                 f"{counts.tolist()}"
             )
-        taken = entries.prefix.take(caps)
+        taken = entries.prefix.take(caps, scores.flatten(0, 1))
         entries.prefix = Candidates(taken.positions, taken.keys, taken.values, taken.counts)
         entries.final = True
 
@@ -377,7 +381,7 @@ class GroupCompression:
         if bool((counts <= 2 * needs).all()):
             entries.prefix = entries.prefix.owned()
             return
-        entries.prefix = entries.prefix.take(needs)
+        entries.prefix = entries.prefix.take(needs, scores.flatten(0, 1))
 
     def is_final(self, layer: int) -> bool:
         entries = self.layers[layer]

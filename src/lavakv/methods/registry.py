@@ -270,28 +270,22 @@ class LayerInput:
     def length(self) -> int:
         return self.key.shape[1]
 
-    def split(self, batch: int, per_part: int = 1) -> list[LayerInput]:
-        """The ``batch`` sequences folded into this input's heads, ``per_part`` sequences per input (views)."""
+    def split(self, batch: int) -> list[LayerInput]:
+        """The ``batch`` sequences folded into this input's heads, each as its own input (views)."""
         heads, kv_heads = self.query.shape[0] // batch, self.key.shape[0] // batch
         attention = self._window_attention
-        parts = []
-        for first in range(0, batch, per_part):
-            rows, kv_rows = (
-                slice(first * heads, (first + per_part) * heads),
-                slice(first * kv_heads, (first + per_part) * kv_heads),
+        return [
+            LayerInput(
+                self.query[b * heads : (b + 1) * heads],
+                self.key[b * kv_heads : (b + 1) * kv_heads],
+                self.value[b * kv_heads : (b + 1) * kv_heads],
+                self.scaling,
+                self.observed,
+                self.prefix_length,
+                None if attention is None else attention[b * heads : (b + 1) * heads],
             )
-            parts.append(
-                LayerInput(
-                    self.query[rows],
-                    self.key[kv_rows],
-                    self.value[kv_rows],
-                    self.scaling,
-                    self.observed,
-                    self.prefix_length,
-                    None if attention is None else attention[rows],
-                )
-            )
-        return parts
+            for b in range(batch)
+        ]
 
 
 def attention_probabilities(
