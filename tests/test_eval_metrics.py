@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 
 from lavakv.eval import metrics
@@ -106,61 +104,58 @@ def test_qa_f1_max_over_answers():
     assert METRICS["qa_f1"]("Rome", ["London", "Paris"], {}) == 0.0
 
 
-def test_qa_f1_zh_character_level():
-    # 4 characters vs 2, overlap 2: P = 1/2, R = 1, F1 = 2/3.
-    assert METRICS["qa_f1_zh"]("北京大学", ["北京"], {}) == pytest.approx(2 / 3)
-    # Chinese and full-width punctuation and whitespace are removed.
-    assert METRICS["qa_f1_zh"]("（北 京，大学。）", ["北京大学"], {}) == pytest.approx(1.0)
-    # A Latin word stays one token: [gpt4, 模, 型] vs [gpt4]: P = 1/3, R = 1, F1 = 0.5.
-    assert METRICS["qa_f1_zh"]("GPT4模型", ["gpt4"], {}) == pytest.approx(0.5)
-    assert METRICS["qa_f1_zh"]("上海", ["北京", "南京"], {}) == 0.0
-    # Max over answers: vs 北京 2/3 (above), vs 北京大学 1.
+def test_qa_f1_zh_counts_jieba_words():
+    # jieba: [北京大学] vs [北京]: no common word (character F1 would give 2/3).
+    assert METRICS["qa_f1_zh"]("北京大学", ["北京"], {}) == 0.0
+    # [他, 毕业, 于, 北京大学] vs [北京大学]: P = 1/4, R = 1, F1 = 0.4.
+    assert METRICS["qa_f1_zh"]("他毕业于北京大学", ["北京大学"], {}) == pytest.approx(0.4)
+    # [GPT4, 模型] lowercased vs [gpt4]: P = 1/2, R = 1, F1 = 2/3.
+    assert METRICS["qa_f1_zh"]("GPT4模型", ["gpt4"], {}) == pytest.approx(2 / 3)
+    # Max over answers.
     assert METRICS["qa_f1_zh"]("北京大学", ["北京", "北京大学"], {}) == pytest.approx(1.0)
+
+
+def test_qa_f1_zh_normalises_each_word_and_drops_empty_ones():
+    # jieba: [（, 北, " ", 京, ，, 大学, 。, ）] -> [北, 京, 大学]: none equals 北京大学.
+    assert METRICS["qa_f1_zh"]("（北 京，大学。）", ["北京大学"], {}) == 0.0
+    # [北京, ，, 大学] -> [北京, 大学] vs [北京, 大学]: 1.
+    assert METRICS["qa_f1_zh"]("北京，大学", ["北京 大学"], {}) == pytest.approx(1.0)
 
 
 # -------------------------------------------------------------------------------------- rouge_l
 
 
-def test_rouge_l_known_lcs():
-    # LCS "the cat on the mat" = 5 of 6 tokens on both sides: P = R = F = 5/6.
-    assert METRICS["rouge_l"]("The cat sat on the mat.", ["the cat is on the mat"], {}) == pytest.approx(5 / 6)
-    # LCS of [a, b, c, d] and [b, d, e] is [b, d]: P = 2/4, R = 2/3, F = 4/7.
-    assert METRICS["rouge_l"]("a b c d", ["b d e"], {}) == pytest.approx(4 / 7)
+def test_rouge_l_keeps_case_and_counts_distinct_words():
+    # Words as split on spaces, case kept: hyp {The, cat, sat, on, the, mat} (6), ref {the, cat, is, on, mat} (5);
+    # LCS [cat, on, the, mat] = 4: P = 4/6, R = 4/5, F = 8/11 (a lowercased LCS would give 5/6).
+    assert METRICS["rouge_l"]("The cat sat on the mat.", ["the cat is on the mat"], {}) == pytest.approx(8 / 11)
+    # Distinct words: hyp {x}, ref {x}, LCS {x}: 1 (a plain LCS over the three tokens gives 1/2).
+    assert METRICS["rouge_l"]("x x x", ["x"], {}) == pytest.approx(1.0)
 
 
-def test_rouge_l_depends_on_order_unlike_f1():
-    # Same bag of words, but the longest common subsequence has only 2 of 4 tokens.
-    prediction, answers = "police killed the gunman", ["the gunman police killed"]
-    assert METRICS["rouge_l"](prediction, answers, {}) == pytest.approx(0.5)
-    assert METRICS["qa_f1"](prediction, answers, {}) == pytest.approx(1.0)
+def test_rouge_l_splits_sentences_on_periods_and_unites_their_lcs():
+    # Hyp sentences [a b], [c d]; the reference's union LCS with them is {a, b, c, d}: F = 1.
+    assert METRICS["rouge_l"]("a b. c d", ["c d a b"], {}) == pytest.approx(1.0)
+    # One sentence: LCS of [police killed the gunman] and [the gunman police killed] is 2 of 4.
+    assert METRICS["rouge_l"]("police killed the gunman", ["the gunman police killed"], {}) == pytest.approx(0.5)
+
+
+def test_rouge_l_failure_of_the_package_scores_zero():
+    # Only periods: no sentence is left and the package raises; LongBench scores that 0.
+    assert METRICS["rouge_l"]("...", ["a summary"], {}) == 0.0
 
 
 def test_rouge_l_max_over_answers():
     assert METRICS["rouge_l"]("a b c d", ["x y", "b d e", "a b c d"], {}) == pytest.approx(1.0)
+    # LCS [b, d]: P = 2/4, R = 2/3, F = 4/7.
     assert METRICS["rouge_l"]("a b c d", ["x y", "b d e"], {}) == pytest.approx(4 / 7)
 
 
-def test_rouge_l_zh_characters():
-    # 我喜欢猫 vs 我也喜欢猫: LCS 4, P = 4/4, R = 4/5, F = 8/9; punctuation ignored.
-    assert METRICS["rouge_l_zh"]("我喜欢猫！", ["我也喜欢猫。"], {}) == pytest.approx(8 / 9)
-    assert METRICS["rouge_l_zh"]("猫喜欢我", ["我喜欢猫"], {}) == pytest.approx(0.5)
-
-
-def test_lcs_matches_dynamic_programming():
-    def lcs_table(a, b):
-        prev = [0] * (len(b) + 1)
-        for x in a:
-            cur = [0]
-            for j, y in enumerate(b):
-                cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-            prev = cur
-        return prev[-1]
-
-    rng = random.Random(0)
-    for _ in range(300):
-        a = [rng.choice("abcde") for _ in range(rng.randint(0, 40))]
-        b = [rng.choice("abcde") for _ in range(rng.randint(0, 40))]
-        assert metrics._lcs_length(a, b) == lcs_table(a, b)
+def test_rouge_l_zh_scores_jieba_words():
+    # [我, 喜欢, 猫, ！] vs [我, 也, 喜欢, 猫, 。]: LCS 3, P = 3/4, R = 3/5, F = 2/3.
+    assert METRICS["rouge_l_zh"]("我喜欢猫！", ["我也喜欢猫。"], {}) == pytest.approx(2 / 3)
+    # [猫, 喜欢, 我] vs [我, 喜欢, 猫]: LCS 1 of 3.
+    assert METRICS["rouge_l_zh"]("猫喜欢我", ["我喜欢猫"], {}) == pytest.approx(1 / 3)
 
 
 # ------------------------------------------------------------------------------- classification
@@ -175,6 +170,17 @@ def test_classification_overlapping_class_names():
     assert METRICS["classification"]("other entity", ["entity"], CLASSES) == pytest.approx(0.5)
     # LongBench drops only matches that sit inside the answer: city, entity, other entity all count: 1/3.
     assert METRICS["classification"]("city or other entity", ["city"], CLASSES) == pytest.approx(1 / 3)
+
+
+def test_classification_skips_the_name_after_a_removed_one():
+    # Matched [bird, bird of prey, bird of prey species]; "bird" is removed, which shifts the list,
+    # so "bird of prey" is never checked and stays: 1/2, not 1.
+    classes = {"all_classes": ["bird", "bird of prey", "bird of prey species", "fish"]}
+    answer = ["bird of prey species"]
+    assert METRICS["classification"]("bird of prey species", answer, classes) == pytest.approx(0.5)
+    # Listed in another order, the walk reaches both shorter names and removes them: 1.
+    reordered = {"all_classes": ["bird", "bird of prey species", "bird of prey", "fish"]}
+    assert METRICS["classification"]("bird of prey species", answer, reordered) == pytest.approx(1.0)
 
 
 def test_classification_wrong_and_exact():
@@ -198,6 +204,13 @@ def test_retrieval_several_numbers():
     assert METRICS["retrieval"](prediction, ["Paragraph 12"], {}) == pytest.approx(2 / 3)
     assert METRICS["retrieval"]("Paragraph 1", ["Paragraph 12"], {}) == 0.0
     assert METRICS["retrieval"]("I do not know", ["Paragraph 12"], {}) == 0.0
+
+
+def test_retrieval_and_count_see_full_width_digits_as_numbers():
+    # \d+ finds "１２" too, a number that is not "12": one of two right.
+    assert METRICS["retrieval"]("Paragraph １２ or Paragraph 12", ["Paragraph 12"], {}) == pytest.approx(0.5)
+    assert METRICS["retrieval"]("Paragraph １２", ["Paragraph 12"], {}) == 0.0
+    assert METRICS["count"]("There are ５ or 5 paragraphs", ["5"], {}) == pytest.approx(0.5)
 
 
 def test_retrieval_zh():
@@ -235,6 +248,19 @@ def test_code_sim_partial():
     assert METRICS["code_sim"]("# only a comment", ["abce"], {}) == 0.0
     # LongBench skips any line containing a comment marker, trailing comments included.
     assert METRICS["code_sim"]("x = 1  # set\nabce", ["abce"], {}) == pytest.approx(1.0)
+
+
+def test_code_sim_rounds_to_whole_percent_as_fuzz_ratio():
+    # "ab" matches: 2 * 2 / 6 = 66.7% -> 67.
+    assert METRICS["code_sim"]("abc", ["abd"], {}) == pytest.approx(0.67)
+    # One match in 8 + 8 characters: 12.5% -> 12 (half to even).
+    assert METRICS["code_sim"]("axxxxxxx", ["ayyyyyyy"], {}) == pytest.approx(0.12)
+
+
+def test_fuzz_ratio_edge_cases():
+    assert metrics.fuzz_ratio("same", "same") == 100
+    assert metrics.fuzz_ratio("", "") == 100
+    assert metrics.fuzz_ratio("", "x") == 0 and metrics.fuzz_ratio("x", "") == 0
 
 
 # ---------------------------------------------------------------------------------------- RULER

@@ -15,9 +15,10 @@ from eval_worker import PAIRS, tiny_samples
 import lavakv
 from lavakv.eval.plots import write_plots
 from lavakv.eval.report import load_runs, render
-from lavakv.eval.runner import Pair, evaluate_sample, fit_context, make_pairs, parse_shard, prepare, run
+from lavakv.eval.runner import Pair, evaluate_sample, make_pairs, parse_shard, prepare, run
 from lavakv.eval.samples import Sample
 from lavakv.eval.store import ResultStore
+from lavakv.prompting import truncate_middle
 from lavakv.recording import PrefillRecord
 
 WORKER = Path(__file__).resolve().parent / "eval_worker.py"
@@ -82,8 +83,8 @@ def test_rows_record_budgets_and_bytes():
         kept = min(row.budget or length, length) * kv_heads * layers
         assert row.kept_entries == kept
         assert row.full_entries == length * kv_heads * layers
-        appended = (row.new_tokens - 1) * kv_heads * layers
-        assert row.kv_bytes == (kept + appended) * 2 * dim * 4
+        # The compressed prompt's bytes, whatever the answer's length.
+        assert row.kv_bytes == kept * 2 * dim * 4
         assert abs(sum(row.layer_budgets) / layers - kept / kv_heads / layers) < 1e-6
         assert 0.0 <= row.score <= 1.0
 
@@ -237,14 +238,15 @@ def test_pairs_and_shards_are_validated():
             parse_shard(bad)
 
 
-def test_middle_truncation_keeps_both_ends():
-    context, truncated = fit_context(list(range(100)), [1, 2], max_new_tokens=8, max_length=50)
-    assert truncated and len(context) == 40
-    assert context[:20] == list(range(20)) and context[20:] == list(range(80, 100))
-    same, truncated = fit_context(list(range(10)), [1], 4, 50)
-    assert same == list(range(10)) and not truncated
-    with pytest.raises(ValueError, match="leave no room"):
-        fit_context([1, 2, 3], [1] * 40, 10, 50)
+def test_middle_truncation_keeps_both_halves_as_pred_py():
+    tokenizer = TinyTokenizer()
+    text = " ".join(str(i) for i in range(1, 41))
+    # 40 tokens cut to 11: int(11 / 2) = 5 from each end, decoded and joined with no separator.
+    cut, truncated = truncate_middle(tokenizer, text, 11)
+    assert truncated and cut == "1 2 3 4 5" + "36 37 38 39 40"
+    assert truncate_middle(tokenizer, text, 40) == (text, False)
+    with pytest.raises(ValueError, match="max_length must be an integer >= 2"):
+        truncate_middle(tokenizer, text, 1)
 
 
 def test_chat_template_split_keeps_question_separate(smollm2):

@@ -747,28 +747,43 @@ class CompressedCache(Cache):
         )
 
     @classmethod
-    def stack(cls, caches: list[CompressedCache]) -> CompressedCache:
+    def stack(cls, caches: list[CompressedCache], mixed_methods: bool = False) -> CompressedCache:
         """One cache whose batch is every cache's sequences in order, each holding exactly what it held.
 
         The caches must share the model, method, budget, decode settings and prompt format.
         Sequences that hold fewer tokens are left-padded, as in a batch of prompts; each row's
         positions continue its own.
+
+        ``mixed_methods=True`` stacks caches compressed by different methods and budgets, to decode
+        them together (the evaluation decodes every way of compressing one sample as one batch).
+        Decoding never compresses again there, so none may have a ``decode_budget``; each row
+        keeps what its own method kept and reports it in ``stats().sequences``, while the stacked
+        cache's ``method`` and ``budget`` are the first cache's.
         """
         if not caches:
             raise ValueError("stack needs at least one cache")
         first = caches[0]
+        shared = ("model", "prompt_format") if mixed_methods else tuple(first._settings())
         for cache in caches:
             cache._check_ready("stack")
+            if mixed_methods and cache.decode_budget is not None:
+                raise ValueError(
+                    f"caches of mixed methods are stacked to decode without further compression; this one has "
+                    f"decode_budget={cache.decode_budget}"
+                )
+            theirs_all, ours_all = cache._settings(), first._settings()
             differ = [
-                f"{name} {theirs!r} vs {ours!r}"
-                for (name, theirs), ours in zip(cache._settings().items(), first._settings().values())
-                if theirs != ours
+                f"{name} {theirs_all[name]!r} vs {ours_all[name]!r}"
+                for name in shared
+                if theirs_all[name] != ours_all[name]
             ]
             if differ:
-                raise ValueError(
-                    f"caches to stack must share model, method, budget, decode settings and prompt "
-                    f"format; they differ in {', '.join(differ)}"
+                what = (
+                    "model and prompt format"
+                    if mixed_methods
+                    else "model, method, budget, decode settings and prompt format"
                 )
+                raise ValueError(f"caches to stack must share {what}; they differ in {', '.join(differ)}")
         end = max(cache.get_seq_length() for cache in caches)
         padding = [pad + end - cache.get_seq_length() for cache in caches for pad in cache.padding]
         storages = [RaggedKV.concat([cache.layers[i].storage for cache in caches]) for i in range(first.num_layers)]

@@ -76,6 +76,7 @@ class TokenFeed:
         stop_ids: set[int],
         finished: Callable[[list[int]], bool] | None = None,
         check_every: int | None = None,
+        drop_finished: bool = False,
     ) -> list[list[int]]:
         """Greedy tokens of every row from the next-token ``logits [B, V]`` on, each row stopping on its own.
 
@@ -86,6 +87,11 @@ class TokenFeed:
         accelerator, where each read waits for the device), so a decode step never waits for the
         host. Rows that stopped keep being fed until every row has stopped; what they produce then
         is discarded, so the tokens are those of a loop that checks every step.
+
+        ``drop_finished=True`` instead takes stopped rows out of the batch (and out of the cache,
+        which then holds only the rows still running) once a quarter of the batch has stopped, so
+        that a few long answers do not keep the whole batch being fed; for callers that read
+        nothing of the cache afterwards.
         """
         if check_every is None:
             check_every = 1 if self.device.type == "cpu" else DEVICE_CHECK_EVERY
@@ -94,6 +100,7 @@ class TokenFeed:
         rows = logits.shape[0]
         tokens: list[list[int]] = [[] for _ in range(rows)]
         done = [False] * rows
+        running = list(range(rows))
         pending: list[torch.Tensor] = []
         step = 0
         while True:
@@ -103,7 +110,8 @@ class TokenFeed:
             if step % check_every == 0 or step >= max_new_tokens:
                 block = torch.stack(pending, dim=1).tolist()
                 pending = []
-                for row, new in enumerate(block):
+                for batch_row, new in enumerate(block):
+                    row = running[batch_row]
                     for token in new:
                         if done[row]:
                             break
@@ -115,4 +123,12 @@ class TokenFeed:
                         )
                 if all(done):
                     return tokens
+                if drop_finished:
+                    live = [index for index, row in enumerate(running) if not done[row]]
+                    if len(live) <= 0.75 * len(running):
+                        keep = torch.tensor(live, device=self.device)
+                        self.cache.batch_select_indices(keep)
+                        self.next_position = self.next_position[keep]
+                        chosen = chosen[keep]
+                        running = [running[index] for index in live]
             logits = self.extend(chosen[:, None])

@@ -153,23 +153,23 @@ def _question_start(text: str, context: str, question: str, name: str) -> int:
     return index + len(context.strip())
 
 
-def fit_context(
-    context: list[int], question: list[int], max_new_tokens: int, max_length: int, name: str = "the sample"
-) -> tuple[list[int], bool]:
-    """Cut the middle of ``context`` so that the prompt plus the answer fit in ``max_length`` tokens.
+def truncate_middle(tokenizer, text: str, max_length: int) -> tuple[str, bool]:
+    """``text`` cut to ``max_length`` tokens in the middle, as LongBench's ``pred.py`` cuts its prompts.
 
-    LongBench truncates in the middle because the instructions sit at both ends of its prompts.
+    The text is tokenized as the tokenizer does by default (special tokens included); when it
+    has more than ``max_length`` tokens, its first and last ``max_length // 2`` tokens are each
+    decoded without special tokens and the two texts joined. LongBench cuts in the middle because
+    its instructions sit at both ends of a prompt. Returns the text and whether it was cut.
     """
-    room = max_length - len(question) - max_new_tokens
-    if room < 2:
-        raise ValueError(
-            f"{name}: the question ({len(question)} tokens) and the answer ({max_new_tokens} tokens) leave no room "
-            f"for the context in max_length={max_length} tokens"
-        )
-    if len(context) <= room:
-        return context, False
-    head = room // 2
-    return context[:head] + context[len(context) - (room - head) :], True
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+        raise ValueError(f"max_length must be an integer >= 2 (tokens kept of a prompt), got {max_length!r}")
+    ids = list(tokenizer(text)["input_ids"])
+    if len(ids) <= max_length:
+        return text, False
+    half = max_length // 2
+    head = tokenizer.decode(ids[:half], skip_special_tokens=True)
+    tail = tokenizer.decode(ids[len(ids) - half :], skip_special_tokens=True)
+    return head + tail, True
 
 
 def context_length(model) -> int | None:

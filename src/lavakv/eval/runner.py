@@ -9,6 +9,7 @@ compressing cache, as ``lavakv.generate`` does: the same predictions, for measur
 
 from __future__ import annotations
 
+import logging
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -16,14 +17,16 @@ from dataclasses import dataclass
 
 import torch
 
-from ..cache import CompressedCache
+from ..cache import CompressedCache, SequenceStats
 from ..decoding import TokenFeed
 from ..methods import Budget, Method, parse_spec
-from ..prompting import context_length, fit_context, pad_token_id, split_prompt, stop_token_ids
+from ..prompting import context_length, pad_token_id, split_prompt, stop_token_ids, truncate_middle
 from ..recording import PrefillRecord
 from .metrics import score
 from .samples import Sample
-from .store import ResultRow, ResultStore
+from .store import ResultRow, ResultStore, run_done_keys
+
+logger = logging.getLogger(__name__)
 
 PROTOCOLS = ("query-aware", "query-agnostic")
 CHAT_TEMPLATE_MODES = ("auto", "on", "off")
@@ -110,23 +113,76 @@ def first_line(text: str) -> str:
 
 @dataclass
 class Prepared:
-    """A sample's token ids as the run feeds them."""
+    """A sample's token ids as the run feeds them.
+
+    ``question_whole`` is false when LongBench's middle cut reached into the question, which then
+    sits in ``context`` (the query-agnostic protocol cannot run such a sample).
+    """
 
     sample: Sample
     context: list[int]
     question: list[int]
     truncated: bool
+    question_whole: bool = True
 
 
 def prepare(tokenizer, sample: Sample, chat_template: str, max_length: int) -> Prepared:
-    """The sample's context and question ids (one split for both protocols), cut in the middle to fit."""
+    """The sample's context and question ids, its prompt cut in the middle as LongBench's ``pred.py`` does.
+
+    The whole prompt (``context + question``, without the chat wrapper) is tokenized; beyond
+    ``max_length`` tokens its first and last ``max_length // 2`` tokens are decoded and joined
+    (:func:`~lavakv.prompting.truncate_middle`), then the chat wrapper goes around the result for
+    the datasets that use one. The generated answer is not counted, as in LongBench. The cut text
+    is split where the sample's question starts, when the question survived whole.
+    """
     if chat_template not in CHAT_TEMPLATE_MODES:
         raise ValueError(f"unknown chat template mode {chat_template!r}; valid: {', '.join(CHAT_TEMPLATE_MODES)}")
     use_template = sample.chat_template if chat_template == "auto" else chat_template == "on"
     name = f"sample {sample.benchmark}/{sample.dataset}/{sample.sample_id}"
-    context, question = split_prompt(tokenizer, sample.context, sample.question, use_template, name)
-    context, truncated = fit_context(context, question, sample.max_new_tokens, max_length, name)
-    return Prepared(sample, context, question, truncated)
+    prompt, truncated = truncate_middle(tokenizer, sample.prompt, max_length)
+    context, question, whole = sample.context, sample.question, True
+    if truncated:
+        if sample.question and prompt.endswith(sample.question) and len(prompt) > len(sample.question):
+            context = prompt[: len(prompt) - len(sample.question)]
+        else:
+            context, question, whole = prompt, "", not sample.question
+    context_ids, question_ids = split_prompt(tokenizer, context, question, use_template, name)
+    return Prepared(sample, context_ids, question_ids, truncated, whole)
+
+
+DEFAULT_DECODE_BATCH = 16
+"""Rows decoded together by default: the ``(method, budget)`` pairs of one sample, by budget."""
+
+
+def decode_groups(pairs: list[Pair], decode_batch: int) -> list[list[Pair]]:
+    """The pairs of one sample in the batches they decode in: by budget, at most ``decode_batch`` each.
+
+    Rows of one budget hold caches of about one length; the full cache and other budgets go in
+    batches of their own, since a batch's attention is as wide as its longest row.
+    """
+    check_decode_batch(decode_batch)
+    by_budget: dict[int, list[Pair]] = {}
+    for pair in pairs:
+        by_budget.setdefault(pair.tokens, []).append(pair)
+    return [group[i : i + decode_batch] for group in by_budget.values() for i in range(0, len(group), decode_batch)]
+
+
+def check_decode_batch(decode_batch: int) -> int:
+    if isinstance(decode_batch, bool) or not isinstance(decode_batch, int) or decode_batch < 1:
+        raise ValueError(f"decode_batch must be an integer >= 1 (rows decoded together), got {decode_batch!r}")
+    return decode_batch
+
+
+@dataclass
+class _Built:
+    """One pair's compressed cache, with what its row records of it before decoding."""
+
+    pair: Pair
+    cache: CompressedCache
+    stats: SequenceStats
+    logits: torch.Tensor
+    prefill_seconds: float
+    compress_seconds: float
 
 
 def evaluate_sample(
@@ -136,53 +192,136 @@ def evaluate_sample(
     pairs: list[Pair],
     protocol: str,
     from_scratch: bool = False,
+    decode_batch: int = DEFAULT_DECODE_BATCH,
 ) -> Iterator[ResultRow]:
-    """Rows for ``pairs`` on one sample, one at a time (the prefill is shared unless ``from_scratch``)."""
+    """Rows for ``pairs`` on one sample: one prefill, a cache per pair, decoded in batches of pairs.
+
+    The pairs of one budget decode together, ``decode_batch`` rows at most, each row through its
+    own compressed cache and stopping on its own (:func:`decode_groups`); ``decode_batch=1``
+    decodes one pair at a time. ``from_scratch`` prefills each pair with its own compressing
+    cache instead of sharing one prefill. A pair that fails to compress or decode yields an error
+    row and the others go on; a batch that fails is decoded again one pair at a time, so that only
+    the failing pair is lost.
+    """
     sample = prepared.sample
     aware = check_protocol(protocol) == "query-aware"
+    if not aware and not prepared.question_whole:
+        raise ValueError(
+            f"the middle cut to max_length reached into the question ({len(sample.question)} characters), which the "
+            "query-agnostic protocol feeds after compression; give a larger --max-length or use --protocol query-aware"
+        )
     prefilled = prepared.context + prepared.question if aware else prepared.context
     after_prefill = [] if aware else prepared.question
-    stop_ids = stop_token_ids(model, tokenizer)
-    finished = None
-    if sample.stop_at_newline:
-
-        def finished(tokens: list[int]) -> bool:
-            return "\n" in tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
-
+    decoder = _Decoder(model, tokenizer, sample, len(prefilled), after_prefill)
     record = None if from_scratch else PrefillRecord(model, torch.tensor([prefilled], device=model.device))
-    for pair in pairs:
-        start = _now(model)
-        if record is None:
-            cache = CompressedCache(model, method=pair.method, budget=pair.budget)
-            feed = TokenFeed(model, cache)
-            logits = feed.prefill([prefilled], pad_token_id(tokenizer))
-            prefill_seconds, compress_seconds = _now(model) - start, 0.0
-        else:
-            cache = record.compress(pair.method, budget=pair.budget)
-            feed = TokenFeed(model, cache, lengths=[len(prefilled)])
-            logits = record.logits
-            prefill_seconds, compress_seconds = record.seconds, _now(model) - start
-        decode_start = _now(model)
-        if after_prefill:
-            logits = feed.extend([after_prefill])
-        tokens = feed.greedy(logits, sample.max_new_tokens, stop_ids, finished)[0]
-        decode_seconds = _now(model) - decode_start
-        prediction = tokenizer.decode([t for t in tokens if t not in stop_ids], skip_special_tokens=True)
+    for group in decode_groups(pairs, decode_batch):
+        built = []
+        for pair in group:
+            try:
+                built.append(_build(model, tokenizer, pair, record, prefilled))
+            except Exception as error:  # noqa: BLE001 - one pair's failure is recorded, the run goes on
+                yield error_row(sample, pair, error, prepared)
+        yield from decoder.rows(built, prepared)
+
+
+def _build(model, tokenizer, pair: Pair, record: PrefillRecord | None, prefilled: list[int]) -> _Built:
+    start = _now(model)
+    if record is None:
+        cache = CompressedCache(model, method=pair.method, budget=pair.budget)
+        logits = TokenFeed(model, cache).prefill([prefilled], pad_token_id(tokenizer))
+        prefill_seconds, compress_seconds = _now(model) - start, 0.0
+    else:
+        cache = record.compress(pair.method, budget=pair.budget)
+        logits = record.logits
+        prefill_seconds, compress_seconds = record.seconds, _now(model) - start
+    stats = cache.stats(positions=False).sequences[0]
+    return _Built(pair, cache, stats, logits, prefill_seconds, compress_seconds)
+
+
+class _Decoder:
+    """Greedy answers of one sample for batches of compressed caches, and their rows."""
+
+    def __init__(self, model, tokenizer, sample: Sample, prefilled: int, after_prefill: list[int]):
+        self.model, self.tokenizer, self.sample = model, tokenizer, sample
+        self.prefilled, self.after_prefill = prefilled, after_prefill
+        self.stop_ids = stop_token_ids(model, tokenizer)
+        self.finished = None
         if sample.stop_at_newline:
+
+            def finished(tokens: list[int]) -> bool:
+                return "\n" in tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
+
+            self.finished = finished
+
+    def rows(self, built: list[_Built], prepared: Prepared) -> Iterator[ResultRow]:
+        if not built:
+            return
+        try:
+            answers, seconds = self._decode(built)
+        except Exception as error:  # noqa: BLE001 - retried pair by pair below
+            if len(built) == 1:
+                yield error_row(self.sample, built[0].pair, error, prepared)
+                return
+            logger.warning("decoding %d rows together failed (%s); decoding them one at a time", len(built), error)
+            for one in built:
+                yield from self.rows([one], prepared)
+            return
+        for one, tokens in zip(built, answers):
+            one.cache.release()
+            yield self._row(one, prepared, tokens, seconds / len(built), len(built))
+
+    def _decode(self, built: list[_Built]) -> tuple[list[list[int]], float]:
+        start = _now(self.model)
+        caches = [one.cache for one in built]
+        cache = caches[0] if len(caches) == 1 else CompressedCache.stack(caches, mixed_methods=True)
+        feed = TokenFeed(self.model, cache, lengths=[self.prefilled] * len(caches))
+        if self.after_prefill:
+            logits = feed.extend([self.after_prefill] * len(caches))
+        else:
+            logits = torch.cat([one.logits for one in built])
+        tokens = feed.greedy(logits, self.sample.max_new_tokens, self.stop_ids, self.finished, drop_finished=True)
+        if len(caches) > 1:
+            cache.release()
+        return tokens, _now(self.model) - start
+
+    def _row(self, one: _Built, prepared: Prepared, tokens: list[int], decode_seconds: float, rows: int) -> ResultRow:
+        prediction = self.tokenizer.decode([t for t in tokens if t not in self.stop_ids], skip_special_tokens=True)
+        if self.sample.stop_at_newline:
             prediction = first_line(prediction)
-        yield _row(sample, pair, prepared, cache, prediction, tokens, prefill_seconds, compress_seconds, decode_seconds)
+        sample, pair, stats = self.sample, one.pair, one.stats
+        return ResultRow(
+            benchmark=sample.benchmark,
+            dataset=sample.dataset,
+            sample_id=sample.sample_id,
+            method=pair.spec,
+            budget=pair.tokens,
+            window=pair.window,
+            prediction=prediction,
+            score=float(score(sample, prediction)),
+            answers=list(sample.answers),
+            prompt_tokens=len(prepared.context) + len(prepared.question),
+            truncated=prepared.truncated,
+            kept_entries=stats.kept_entries,
+            full_entries=stats.full_entries,
+            kv_bytes=stats.kv_bytes,
+            new_tokens=len(tokens),
+            prefill_seconds=one.prefill_seconds,
+            compress_seconds=one.compress_seconds,
+            decode_seconds=decode_seconds,
+            layer_budgets=[round(value, 3) for value in stats.layer_budgets],
+            extra=sample.extra,
+            decode_rows=rows,
+        )
 
 
-def _now(model) -> float:
-    """A timestamp after the device's queued work is done (CUDA runs asynchronously)."""
-    if model.device.type == "cuda":
-        torch.cuda.synchronize(model.device)
-    return time.perf_counter()
-
-
-def _row(sample, pair, prepared, cache, prediction, tokens, prefill_s, compress_s, decode_s) -> ResultRow:
-    stats = cache.stats(positions=False)
-    sequence = stats.sequences[0]
+def error_row(sample: Sample, pair: Pair, error: BaseException, prepared: Prepared | None = None) -> ResultRow:
+    """The row of a pair that could not be built or run: its key, the error's message, zeros elsewhere."""
+    message = f"{type(error).__name__}: {error}"
+    logger.warning(
+        "%s/%s/%s %s budget %d: %s", sample.benchmark, sample.dataset, sample.sample_id, pair.spec, pair.tokens, message
+    )
+    if isinstance(error, torch.OutOfMemoryError) and torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return ResultRow(
         benchmark=sample.benchmark,
         dataset=sample.dataset,
@@ -190,21 +329,30 @@ def _row(sample, pair, prepared, cache, prediction, tokens, prefill_s, compress_
         method=pair.spec,
         budget=pair.tokens,
         window=pair.window,
-        prediction=prediction,
-        score=float(score(sample, prediction)),
+        prediction="",
+        score=0.0,
         answers=list(sample.answers),
-        prompt_tokens=len(prepared.context) + len(prepared.question),
-        truncated=prepared.truncated,
-        kept_entries=stats.kept_entries,
-        full_entries=stats.full_entries,
-        kv_bytes=stats.kv_bytes,
-        new_tokens=len(tokens),
-        prefill_seconds=prefill_s,
-        compress_seconds=compress_s,
-        decode_seconds=decode_s,
-        layer_budgets=[round(value, 3) for value in sequence.layer_budgets],
+        prompt_tokens=0 if prepared is None else len(prepared.context) + len(prepared.question),
+        truncated=False if prepared is None else prepared.truncated,
+        kept_entries=0,
+        full_entries=0,
+        kv_bytes=0,
+        new_tokens=0,
+        prefill_seconds=0.0,
+        compress_seconds=0.0,
+        decode_seconds=0.0,
+        layer_budgets=[],
         extra=sample.extra,
+        decode_rows=0,
+        error=message,
     )
+
+
+def _now(model) -> float:
+    """A timestamp after the device's queued work is done (CUDA runs asynchronously)."""
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    return time.perf_counter()
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -235,20 +383,29 @@ def run(
     on_row: Callable[[ResultRow], None] | None = None,
     description: str = "eval",
     overall=None,
+    decode_batch: int = DEFAULT_DECODE_BATCH,
+    retry_errors: bool = False,
 ) -> int:
-    """Evaluate every pending ``(sample, pair)`` of this shard into ``store``; returns the rows written."""
+    """Evaluate every pending ``(sample, pair)`` of this shard into ``store``; returns the rows written.
+
+    Pending means held by no store file of ``store``'s run directory (error rows count as done
+    unless ``retry_errors``). A sample that cannot be prepared or prefilled gets an error row for
+    each of its pending pairs, and the run goes on with the next sample.
+    """
     check_protocol(protocol)
+    check_decode_batch(decode_batch)
     if max_length is None:
         max_length = context_length(model) or 2**31
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-        raise ValueError(f"max_length must be an integer >= 1, got {max_length!r}")
-    work = plan(samples, pairs, store, shard)
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+        raise ValueError(f"max_length must be an integer >= 2 (tokens kept of a prompt), got {max_length!r}")
+    work = plan(samples, pairs, store, shard, retry_errors=retry_errors)
     bar = _progress(sum(len(pending) for _, pending in work), description, progress)
     written = 0
     try:
         for sample, pending in work:
-            prepared = prepare(tokenizer, sample, chat_template, max_length)
-            for row in evaluate_sample(model, tokenizer, prepared, pending, protocol, from_scratch):
+            for row in _sample_rows(
+                model, tokenizer, sample, pending, protocol, chat_template, max_length, from_scratch, decode_batch
+            ):
                 written += store.add(row)
                 bar.update(1)
                 if overall is not None:
@@ -260,15 +417,35 @@ def run(
     return written
 
 
+def _sample_rows(model, tokenizer, sample, pending, protocol, chat_template, max_length, from_scratch, decode_batch):
+    """One sample's rows; a failure before any pair is built makes an error row of every pending pair."""
+    done: set[tuple[str, int]] = set()
+    prepared = None
+    try:
+        prepared = prepare(tokenizer, sample, chat_template, max_length)
+        for row in evaluate_sample(model, tokenizer, prepared, pending, protocol, from_scratch, decode_batch):
+            done.add((row.method, row.budget))
+            yield row
+    except Exception as error:  # noqa: BLE001 - one bad sample never stops a run
+        for pair in pending:
+            if pair.key not in done:
+                yield error_row(sample, pair, error, prepared)
+
+
 def plan(
-    samples: list[Sample], pairs: list[Pair], store: ResultStore, shard: tuple[int, int] = (0, 1)
+    samples: list[Sample],
+    pairs: list[Pair],
+    store: ResultStore,
+    shard: tuple[int, int] = (0, 1),
+    retry_errors: bool = False,
 ) -> list[tuple[Sample, list[Pair]]]:
-    """This shard's samples with the pairs the store does not hold yet.
+    """This shard's samples with the pairs no store file of the run directory holds yet.
 
     A sample's shard is a hash of its key, so processes agree on it whatever else they were asked.
+    Error rows count as done unless ``retry_errors``.
     """
     index, count = shard
-    done = store.done_keys()
+    done = run_done_keys(store.directory, errors=not retry_errors) | store.done_keys(errors=not retry_errors)
     ids = [(s.benchmark, s.dataset, s.sample_id) for s in samples]
     seen = set()
     for key in ids:
