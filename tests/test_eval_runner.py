@@ -150,14 +150,24 @@ def test_report_tables_and_plots(tmp_path):
     for row in rows:
         expected.setdefault((row.dataset, row.method, row.budget), []).append(row.score)
     records = json.loads(render(runs, "json"))
-    assert len(records) == len(expected)
-    for record in records:
+    cells = [r for r in records if r["dataset"]]
+    assert len(cells) == len(expected)
+    for record in cells:
         scores = expected[(record["dataset"], record["method"], record["budget"])]
         assert record["score"] == pytest.approx(100 * sum(scores) / len(scores))
+        assert record["score_low"] <= record["score"] <= record["score_high"]
         assert record["samples"] == 3
+    # One average per (method, budget): the mean of its datasets' means.
+    averages = [r for r in records if not r["dataset"]]
+    assert len(averages) == len({(m, b) for _, m, b in expected})
+    for record in averages:
+        means = [
+            100 * sum(v) / len(v) for (d, m, b), v in expected.items() if (m, b) == (record["method"], record["budget"])
+        ]
+        assert record["score"] == pytest.approx(sum(means) / len(means))
     csv_text = render(runs, "csv")
-    assert csv_text.splitlines()[0].startswith("run,benchmark,dataset,method,budget,samples,score")
-    assert len(csv_text.splitlines()) == len(expected) + 1
+    assert csv_text.splitlines()[0].startswith("run,benchmark,dataset,method,budget,samples,score,score_low,score_high")
+    assert len(csv_text.splitlines()) == len(records) + 1
     markdown = render(runs, "md")
     assert "| full cache |" in markdown and "| lava |" in markdown and "B=24" in markdown
     plots = write_plots(runs[0], tmp_path / "plots")
@@ -307,7 +317,7 @@ def test_report_of_only_the_full_cache_and_missing_datasets(tmp_path):
     with ResultStore(tmp_path / "y" / "run") as store:
         store.add(_fake_row("s", "full", 0, 1.0, {"depth": 0.5, "length": 10}))
     markdown = render(load_runs([tmp_path / "x" / "run"]), "md")
-    assert "| full cache | 75.0 |" in markdown
+    assert "| full cache | 75.0 [75.0, 75.0] |" in markdown
     assert "No average (results missing on some datasets) for: lava@64" in markdown
     runs = load_runs([tmp_path / "x" / "run", tmp_path / "y" / "run"])
     assert len({run.name for run in runs}) == 2

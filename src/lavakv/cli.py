@@ -264,9 +264,24 @@ def _model_identity(path: str | None) -> str:
 
 def cmd_eval(args) -> int:
     """Evaluate methods x budgets on benchmarks, prefilling each sample once, into a resumable store."""
-    from .eval.benchmarks import BENCHMARKS, build_samples, check_lengths_fit
-    from .eval.runner import EVAL_WINDOW_IDENTITY, _progress, check_protocol, make_pairs, parse_shard, plan, run
-    from .eval.store import ResultStore
+    import os
+
+    from .eval.benchmarks import BENCHMARKS, FILE_BENCHMARKS, build_samples, check_lengths_fit
+    from .eval.metrics import SCORING
+    from .eval.runner import (
+        DEFAULT_DECODE_BATCH,
+        EVAL_WINDOW_IDENTITY,
+        LONGBENCH_CONTEXT_MARGIN,
+        _progress,
+        check_decode_batch,
+        check_protocol,
+        make_pairs,
+        parse_shard,
+        plan,
+        run,
+        shard_from_launcher,
+    )
+    from .eval.store import STORE_NAME, ResultStore, read_run, shard_store_name
     from .models import load_model
     from .prompting import context_length
 
@@ -276,11 +291,19 @@ def cmd_eval(args) -> int:
             raise ValueError(f"unknown benchmark {name!r}; valid: {', '.join(BENCHMARKS)}")
     check_protocol(args.protocol)
     pairs = make_pairs(split_specs(args.methods), _split(args.budgets, int, "budgets") or [], args.window)
-    shard = parse_shard(args.shard)
+    decode_batch = check_decode_batch(DEFAULT_DECODE_BATCH if args.decode_batch is None else args.decode_batch)
+    local_rank = None
+    if args.shard == "auto":
+        index, count, local_rank = shard_from_launcher(os.environ)
+        shard = (index, count)
+    else:
+        shard = parse_shard(args.shard)
+    own_store = (args.shard_store or ("own" if args.shard == "auto" else "shared")) == "own"
+    store_name = shard_store_name(*shard) if own_store and shard[1] > 1 else STORE_NAME
     if args.data and not Path(args.data).is_dir():
         raise FileNotFoundError(f"--data {args.data}: no such directory")
-    if args.max_length is not None and args.max_length < 1:
-        raise ValueError(f"--max-length must be >= 1, got {args.max_length}")
+    if args.max_length is not None and args.max_length < 2:
+        raise ValueError(f"--max-length must be an integer >= 2 (tokens kept of a prompt), got {args.max_length}")
     if args.max_words is not None and args.max_words < 1:
         raise ValueError(f"--max-words must be an integer >= 1 (words per LongBench sample), got {args.max_words}")
     if args.max_words is not None and "longbench" not in benchmarks:
@@ -305,20 +328,21 @@ def cmd_eval(args) -> int:
             seed=args.seed,
         )
         if not samples:
-            where = f" in --data {args.data}" if name in ("longbench", "infinitebench") else ""
+            where = f" in --data {args.data}" if name in FILE_BENCHMARKS else ""
             raise ValueError(f"--benchmark {name} has no samples{where} (datasets: {args.datasets or 'all present'})")
         return samples
 
     if args.max_length is not None:
         check_lengths(args.max_length, "--max-length")
-    read_from_files = {name: samples_of(name, None) for name in benchmarks if name in ("longbench", "infinitebench")}
-    ResultStore(args.out).close()
-    model, tokenizer = load_model(args.model)
-    max_length = args.max_length or context_length(model)
-    if max_length is None:
+    read_from_files = {name: samples_of(name, None) for name in benchmarks if name in FILE_BENCHMARKS}
+    ResultStore(args.out, name=store_name).close()
+    model, tokenizer = load_model(args.model, device=_eval_device(args.device, local_rank))
+    context = context_length(model)
+    if context is None and args.max_length is None:
         raise ValueError("the model's config states no context length: give --max-length")
     if args.max_length is None:
-        check_lengths(max_length, "the model's context")
+        check_lengths(context, "the model's context")
+    max_length = args.max_length or context - LONGBENCH_CONTEXT_MARGIN
     identity = {
         "model": _model_identity(args.model),
         "protocol": args.protocol,
@@ -326,12 +350,26 @@ def cmd_eval(args) -> int:
         "max_length": max_length,
         "seed": args.seed,
         "window": args.window if args.window is not None else EVAL_WINDOW_IDENTITY,
+        "scoring": SCORING,
     }
     samples = {name: read_from_files.get(name) or samples_of(name, tokenizer) for name in benchmarks}
-    with ResultStore(args.out) as store:
+    with ResultStore(args.out, name=store_name) as store:
         store.claim_identity(identity)
         store.log_invocation(" ".join(sys.argv), {k: v for k, v in vars(args).items() if k != "handler"})
-        pending = {name: sum(len(p) for _, p in plan(samples[name], pairs, store, shard)) for name in benchmarks}
+        pending = {
+            name: sum(len(p) for _, p in plan(samples[name], pairs, store, shard, args.retry_errors))
+            for name in benchmarks
+        }
+        where = f"shard {shard[0]}/{shard[1]}, " if shard[1] > 1 else ""
+        for name in benchmarks:
+            logger.info(
+                "%s: %d rows to do (%s%d samples x %d pairs)",
+                name,
+                pending[name],
+                where,
+                len(samples[name]),
+                len(pairs),
+            )
         overall = _progress(sum(pending.values()), "all benchmarks", not args.quiet, position=0)
         try:
             for name in benchmarks:
@@ -343,33 +381,52 @@ def cmd_eval(args) -> int:
                     store,
                     protocol=args.protocol,
                     chat_template=args.chat_template,
-                    max_length=max_length,
+                    max_length=max_length if name in FILE_BENCHMARKS or args.max_length else context,
                     shard=shard,
                     from_scratch=args.from_scratch,
                     progress=not args.quiet,
                     description=name,
                     overall=overall,
+                    decode_batch=decode_batch,
+                    retry_errors=args.retry_errors,
                 )
         finally:
             overall.close()
-        done = len(store.rows())
-    print(f"{done} results in {Path(args.out) / 'results.sqlite'}; report with: lavakv report {args.out}")
+    _, rows = read_run(args.out)
+    errors = sum(row.error is not None for row in rows)
+    note = f" ({errors} error rows: see lavakv report)" if errors else ""
+    print(f"{len(rows)} results{note} in {args.out}; report with: lavakv report {args.out}")
     return 0
+
+
+def _eval_device(device: str, local_rank: int | None) -> str:
+    """``--device``: ``auto`` is the launcher's GPU (``LOCAL_RANK``), else ``cuda`` when there is one, else ``cpu``."""
+    if device != "auto":
+        return device
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{local_rank}" if local_rank is not None else "cuda"
 
 
 def cmd_report(args) -> int:
     """Tables (md, csv or json) for one or more run directories; with md, also report.md and PNG plots."""
     from .eval.plots import write_plots
-    from .eval.report import load_runs, render
+    from .eval.report import Statistics, check_reference, load_runs, render
 
     runs = load_runs(args.runs)
+    if args.resamples < 1:
+        raise ValueError(f"--resamples must be an integer >= 1, got {args.resamples}")
+    statistics = Statistics(resamples=args.resamples, seed=args.seed)
+    reference = None if args.reference is None else check_reference(runs, args.reference)
     target = Path(args.out) if args.out else runs[0].directory
     plots = {}
     if args.format == "md" and not args.no_plots:
         for index, run in enumerate(runs):
             folder = target if len(runs) == 1 else target / "plots" / f"{index}-{Path(run.name).name}"
-            plots[run.name] = write_plots(run, folder)
-    text = render(runs, args.format, plots, report_dir=target)
+            plots[run.name] = write_plots(run, folder, statistics)
+    text = render(runs, args.format, plots, report_dir=target, reference=reference, statistics=statistics)
     if args.format == "md":
         target.mkdir(parents=True, exist_ok=True)
         (target / "report.md").write_text(text, encoding="utf-8")
@@ -489,11 +546,36 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--chat-template", default="auto", choices=["auto", "on", "off"], help="auto: each benchmark's standard"
     )
-    ev.add_argument("--max-length", type=int, help="truncate prompts in the middle to this many tokens")
+    ev.add_argument(
+        "--max-length",
+        type=int,
+        help="cut prompts in the middle to this many tokens, as LongBench's pred.py (default: the model's context "
+        "minus 500 for longbench and infinitebench; generated benchmarks are built to fit the model's context)",
+    )
     ev.add_argument("--window", type=int, help="observation window for every method (default: min(32, budget/2))")
     ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--shard", help="i/N: evaluate every N-th sample from the i-th (processes share --out)")
+    ev.add_argument(
+        "--shard",
+        help="i/N: evaluate every N-th sample from the i-th; auto: from torchrun/accelerate (RANK, WORLD_SIZE) or a "
+        "Slurm array (SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT)",
+    )
+    ev.add_argument(
+        "--shard-store",
+        choices=["shared", "own"],
+        help="shared: every shard writes results.sqlite (one machine or a database all can lock); own: each shard "
+        "its own file in --out (default: own with --shard auto, shared otherwise)",
+    )
     _take_dash_values(ev)
+    ev.add_argument(
+        "--decode-batch",
+        type=int,
+        help="rows decoded together: a sample's (method, budget) pairs of one budget (default 16; 1 decodes one "
+        "pair at a time)",
+    )
+    ev.add_argument("--retry-errors", action="store_true", help="run again the pairs a previous run recorded as errors")
+    ev.add_argument(
+        "--device", default="auto", help="auto (default: the launcher's GPU, else cuda, else cpu), cpu, cuda:0..."
+    )
     ev.add_argument("--from-scratch", action="store_true", help="prefill every (method, budget) anew (for timing)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.set_defaults(handler=cmd_eval)
@@ -503,6 +585,13 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--format", default="md", choices=["md", "csv", "json"])
     rep.add_argument("--out", help="where report.md and plots go (default: the first run directory)")
     rep.add_argument("--no-plots", action="store_true")
+    rep.add_argument(
+        "--reference",
+        metavar="SPEC",
+        help="also show every method's paired difference to this one (full, lava, ...) on the same samples",
+    )
+    rep.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples per interval (default 2000)")
+    rep.add_argument("--seed", type=int, default=0, help="seed of the bootstrap intervals (default 0)")
     rep.set_defaults(handler=cmd_report)
 
     bench = commands.add_parser("bench", help="quick speed and memory table: full cache vs compressed caches")

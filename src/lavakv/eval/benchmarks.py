@@ -5,6 +5,8 @@ from __future__ import annotations
 from .samples import Sample, check_count
 
 BENCHMARKS = ("niah", "ruler", "longbench", "infinitebench")
+FILE_BENCHMARKS = ("longbench", "infinitebench")
+"""Benchmarks read from data files, whose prompts are cut to ``--max-length``; the others are built to fit."""
 DEFAULT_NIAH_LENGTHS = [500, 1000, 2000]
 DEFAULT_NIAH_DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
 DEFAULT_RULER_LENGTHS = [1024, 2048]

@@ -29,7 +29,10 @@ from lavakv.eval.samples import Sample
 
 Metric = Callable[[str, list[str], dict], float]
 
-__all__ = ["METRICS", "Metric", "score"]
+__all__ = ["METRICS", "SCORING", "Metric", "score"]
+
+SCORING = "official"
+"""The scoring rules a run records in its identity: the benchmarks' own (a run scored otherwise is not resumed)."""
 
 _ASCII_PUNCT = frozenset(string.punctuation)
 # Full-width forms (U+FF01-FF5E) of the ASCII punctuation, common in Chinese text; several are

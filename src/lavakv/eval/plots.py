@@ -11,7 +11,18 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .report import Cell, Run, aggregate, method_label, method_rank, parsed_method  # noqa: E402
+from .report import (  # noqa: E402
+    DEFAULT_STATISTICS,
+    Cell,
+    Run,
+    Statistics,
+    aggregate,
+    benchmark_intervals,
+    method_label,
+    method_rank,
+    parsed_method,
+)
+from .stats import Interval  # noqa: E402
 from .store import ResultRow  # noqa: E402
 
 
@@ -20,19 +31,37 @@ def _dynamic_layers(spec: str) -> bool:
     return method is not None and method.progressive
 
 
-def score_vs_budget(benchmark: str, cells: list[Cell], path: Path) -> Path:
-    """Benchmark average (mean over datasets) against budget, one line per method; the full cache dashed."""
+def score_vs_budget(
+    benchmark: str, cells: list[Cell], path: Path, intervals: dict[tuple[str, str, int], Interval] | None = None
+) -> Path:
+    """Benchmark average (mean over datasets) against budget, one line per method; the full cache dashed.
+
+    With ``intervals`` (:func:`~lavakv.eval.report.benchmark_intervals`), each line has its 95%
+    bootstrap interval as a band and the full cache's as a grey band.
+    """
     per_method: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for cell in cells:
         per_method[cell.method][cell.budget].append(cell.score)
+    bands = {(m, b): i for (bench, m, b), i in (intervals or {}).items() if bench == benchmark}
     figure, axes = plt.subplots(figsize=(6.5, 4.2))
     for method in sorted(per_method, key=method_rank):
         values = per_method[method]
         if method == "full":
             axes.axhline(mean(values[0]), color="black", linestyle="--", label="full cache")
+            if ("full", 0) in bands:
+                axes.axhspan(bands[("full", 0)].low, bands[("full", 0)].high, color="gray", alpha=0.15)
             continue
         budgets = sorted(values)
-        axes.plot(budgets, [mean(values[b]) for b in budgets], marker="o", label=method_label(method))
+        (line,) = axes.plot(budgets, [mean(values[b]) for b in budgets], marker="o", label=method_label(method))
+        banded = [b for b in budgets if (method, b) in bands]
+        if banded:
+            axes.fill_between(
+                banded,
+                [bands[(method, b)].low for b in banded],
+                [bands[(method, b)].high for b in banded],
+                color=line.get_color(),
+                alpha=0.12,
+            )
     budgets = sorted({c.budget for c in cells if c.method != "full"})
     if budgets:
         axes.set_xscale("log", base=2)
@@ -121,15 +150,16 @@ def layer_budgets(benchmark: str, rows: list[ResultRow], path: Path) -> Path | N
     return path
 
 
-def write_plots(run: Run, out_dir: Path) -> list[Path]:
+def write_plots(run: Run, out_dir: Path, statistics: Statistics = DEFAULT_STATISTICS) -> list[Path]:
     """PNG plots for one run: score vs budget, needle heat maps, per-layer budgets of dynamic methods."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    cells = aggregate(run.rows)
+    cells = aggregate(run.rows, statistics)
+    intervals = benchmark_intervals(run.rows, statistics)
     written = []
     for benchmark in sorted({c.benchmark for c in cells}):
-        rows = [r for r in run.rows if r.benchmark == benchmark]
+        rows = [r for r in run.rows if r.benchmark == benchmark and r.error is None]
         subset = [c for c in cells if c.benchmark == benchmark]
-        written.append(score_vs_budget(benchmark, subset, out_dir / f"{benchmark}_score_vs_budget.png"))
+        written.append(score_vs_budget(benchmark, subset, out_dir / f"{benchmark}_score_vs_budget.png", intervals))
         if benchmark == "niah":
             written += needle_heatmaps(rows, out_dir)
         layer_plot = layer_budgets(benchmark, rows, out_dir / f"{benchmark}_layer_budgets.png")

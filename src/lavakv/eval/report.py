@@ -1,9 +1,12 @@
 """Reports from one or more run directories: markdown/CSV/JSON tables and PNG plots.
 
-Scores are means over samples, in percent, per ``(benchmark, dataset, method, budget)``; a
-benchmark's average is the mean of its datasets' scores, as the LongBench papers report it.
-Methods are stored as method specs and shown as readable labels (``lava with uniform heads``).
-Plots are drawn by :mod:`lavakv.eval.plots`, which reads the cells aggregated here.
+Scores are means over samples, in percent, per ``(benchmark, dataset, method, budget)``, each with
+a 95% bootstrap interval over samples (:mod:`lavakv.eval.stats`); a benchmark's average is the
+mean of its datasets' scores, as the LongBench papers report it, with an interval that resamples
+within each dataset. With a reference method, every other method's paired difference to it on
+the same samples is shown with its interval and wins/ties/losses. Error rows are left out of every
+score and listed. Methods are stored as method specs and shown as readable labels (``lava with
+uniform heads``). Plots are drawn by :mod:`lavakv.eval.plots`, which reads the cells aggregated here.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from pathlib import Path
 from statistics import mean
 
 from ..methods import PRESETS, Method, parse_spec
-from .store import ResultRow, ResultStore
+from .stats import DEFAULT_RESAMPLES, Interval, PairedDifference, bootstrap_mean, key_seed, paired_difference
+from .store import ResultRow, read_run
 
 FORMATS = ("md", "csv", "json")
 METHOD_ORDER = list(PRESETS)
@@ -42,6 +46,8 @@ class Cell:
     budget: int
     samples: int
     score: float
+    score_low: float
+    score_high: float
     kept_fraction: float
     kv_mib: float
     compress_seconds: float
@@ -55,8 +61,8 @@ def load_runs(directories: list[str | Path]) -> list[Run]:
         raise ValueError("give at least one run directory")
     runs = []
     for directory in directories:
-        with ResultStore(directory, create=False) as store:
-            runs.append(Run(_run_name(Path(directory)), Path(directory), store.identity(), store.rows()))
+        identity, rows = read_run(directory)
+        runs.append(Run(_run_name(Path(directory)), Path(directory), identity, rows))
     names = [run.name for run in runs]
     for run in runs:
         if names.count(run.name) > 1:
@@ -70,13 +76,34 @@ def _run_name(directory: Path) -> str:
     return directory.resolve().name or str(directory)
 
 
-def aggregate(rows: list[ResultRow]) -> list[Cell]:
+@dataclass(frozen=True)
+class Statistics:
+    """How intervals are drawn: bootstrap ``resamples`` from generators seeded by ``seed``."""
+
+    resamples: int = DEFAULT_RESAMPLES
+    seed: int = 0
+
+
+DEFAULT_STATISTICS = Statistics()
+
+
+def scored(rows: list[ResultRow]) -> list[ResultRow]:
+    """The rows that hold a score (error rows left out)."""
+    return [row for row in rows if row.error is None]
+
+
+def aggregate(rows: list[ResultRow], statistics: Statistics = DEFAULT_STATISTICS) -> list[Cell]:
+    """One cell per ``(benchmark, dataset, method, budget)`` of the scored rows, with its interval."""
     groups: dict[tuple, list[ResultRow]] = defaultdict(list)
-    for row in rows:
+    for row in scored(rows):
         groups[(row.benchmark, row.dataset, row.method, row.budget)].append(row)
     cells = []
-    for (benchmark, dataset, method, budget), group in groups.items():
+    for key, group in groups.items():
+        benchmark, dataset, method, budget = key
         steps = sum(max(r.new_tokens - 1, 1) for r in group)
+        interval = bootstrap_mean(
+            [[100 * r.score for r in group]], key_seed(statistics.seed, key), statistics.resamples
+        )
         cells.append(
             Cell(
                 benchmark=benchmark,
@@ -84,7 +111,9 @@ def aggregate(rows: list[ResultRow]) -> list[Cell]:
                 method=method,
                 budget=budget,
                 samples=len(group),
-                score=100 * mean(r.score for r in group),
+                score=interval.mean,
+                score_low=interval.low,
+                score_high=interval.high,
                 kept_fraction=mean(r.kept_entries / r.full_entries for r in group),
                 kv_mib=mean(r.kv_bytes for r in group) / 2**20,
                 compress_seconds=mean(r.compress_seconds for r in group),
@@ -93,6 +122,69 @@ def aggregate(rows: list[ResultRow]) -> list[Cell]:
             )
         )
     return sorted(cells, key=lambda c: (c.benchmark, c.dataset, method_rank(c.method), c.budget))
+
+
+def _scores_by_dataset(rows: list[ResultRow]) -> dict[tuple[str, str, int], dict[str, dict[str, float]]]:
+    """``(benchmark, method, budget)`` -> dataset -> sample id -> score in percent."""
+    table: dict[tuple[str, str, int], dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+    for row in scored(rows):
+        table[(row.benchmark, row.method, row.budget)][row.dataset][row.sample_id] = 100 * row.score
+    return table
+
+
+def benchmark_intervals(
+    rows: list[ResultRow], statistics: Statistics = DEFAULT_STATISTICS
+) -> dict[tuple[str, str, int], Interval]:
+    """``(benchmark, method, budget)`` -> mean over datasets of the dataset scores, with its interval.
+
+    Only for a method and budget that have results on every dataset of the benchmark: an average
+    over a subset would not compare with the others.
+    """
+    datasets: dict[str, set[str]] = defaultdict(set)
+    for row in scored(rows):
+        datasets[row.benchmark].add(row.dataset)
+    out = {}
+    for key, by_dataset in _scores_by_dataset(rows).items():
+        if set(by_dataset) != datasets[key[0]]:
+            continue
+        groups = [list(by_dataset[d].values()) for d in sorted(by_dataset)]
+        out[key] = bootstrap_mean(groups, key_seed(statistics.seed, key), statistics.resamples)
+    return out
+
+
+def paired_differences(
+    rows: list[ResultRow], reference: str, statistics: Statistics = DEFAULT_STATISTICS
+) -> dict[tuple[str, str, str, int], PairedDifference]:
+    """Each method's score minus ``reference``'s on the samples both hold, in points.
+
+    Keys are ``(benchmark, dataset, method, budget)`` and ``(benchmark, "", method, budget)`` for
+    the benchmark average (mean over datasets of the mean differences, resampled within each
+    dataset; only where the method has paired samples on every dataset). A compressing
+    reference is compared at each method's budget; the full cache (``full``) at every budget.
+    """
+    table = _scores_by_dataset(rows)
+    datasets: dict[str, set[str]] = defaultdict(set)
+    for row in scored(rows):
+        datasets[row.benchmark].add(row.dataset)
+    out = {}
+    for (benchmark, method, budget), by_dataset in table.items():
+        if method == reference:
+            continue
+        theirs = table.get((benchmark, reference, 0 if reference == "full" else budget))
+        if theirs is None:
+            continue
+        groups = {}
+        for dataset, scores in by_dataset.items():
+            pairs = [(scores[i], theirs[dataset][i]) for i in sorted(scores) if i in theirs.get(dataset, {})]
+            if pairs:
+                groups[dataset] = pairs
+                key = (benchmark, dataset, method, budget)
+                out[key] = paired_difference([pairs], key_seed(statistics.seed, key), statistics.resamples)
+        if groups and set(groups) == datasets[benchmark]:
+            key = (benchmark, "", method, budget)
+            ordered = [groups[d] for d in sorted(groups)]
+            out[key] = paired_difference(ordered, key_seed(statistics.seed, key), statistics.resamples)
+    return out
 
 
 @lru_cache(maxsize=512)
@@ -150,8 +242,15 @@ def _table(title_column: str, lines: list[tuple[str, dict[int, float]]], budgets
     return "\n".join([header, rule, *body])
 
 
-def _fmt(value: float | None) -> str:
-    return "–" if value is None else f"{value:.1f}"
+def _fmt(value: float | Interval | PairedDifference | None) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, PairedDifference):
+        i = value.interval
+        return f"{i.mean:+.1f} [{i.low:+.1f}, {i.high:+.1f}] {value.wins}/{value.ties}/{value.losses}"
+    if isinstance(value, Interval):
+        return f"{value.mean:.1f} [{value.low:.1f}, {value.high:.1f}]"
+    return f"{value:.1f}"
 
 
 def _method_lines(values: dict[tuple[str, int], float], methods: list[str], budgets: list[int]):
@@ -174,18 +273,34 @@ def _relative(path: Path, base: Path | None) -> str:
         return path.resolve().as_posix()
 
 
-def markdown(runs: list[Run], plots: dict[str, list[Path]] | None = None, report_dir: Path | None = None) -> str:
-    """Tables per run (benchmark averages, then each dataset), then a comparison when several runs are given."""
+def markdown(
+    runs: list[Run],
+    plots: dict[str, list[Path]] | None = None,
+    report_dir: Path | None = None,
+    reference: str | None = None,
+    statistics: Statistics = DEFAULT_STATISTICS,
+) -> str:
+    """Tables per run (benchmark averages, then each dataset), then a comparison when several runs are given.
+
+    Scores show their 95% bootstrap interval as ``mean [low, high]``; with ``reference``, paired
+    differences to it follow each benchmark's table.
+    """
     parts = []
     for run in runs:
-        cells = aggregate(run.rows)
+        cells = aggregate(run.rows, statistics)
         parts.append(f"## Run `{run.name}`\n")
         parts.append(_identity_line(run))
+        parts.append(
+            f"Scores in % with 95% bootstrap intervals over samples ({statistics.resamples} resamples, seed "
+            f"{statistics.seed}); a benchmark's average is the mean of its datasets' scores.\n"
+        )
         if not cells:
             parts.append("No results yet.\n")
+            parts.append(_errors_section(run.rows))
             continue
         budgets = _budgets(cells) or [0]
-        averages = benchmark_averages(cells)
+        averages = benchmark_intervals(run.rows, statistics)
+        differences = paired_differences(run.rows, reference, statistics) if reference else {}
         for benchmark in sorted({c.benchmark for c in cells}):
             subset = [c for c in cells if c.benchmark == benchmark]
             datasets = sorted({c.dataset for c in subset})
@@ -199,6 +314,8 @@ def markdown(runs: list[Run], plots: dict[str, list[Path]] | None = None, report
                 f"Samples per dataset: {', '.join(f'{d} {n}' for d, n in sorted(samples.items()))}.\n"
             )
             parts.append(_table("method", _method_lines(values, methods, budgets), budgets) + "\n")
+            if reference:
+                parts.append(_paired_section(benchmark, datasets, differences, reference, methods, budgets))
             missing = sorted({(c.method, c.budget) for c in subset} - set(values))
             if missing:
                 parts.append(
@@ -216,7 +333,11 @@ def markdown(runs: list[Run], plots: dict[str, list[Path]] | None = None, report
                 )
             if len(datasets) > 1:
                 for dataset in datasets:
-                    in_dataset = {(c.method, c.budget): c.score for c in subset if c.dataset == dataset}
+                    in_dataset = {
+                        (c.method, c.budget): Interval(c.score, c.score_low, c.score_high)
+                        for c in subset
+                        if c.dataset == dataset
+                    }
                     parts.append(f"#### {benchmark} / {dataset}\n")
                     parts.append(_table("method", _method_lines(in_dataset, methods, budgets), budgets) + "\n")
             for path in (plots or {}).get(run.name, []):
@@ -225,9 +346,64 @@ def markdown(runs: list[Run], plots: dict[str, list[Path]] | None = None, report
         incomplete = _incomplete(cells)
         if incomplete:
             parts.append("Cells with fewer samples than the rest of their dataset: " + ", ".join(incomplete) + ".\n")
+        parts.append(_errors_section(run.rows))
     if len(runs) > 1:
         parts.append(comparison(runs))
     return "\n".join(parts)
+
+
+def _paired_section(benchmark, datasets, differences, reference, methods, budgets) -> str:
+    """The benchmark's paired differences to ``reference``, its average first, then each dataset's."""
+    others = [m for m in methods if m != reference]
+
+    def lines(dataset: str):
+        out = []
+        for method in others:
+            values = {
+                b: differences[(benchmark, dataset, method, b)]
+                for b in budgets
+                if (benchmark, dataset, method, b) in differences
+            }
+            if method == "full" and (benchmark, dataset, "full", 0) in differences:
+                values = {b: differences[(benchmark, dataset, "full", 0)] for b in budgets}
+            if values:
+                out.append((method_label(method) if method != "full" else "full cache", values))
+        return out
+
+    label = "full cache" if reference == "full" else method_label(reference)
+    text = [
+        f"Paired difference to {label} on the same samples, in points: mean [95% interval] wins/ties/losses"
+        + (" (against the full cache at every budget)" if reference == "full" else " (at the same budget)")
+        + ".\n",
+        _table("method", lines(""), budgets) + "\n",
+    ]
+    if len(datasets) > 1:
+        text.append(f"<details><summary>{benchmark}: paired differences per dataset</summary>\n")
+        for dataset in datasets:
+            text.append(f"{dataset}\n\n" + _table("method", lines(dataset), budgets) + "\n")
+        text.append("</details>\n")
+    return "\n".join(text)
+
+
+def _errors_section(rows: list[ResultRow]) -> str:
+    """Error rows, counted per benchmark and dataset, with the first messages (they are left out of the scores)."""
+    errors = [row for row in rows if row.error is not None]
+    if not errors:
+        return ""
+    counts: dict[str, int] = defaultdict(int)
+    for row in errors:
+        counts[f"{row.benchmark}/{row.dataset}"] += 1
+    listed = sorted({(r.benchmark, r.dataset, r.sample_id, r.error) for r in errors})
+    lines = [f"- {b}/{d}/{i}: {message}" for b, d, i, message in listed[:20]]
+    more = f"\n- ... and {len(listed) - 20} more" if len(listed) > 20 else ""
+    return (
+        f"**Errors**: {len(errors)} rows could not be run and are left out of the scores ("
+        + ", ".join(f"{k} {n}" for k, n in sorted(counts.items()))
+        + "):\n\n"
+        + "\n".join(lines)
+        + more
+        + "\n"
+    )
 
 
 def _identity_line(run: Run) -> str:
@@ -279,29 +455,79 @@ def comparison(runs: list[Run]) -> str:
     return "\n".join(parts)
 
 
-def records(runs: list[Run]) -> list[dict]:
-    """One flat record per run and cell (for CSV and JSON)."""
+def records(runs: list[Run], reference: str | None = None, statistics: Statistics = DEFAULT_STATISTICS) -> list[dict]:
+    """One flat record per run and cell (for CSV and JSON), benchmark averages as dataset ``""``.
+
+    With ``reference``, each record also has the paired difference to it (``diff``, ``diff_low``,
+    ``diff_high``, ``wins``, ``ties``, ``losses``; empty where there is none).
+    """
     out = []
     for run in runs:
-        for cell in aggregate(run.rows):
-            out.append({"run": run.name, **cell.__dict__})
+        differences = paired_differences(run.rows, reference, statistics) if reference else {}
+        cells = [cell.__dict__ for cell in aggregate(run.rows, statistics)]
+        for (benchmark, method, budget), interval in benchmark_intervals(run.rows, statistics).items():
+            cells.append(
+                {
+                    **{name: "" for name in Cell.__dataclass_fields__},
+                    "benchmark": benchmark,
+                    "dataset": "",
+                    "method": method,
+                    "budget": budget,
+                    "score": interval.mean,
+                    "score_low": interval.low,
+                    "score_high": interval.high,
+                }
+            )
+        for cell in cells:
+            record = {"run": run.name, **cell}
+            if reference:
+                found = differences.get((cell["benchmark"], cell["dataset"], cell["method"], cell["budget"]))
+                record.update(_difference_fields(found))
+            out.append(record)
     return out
 
 
+def _difference_fields(found: PairedDifference | None) -> dict:
+    if found is None:
+        return dict.fromkeys(DIFFERENCE_FIELDS, "")
+    i = found.interval
+    return dict(zip(DIFFERENCE_FIELDS, (i.mean, i.low, i.high, found.wins, found.ties, found.losses)))
+
+
+DIFFERENCE_FIELDS = ("diff", "diff_low", "diff_high", "wins", "ties", "losses")
+
+
 def render(
-    runs: list[Run], fmt: str, plots: dict[str, list[Path]] | None = None, report_dir: Path | None = None
+    runs: list[Run],
+    fmt: str,
+    plots: dict[str, list[Path]] | None = None,
+    report_dir: Path | None = None,
+    reference: str | None = None,
+    statistics: Statistics = DEFAULT_STATISTICS,
 ) -> str:
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
+    if reference is not None:
+        reference = check_reference(runs, reference)
     if fmt == "md":
-        return markdown(runs, plots, report_dir)
-    table = records(runs)
+        return markdown(runs, plots, report_dir, reference, statistics)
+    table = records(runs, reference, statistics)
     if fmt == "json":
         return json.dumps(table, indent=2)
     buffer = io.StringIO()
-    columns = ["run", *Cell.__dataclass_fields__]
+    columns = ["run", *Cell.__dataclass_fields__, *(DIFFERENCE_FIELDS if reference else ())]
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(table)
     return buffer.getvalue()
 
+
+def check_reference(runs: list[Run], reference: str) -> str:
+    """``reference`` as the runs store it (its canonical spec); one no run holds is an error naming those held."""
+    spec = parse_spec(reference).spec
+    held = sorted({row.method for run in runs for row in scored(run.rows)}, key=method_rank)
+    if spec not in held:
+        raise ValueError(
+            f"--reference {reference!r} ({spec}) has no results in these runs; methods held: {', '.join(held)}"
+        )
+    return spec

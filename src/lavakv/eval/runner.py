@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -149,6 +149,9 @@ def prepare(tokenizer, sample: Sample, chat_template: str, max_length: int) -> P
     context_ids, question_ids = split_prompt(tokenizer, context, question, use_template, name)
     return Prepared(sample, context_ids, question_ids, truncated, whole)
 
+
+LONGBENCH_CONTEXT_MARGIN = 500
+"""``--max-length`` defaults to the model's context minus this, as LongBench's model table sets it (3500 for 4K)."""
 
 DEFAULT_DECODE_BATCH = 16
 """Rows decoded together by default: the ``(method, budget)`` pairs of one sample, by budget."""
@@ -353,6 +356,39 @@ def _now(model) -> float:
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
     return time.perf_counter()
+
+
+LAUNCHER_VARIABLES = (("RANK", "WORLD_SIZE"), ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"))
+"""Where ``--shard auto`` reads the shard: torchrun / ``accelerate launch``, then a Slurm array."""
+
+
+def shard_from_launcher(environ: Mapping[str, str]) -> tuple[int, int, int | None]:
+    """``(index, count, local_rank)`` of this process as its launcher set them (``--shard auto``).
+
+    torchrun and ``accelerate launch`` set ``RANK`` and ``WORLD_SIZE`` (and ``LOCAL_RANK``, the
+    process's GPU on its node); a Slurm array sets ``SLURM_ARRAY_TASK_ID`` and
+    ``SLURM_ARRAY_TASK_COUNT`` (array indices must run from 0, as ``--array=0-N`` gives). A
+    launcher variable that is set but not a valid number is an error, as is none being set.
+    """
+    for index_name, count_name in LAUNCHER_VARIABLES:
+        if index_name not in environ and count_name not in environ:
+            continue
+        try:
+            index, count = int(environ[index_name]), int(environ[count_name])
+        except (KeyError, ValueError):
+            raise ValueError(
+                f"--shard auto: {index_name}={environ.get(index_name)!r} and {count_name}={environ.get(count_name)!r} "
+                "must both be integers"
+            ) from None
+        if count < 1 or not 0 <= index < count:
+            raise ValueError(f"--shard auto: {index_name}={index} must be in [0, {count_name}={count})")
+        local = environ.get("LOCAL_RANK") if index_name == "RANK" else None
+        return index, count, None if local is None else int(local)
+    names = ", ".join(f"{a}/{b}" for a, b in LAUNCHER_VARIABLES)
+    raise ValueError(
+        f"--shard auto takes the shard from a launcher, but none of {names} is set; start the processes with "
+        "torchrun, accelerate launch or a Slurm array (sbatch --array=0-N), or give --shard i/N"
+    )
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
