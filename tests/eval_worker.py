@@ -1,7 +1,9 @@
 """A separate process for the store tests: evaluates tiny samples into a run directory.
 
-``python tests/eval_worker.py OUT [--shard i/N] [--die-after K]``: with ``--die-after`` the process
-kills itself with SIGKILL right after its K-th committed row, as ``kill -9`` would.
+``python tests/eval_worker.py OUT [--shard i/N|auto] [--shard-store shared|own] [--die-after K]``:
+the shard is resolved as ``lavakv eval`` resolves it (``auto`` from torchrun's or Slurm's
+variables); with ``--die-after`` the process kills itself with SIGKILL right after its K-th
+committed row, as ``kill -9`` would.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conftest import TinyTokenizer, random_prompt, tiny_model  # noqa: E402
 
-from lavakv.eval.runner import make_pairs, parse_shard, run  # noqa: E402
+from lavakv.eval.runner import make_pairs, resolve_shard, run  # noqa: E402
 from lavakv.eval.samples import Sample  # noqa: E402
 from lavakv.eval.store import ResultStore  # noqa: E402
 
@@ -47,6 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--shard")
+    parser.add_argument("--shard-store")
     parser.add_argument("--die-after", type=int)
     args = parser.parse_args()
     written = []
@@ -56,14 +59,15 @@ def main() -> None:
         if args.die_after is not None and len(written) >= args.die_after:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    with ResultStore(args.out) as store:
+    shard = resolve_shard(args.shard, args.shard_store, os.environ)
+    with ResultStore(args.out, name=shard.store_name) as store:
         run(
             tiny_model("llama"),
             TinyTokenizer(),
             tiny_samples(),
             PAIRS,
             store,
-            shard=parse_shard(args.shard),
+            shard=shard.part,
             progress=False,
             on_row=on_row,
         )

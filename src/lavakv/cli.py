@@ -276,12 +276,11 @@ def cmd_eval(args) -> int:
         check_decode_batch,
         check_protocol,
         make_pairs,
-        parse_shard,
         plan,
+        resolve_shard,
         run,
-        shard_from_launcher,
     )
-    from .eval.store import STORE_NAME, ResultStore, read_run, shard_store_name
+    from .eval.store import ResultStore, read_run
     from .models import load_model
     from .prompting import context_length
 
@@ -292,14 +291,8 @@ def cmd_eval(args) -> int:
     check_protocol(args.protocol)
     pairs = make_pairs(split_specs(args.methods), _split(args.budgets, int, "budgets") or [], args.window)
     decode_batch = check_decode_batch(DEFAULT_DECODE_BATCH if args.decode_batch is None else args.decode_batch)
-    local_rank = None
-    if args.shard == "auto":
-        index, count, local_rank = shard_from_launcher(os.environ)
-        shard = (index, count)
-    else:
-        shard = parse_shard(args.shard)
-    own_store = (args.shard_store or ("own" if args.shard == "auto" else "shared")) == "own"
-    store_name = shard_store_name(*shard) if own_store and shard[1] > 1 else STORE_NAME
+    placement = resolve_shard(args.shard, args.shard_store, os.environ)
+    shard, store_name = placement.part, placement.store_name
     if args.data and not Path(args.data).is_dir():
         raise FileNotFoundError(f"--data {args.data}: no such directory")
     if args.max_length is not None and args.max_length < 2:
@@ -336,7 +329,7 @@ def cmd_eval(args) -> int:
         check_lengths(args.max_length, "--max-length")
     read_from_files = {name: samples_of(name, None) for name in benchmarks if name in FILE_BENCHMARKS}
     ResultStore(args.out, name=store_name).close()
-    model, tokenizer = load_model(args.model, device=_eval_device(args.device, local_rank))
+    model, tokenizer = load_model(args.model, device=_eval_device(args.device, placement.local_rank))
     context = context_length(model)
     if context is None and args.max_length is None:
         raise ValueError("the model's config states no context length: give --max-length")

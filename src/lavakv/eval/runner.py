@@ -24,7 +24,7 @@ from ..prompting import context_length, pad_token_id, split_prompt, stop_token_i
 from ..recording import PrefillRecord
 from .metrics import score
 from .samples import Sample
-from .store import ResultRow, ResultStore, run_done_keys
+from .store import STORE_NAME, ResultRow, ResultStore, run_done_keys, shard_store_name
 
 logger = logging.getLogger(__name__)
 
@@ -389,6 +389,45 @@ def shard_from_launcher(environ: Mapping[str, str]) -> tuple[int, int, int | Non
         f"--shard auto takes the shard from a launcher, but none of {names} is set; start the processes with "
         "torchrun, accelerate launch or a Slurm array (sbatch --array=0-N), or give --shard i/N"
     )
+
+
+SHARD_STORES = ("shared", "own")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Which samples this process evaluates, and into which store file of the run directory.
+
+    ``local_rank`` is the launcher's GPU index on this node (``None`` without one).
+    """
+
+    index: int
+    count: int
+    store_name: str
+    local_rank: int | None = None
+
+    @property
+    def part(self) -> tuple[int, int]:
+        return self.index, self.count
+
+
+def resolve_shard(text: str | None, shard_store: str | None, environ: Mapping[str, str]) -> Shard:
+    """``--shard`` (``i/N``, ``auto`` or none) and ``--shard-store`` as one :class:`Shard`.
+
+    ``shared`` writes ``results.sqlite`` (several processes of one machine may share it); ``own``
+    writes a file of this shard's own (nodes that share no database). The default is ``own``
+    with ``auto``, whose processes may run on several nodes, and ``shared`` otherwise.
+    """
+    if shard_store is not None and shard_store not in SHARD_STORES:
+        raise ValueError(f"--shard-store must be one of {', '.join(SHARD_STORES)}, got {shard_store!r}")
+    local_rank = None
+    if text == "auto":
+        index, count, local_rank = shard_from_launcher(environ)
+    else:
+        index, count = parse_shard(text)
+    own = (shard_store or ("own" if text == "auto" else "shared")) == "own"
+    name = shard_store_name(index, count) if own and count > 1 else STORE_NAME
+    return Shard(index, count, name, local_rank)
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
