@@ -103,7 +103,7 @@ def test_eval_and_report_commands_on_smollm2(smollm2, tmp_path, capsys):
     assert "4 results" in capsys.readouterr().out
     assert main(["report", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "| full cache | 100.0 |" in text and "| lava with uniform heads |" in text
+    assert "| full cache | 100.0 [100.0, 100.0] |" in text and "| lava with uniform heads |" in text
     assert (out / "report.md").is_file() and (out / "niah_heatmap_b64.png").stat().st_size > 1000
     assert (
         main(

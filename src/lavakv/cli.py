@@ -280,6 +280,7 @@ def cmd_eval(args) -> int:
         resolve_shard,
         run,
     )
+    from .eval.samples import interleave_datasets
     from .eval.store import ResultStore, read_run
     from .models import load_model
     from .prompting import context_length
@@ -345,7 +346,9 @@ def cmd_eval(args) -> int:
         "window": args.window if args.window is not None else EVAL_WINDOW_IDENTITY,
         "scoring": SCORING,
     }
-    samples = {name: read_from_files.get(name) or samples_of(name, tokenizer) for name in benchmarks}
+    samples = {
+        name: interleave_datasets(read_from_files.get(name) or samples_of(name, tokenizer)) for name in benchmarks
+    }
     with ResultStore(args.out, name=store_name) as store:
         store.claim_identity(identity)
         store.log_invocation(" ".join(sys.argv), {k: v for k, v in vars(args).items() if k != "handler"})

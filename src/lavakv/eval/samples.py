@@ -48,3 +48,18 @@ class Sample:
     @property
     def prompt(self) -> str:
         return self.context + self.question
+
+
+def interleave_datasets(samples: list[Sample]) -> list[Sample]:
+    """The samples taken round-robin across their ``(benchmark, dataset)``, each dataset in its own order.
+
+    A run evaluates samples in this order, so that a run stopped part way (and committed as it
+    goes) holds about as many samples of every dataset, and its averages cover them all.
+    """
+    queues: dict[tuple[str, str], list[Sample]] = {}
+    for sample in samples:
+        queues.setdefault((sample.benchmark, sample.dataset), []).append(sample)
+    ordered: list[Sample] = []
+    for position in range(max((len(queue) for queue in queues.values()), default=0)):
+        ordered += [queue[position] for queue in queues.values() if position < len(queue)]
+    return ordered
