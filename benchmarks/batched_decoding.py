@@ -1,14 +1,14 @@
 """Decoding a sample's (method, budget) pairs together: wall time against one pair at a time and --from-scratch.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/batched_decoding.py [--data ../shared/data/longbench]
-        [--datasets hotpotqa,2wikimqa,multifieldqa_en,qasper,triviaqa,lcc] [--per-dataset 1]
+        [--datasets qasper,hotpotqa,gov_report,trec,passage_retrieval_en,lcc] [--per-dataset 1]
         [--budgets 128,256,512] [--max-length 3500] [--modes batched,one-pair,from-scratch]
 
 Evaluates the same LongBench samples on the embedded SmolLM2 (the full cache and every compressing
 preset at every budget, LongBench's prompts, ``--max-length`` cut as ``pred.py`` cuts) three
 ways, back to back in one process, each into a fresh run directory:
 
-* ``batched``: one prefill per sample, the pairs of one budget decoded together (``--decode-batch 16``,
+* ``batched``: one prefill per sample, the pairs of close budgets decoded together (``--decode-batch 32``,
   the default);
 * ``one-pair``: one prefill per sample, one pair decoded at a time (``--decode-batch 1``);
 * ``from-scratch``: one prefill per pair and one pair decoded at a time (``--from-scratch
@@ -35,7 +35,7 @@ from lavakv.eval.runner import make_pairs, run
 from lavakv.eval.store import ResultStore
 
 RESULTS = Path(__file__).parent / "results"
-MODES = {"batched": (False, 16), "one-pair": (False, 1), "from-scratch": (True, 1)}
+MODES = {"batched": (False, 32), "one-pair": (False, 1), "from-scratch": (True, 1)}
 
 
 def timed_run(model, tokenizer, samples, pairs, directory: Path, max_length: int, mode: str) -> tuple[float, dict]:
@@ -87,7 +87,7 @@ def write(result: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "longbench"))
-    parser.add_argument("--datasets", default="hotpotqa,2wikimqa,multifieldqa_en,qasper,triviaqa,lcc")
+    parser.add_argument("--datasets", default="qasper,hotpotqa,gov_report,trec,passage_retrieval_en,lcc")
     parser.add_argument("--per-dataset", type=int, default=1)
     parser.add_argument("--budgets", default="128,256,512")
     parser.add_argument("--max-length", type=int, default=3500)

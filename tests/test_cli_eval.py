@@ -117,12 +117,12 @@ def test_a_length_that_fits_only_without_its_answer_is_refused(tmp_path, capsys,
     assert f"niah length {TINY_CONTEXT} does not fit" in capsys.readouterr().err
 
 
-def test_ruler_default_lengths_are_checked_against_the_longest_answer(tmp_path, capsys, tiny):
-    assert main(_eval(tmp_path, "--benchmark", "ruler", "--datasets", "vt")) == 2
+def test_ruler_lengths_count_the_answer_and_fit_the_context_exactly(tmp_path, capsys, no_model):
+    args = _eval(tmp_path, "--benchmark", "ruler", "--datasets", "vt", "--lengths", "1000", "--max-length", "999")
+    assert main(args) == 2
     err = capsys.readouterr().err
-    assert f"ruler length {TINY_CONTEXT} does not fit the model's context" in err
-    assert f"max_new_tokens={ruler.ruler_max_new_tokens(['vt'])}" in err
-    assert ruler.ruler_max_new_tokens(None) == max(ruler.ruler_max_new_tokens([t]) for t in ruler.RULER_TASKS)
+    assert "ruler length 1000 does not fit --max-length of 999 tokens" in err
+    assert "give --lengths of at most 999" in err
 
 
 def test_max_length_is_checked_before_loading(tmp_path, capsys, no_model):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 
 import pytest
 
 from lavakv.eval.niah import NEEDLES, NIAH_INSTRUCTION, length_tolerance, load_essays, niah_samples
-from lavakv.eval.ruler import RULER_TASKS, ruler_samples
+from lavakv.eval.ruler import RULER_TASKS, TOKENS_TO_GENERATE, ruler_samples
 
 
 class WordTokenizer:
@@ -50,7 +51,7 @@ def niah_set():
 
 @pytest.fixture(scope="module")
 def ruler_set():
-    return ruler_samples(WordTokenizer(), None, [300, 3000], 3, seed=5)
+    return ruler_samples(WordTokenizer(), None, [1500, 4096], 2, seed=5)
 
 
 def test_essays_are_packaged():
@@ -130,59 +131,79 @@ def test_niah_errors(lengths, depths, error, match):
         niah_samples(WordTokenizer(), lengths, depths)
 
 
-def test_ruler_lengths_fields_and_ids(ruler_set):
+def ruler_budget(sample):
+    return sample.extra["length"] - TOKENS_TO_GENERATE[sample.dataset]
+
+
+def test_ruler_tasks_are_rulers_thirteen():
+    assert RULER_TASKS == (
+        "niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2", "niah_multikey_3",
+        "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "qa_1", "qa_2",
+    )  # fmt: skip
+
+
+def test_ruler_lengths_count_the_prompt_and_the_answers_room(ruler_set):
     tokenizer = WordTokenizer()
-    assert [s.dataset for s in ruler_set] == [t for t in RULER_TASKS for _ in range(6)]
-    for task in RULER_TASKS:
-        ids = [s.sample_id for s in ruler_set if s.dataset == task]
-        assert ids == ["len300-0", "len300-1", "len300-2", "len3000-0", "len3000-1", "len3000-2"]
-    expected_new_tokens = {"niah_single_uuids": 48, "niah_multivalue": 48, "niah_multiquery": 48, "cwe": 64}
+    tasks = [t for t in RULER_TASKS if not t.startswith("qa")]
+    assert [s.dataset for s in ruler_set] == [t for t in tasks for _ in range(4)]
     for sample in ruler_set:
-        check_length(tokenizer, sample, sample.extra["length"])
-        assert (sample.benchmark, sample.metric, sample.chat_template) == ("ruler", "string_match_all", False)
-        assert sample.max_new_tokens == expected_new_tokens.get(sample.dataset, 32)
+        total = tokens(tokenizer, sample.context + sample.question + sample.answer_prefix)
+        assert total == sample.extra["prompt_tokens"] <= ruler_budget(sample)
+        # The haystack is the largest that fits: within one haystack unit of the budget.
+        assert total >= ruler_budget(sample) - 120, (sample.dataset, sample.sample_id, total)
+        assert sample.max_new_tokens == TOKENS_TO_GENERATE[sample.dataset]
+        assert sample.metric == "string_match_all" and sample.answer_prefix.startswith(" ")
+    assert [s.sample_id for s in ruler_set if s.dataset == "vt"] == ["len1500-0", "len1500-1", "len4096-0", "len4096-1"]
 
 
-def test_ruler_answers_in_context_question_separate(ruler_set):
+def test_ruler_answers_are_in_the_context_and_the_question_follows_it(ruler_set):
     for sample in ruler_set:
-        assert sample.answers and all(isinstance(a, str) and a for a in sample.answers)
-        for answer in sample.answers:
-            assert answer in sample.context, (sample.dataset, sample.sample_id, answer)
-        assert "Question:" in sample.question and "Question:" not in sample.context
-        assert "Answer:" in sample.question and "Answer:" not in sample.context
-        assert sample.question.startswith("\n\n")
-    for task in RULER_TASKS:
+        assert sample.answers and all(answer in sample.context for answer in sample.answers), sample.dataset
+        assert "Question:" in sample.question or "What is" in sample.question or "What are" in sample.question
+    for task in RULER_TASKS[:11]:
         contexts = [s.context for s in ruler_set if s.dataset == task]
         assert len(set(contexts)) == len(contexts)
 
 
-def magic_needles(context):
-    return re.findall(r"The special magic (\w+) for ([\w-]+) is: ([\w-]+)\.", context)
+NEEDLE_LINE = re.compile(r"One of the special magic (numbers|uuids) for ([\w-]+) is: ([\w-]+)\.")
 
 
-def test_ruler_niah_needles(ruler_set):
-    for sample in ruler_set:
-        if not sample.dataset.startswith("niah_"):
-            continue
-        needles = magic_needles(sample.context)
-        keys = [key for _, key, _ in needles]
-        values = [value for _, _, value in needles]
-        assert len(set(values)) == len(values)
-        if sample.dataset.startswith("niah_single"):
-            kind = sample.dataset.removeprefix("niah_single_")[:-1]
-            assert len(needles) == 1 and needles[0][0] == kind and values == sample.answers
-            if kind == "number":
-                assert re.fullmatch(r"\d{7}", values[0])
-            if kind == "uuid":
-                assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", values[0])
-        elif sample.dataset == "niah_multikey":
-            assert len(needles) == 4 and len(set(keys)) == 4
-            assert [v for _, k, v in needles if f" {k} " in sample.question] == sample.answers
-        elif sample.dataset == "niah_multivalue":
-            assert len(needles) == 4 and len(set(keys)) == 1 and sorted(values) == sorted(sample.answers)
+def test_ruler_niah_needles_haystacks_and_wording(ruler_set):
+    for sample in (s for s in ruler_set if s.dataset.startswith("niah")):
+        needles = NEEDLE_LINE.findall(sample.context)
+        task = sample.dataset
+        if task in ("niah_multikey_2", "niah_multikey_3"):
+            # The haystack is look-alike needles; the asked key's needle is the answer.
+            assert len(needles) > 20 and "The grass is green" not in sample.context
+            key = re.search(r"for (\S+) mentioned", sample.question).group(1)
+            assert [v for _, k, v in needles if k == key] == sample.answers
         else:
-            assert len(needles) == 4 and len(set(keys)) == 4 and 2 <= len(sample.answers) <= 4
-            assert set(sample.answers) <= set(values)
+            expected = 4 if task in ("niah_multikey_1", "niah_multivalue", "niah_multiquery") else 1
+            assert len(needles) == expected
+        if task == "niah_single_1":
+            assert sample.context.count("The grass is green. The sky is blue.") > 10
+        if task in ("niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multivalue", "niah_multiquery"):
+            assert "The grass is green" not in sample.context and len(sample.context.split()) > 500
+        if task in ("niah_single_3", "niah_multikey_3"):
+            assert re.fullmatch(
+                r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", sample.answers[0]
+            )
+        elif task.startswith("niah_single") or task.startswith("niah_multikey"):
+            assert re.fullmatch(r"\d{7}", sample.answers[0])
+        if task in ("niah_multivalue", "niah_multiquery"):
+            assert len(sample.answers) == 4 and sample.context.startswith("Some special magic numbers are hidden")
+            assert sample.answer_prefix.endswith("mentioned in the provided text are")
+        else:
+            kind = "uuid" if task in ("niah_single_3", "niah_multikey_3") else "number"
+            assert sample.context.startswith(f"A special magic {kind} is hidden within the following text.")
+            assert sample.question.startswith(f"\nWhat is the special magic {kind} for ")
+            assert sample.answer_prefix.endswith("mentioned in the provided text is")
+        if task == "niah_multivalue":
+            assert len({k for _, k, _ in needles}) == 1
+        if task == "niah_multiquery":
+            query = re.search(r"for (.+) mentioned", sample.question).group(1)
+            keys = query.replace(", and ", ", ").split(", ")
+            assert len(keys) == 4 and [v for k in keys for _, kk, v in needles if kk == k] == sample.answers
 
 
 def resolve(assigned, name):
@@ -191,53 +212,105 @@ def resolve(assigned, name):
     return assigned[name]
 
 
-def test_ruler_vt_chain(ruler_set):
+def test_ruler_vt_chain_after_a_one_shot_example(ruler_set):
     for sample in (s for s in ruler_set if s.dataset == "vt"):
-        assigned = dict(re.findall(r"VAR ([A-Z]{5}) = (\w+)\.", sample.context))
-        assert len(assigned) == 15
-        value = re.search(r"hold (\d{5}) are:$", sample.question).group(1)
+        example, task = sample.context.split("\nMemorize and track", 1)
+        assert example.startswith("Memorize and track") and re.search(r"they are:  [A-Z]{3}( [A-Z]{3}){4}\n$", example)
+        assigned = dict(re.findall(r"VAR ([A-Z]{5}) = (?:VAR )?(\w+)", task))
+        value = re.search(r"the value (\d{5}),", sample.answer_prefix).group(1)
+        assert len(sample.answers) == 5 and "5 variables are assigned" in sample.answer_prefix
         assert sorted(n for n in assigned if resolve(assigned, n) == value) == sorted(sample.answers)
-        assert len(sample.answers) == 5
-        positions = [sample.context.index(f"VAR {name} =") for name in sample.answers]
+        positions = [task.index(f"VAR {name} =") for name in sample.answers]
         assert positions == sorted(positions)
 
 
-def test_ruler_cwe_and_fwe_answers_are_the_unique_most_frequent(ruler_set):
+def test_ruler_cwe_counts_and_fwe_ranks(ruler_set):
     for sample in ruler_set:
         if sample.dataset == "cwe":
-            lines = sample.context.split("\n\n", 1)[1].split("\n")
-            assert [line.split(". ")[0] for line in lines] == [str(i) for i in range(1, len(lines) + 1)]
-            counts = Counter(line.split(". ")[1] for line in lines)
-            top, rest = [counts[w] for w in sample.answers], [c for w, c in counts.items() if w not in sample.answers]
-            assert len(sample.answers) == 10 and min(top) > max(rest)
+            main = sample.context.rsplit("Below is a numbered list of words.", 1)[1].split("\n", 1)[1]
+            words = re.findall(r"\d+\. (\S+)", main)
+            counts = Counter(words)
+            common = 30 if sample.extra["length"] >= 4096 else 6
+            assert {counts[w] for w in sample.answers} == {common} and len(sample.answers) == 10
+            assert {c for w, c in counts.items() if w not in sample.answers} == {3 if common == 30 else 1}
         elif sample.dataset == "fwe":
-            counts = Counter(sample.context.split("\n\n", 1)[1].split())
-            ranked = counts.most_common()
-            assert [w for w, _ in ranked[:3]] == sample.answers
-            assert ranked[2][1] > ranked[3][1]
+            text = sample.context.split("coded words. ", 1)[1]
+            ranked = [w for w, _ in Counter(text.split()).most_common()]
+            assert ranked[0] == "..." and ranked[1:4] == sample.answers
+
+
+def test_ruler_counts_the_chat_wrapper():
+    class ChatWordTokenizer(WordTokenizer):
+        chat_template = "user/assistant"
+
+        def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+            return "<user> " + messages[0]["content"] + " <end> <assistant>"
+
+    tokenizer = ChatWordTokenizer()
+    for sample in ruler_samples(tokenizer, ["niah_single_1", "fwe"], [1000], 1, chat_template=True):
+        total = tokens(
+            tokenizer, "<user> " + sample.context + sample.question + " <end> <assistant>" + sample.answer_prefix
+        )
+        assert total == sample.extra["prompt_tokens"] <= ruler_budget(sample) and sample.chat_template
+
+
+def squad_file(tmp_path):
+    article = {
+        "paragraphs": [
+            {"context": f"Paragraph {i} about topic {i} says the answer is value{i}.",
+             "qas": [{"question": f"What is topic {i}?", "answers": [{"text": f"value{i}"}], "is_impossible": False},
+                     {"question": "Unanswerable?", "answers": [], "is_impossible": True}]}
+            for i in range(40)
+        ]
+    }  # fmt: skip
+    (tmp_path / "squad.json").write_text(json.dumps({"data": [article]}))
+    hotpot = [
+        {"question": f"Who is person {i}?", "answer": f"name{i}",
+         "context": [[f"Title {i}-{j}", [f" Person {i} is name{i}.", f" Fact {j}."]] for j in range(10)]}
+        for i in range(3)
+    ]  # fmt: skip
+    (tmp_path / "hotpot_dev_distractor_v1.json").write_text(json.dumps(hotpot))
+    return tmp_path
+
+
+def test_ruler_qa_reads_squad_and_hotpotqa(tmp_path, caplog):
+    data = squad_file(tmp_path)
+    samples = ruler_samples(WordTokenizer(), ["qa_1", "qa_2"], [600], 2, data=data)
+    assert [s.dataset for s in samples] == ["qa_1", "qa_1", "qa_2", "qa_2"]
+    for sample in samples:
+        assert sample.metric == "string_match_part" and sample.answer_prefix == " Answer:"
+        assert "Document 1:\n" in sample.context and all(a in sample.context for a in sample.answers)
+        assert sample.question.endswith(f"Question: {'What is topic' if sample.dataset == 'qa_1' else 'Who is person'} "
+                                        f"{sample.sample_id[-1]}?")  # fmt: skip
+        assert sample.extra["prompt_tokens"] <= ruler_budget(sample)
+    # The unanswerable question is skipped: sample 1 is the second paragraph's question.
+    assert samples[1].answers == ["value1"]
+    # Without --data, a run of every task skips qa with a warning; asking for qa by name is an error.
+    assert {s.dataset for s in ruler_samples(WordTokenizer(), None, [1500], 1)} == set(RULER_TASKS[:11])
+    assert "skipping qa_1" in caplog.text
+    with pytest.raises(FileNotFoundError, match=r"qa_2 reads hotpotqa.json or hotpot_dev_distractor_v1.json"):
+        ruler_samples(WordTokenizer(), ["qa_2"], [600], 1)
 
 
 def test_ruler_deterministic():
     tasks = ["niah_multiquery", "vt", "cwe", "fwe"]
-    first = ruler_samples(WordTokenizer(), tasks, [500], 2, seed=9)
-    assert first == ruler_samples(WordTokenizer(), tasks, [500], 2, seed=9)
-    other = ruler_samples(WordTokenizer(), tasks, [500], 2, seed=10)
+    first = ruler_samples(WordTokenizer(), tasks, [800], 2, seed=9)
+    assert first == ruler_samples(WordTokenizer(), tasks, [800], 2, seed=9)
+    other = ruler_samples(WordTokenizer(), tasks, [800], 2, seed=10)
     assert all(a.context != b.context and a.sample_id == b.sample_id for a, b in zip(first, other))
 
 
 @pytest.mark.parametrize(
     "tasks, lengths, num_samples, error, match",
     [
-        (["niah_single_words", "qa"], [500], 1, ValueError, r"unknown RULER task.*'qa'.*valid names: niah_single"),
+        (["niah_single_1", "qa"], [500], 1, ValueError, r"unknown RULER task.*'qa'.*valid names: niah_single_1"),
         ("vt", [500], 1, ValueError, "list of task names"),
         (["vt", "vt"], [500], 1, ValueError, "must not repeat"),
         (["vt"], [500], 0, ValueError, "num_samples must be an integer >= 1"),
-        (["vt"], [500], 1.5, ValueError, "num_samples must be an integer >= 1"),
         (["vt"], [-5], 1, ValueError, "positive number of tokens"),
         (["vt"], ["500"], 1, TypeError, "lengths must be integers"),
-        (["vt"], [20], 1, ValueError, r"vt at length 20: length 20 is too short; it needs at least \d+ tokens"),
-        (["cwe"], [20], 1, ValueError, r"cwe at length 20: .* at least \d+ tokens"),
-        (["niah_multikey"], [10**7], 1, ValueError, "exceeds the maximum of about"),
+        (["vt"], [60], 1, ValueError, r"ruler vt at length 60: too short"),
+        (["cwe"], [10**6], 1, ValueError, "more than the 8169 distinct words of wonderwords"),
     ],
 )
 def test_ruler_errors(tasks, lengths, num_samples, error, match):
@@ -256,6 +329,11 @@ def test_generators_with_smollm2_tokenizer(smollm2):
         start = sample.extra["needle_start_token"]
         assert abs(start / len(ids) - sample.extra["depth"]) <= 0.05
         assert tokenizer.decode(ids[start:]).lstrip().startswith(sample.extra["needle"])
-    for sample in ruler_samples(tokenizer, ["niah_multikey", "vt"], [500, 2000], 2):
-        check_length(tokenizer, sample, sample.extra["length"])
+    for sample in ruler_samples(tokenizer, ["niah_multikey_1", "vt", "cwe"], [1024, 4096], 1):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": sample.context + sample.question}], tokenize=False, add_generation_prompt=True
+        )
+        total = tokens(tokenizer, text + sample.answer_prefix)
+        assert total == sample.extra["prompt_tokens"] <= sample.extra["length"] - sample.max_new_tokens
+        assert total >= 0.95 * (sample.extra["length"] - sample.max_new_tokens)
         assert all(answer in sample.context for answer in sample.answers)

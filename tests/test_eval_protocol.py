@@ -15,6 +15,7 @@ from eval_worker import PAIRS, tiny_samples
 from lavakv.eval import runner as runner_module
 from lavakv.eval.report import load_runs, paired_differences, render
 from lavakv.eval.runner import (
+    BUDGET_SPREAD,
     decode_groups,
     evaluate_sample,
     make_pairs,
@@ -116,11 +117,20 @@ def test_a_sample_that_cannot_be_built_is_an_error_row_per_pair(tmp_path):
 # ------------------------------------------------------------------------------- batched decoding
 
 
-def test_decode_groups_batch_the_pairs_of_one_budget():
-    groups = decode_groups(ALL_PAIRS, 4)
-    assert all(len({p.tokens for p in group}) == 1 and len(group) <= 4 for group in groups)
-    assert sorted(p.key for group in groups for p in group) == sorted(p.key for p in ALL_PAIRS)
-    assert [len(g) for g in decode_groups(ALL_PAIRS, 1)] == [1] * len(ALL_PAIRS)
+def test_decode_groups_batch_close_budgets_and_the_full_cache_alone():
+    pairs = ALL_PAIRS + make_pairs(["snapkv", "h2o"], [200])
+    for cap in (1, 3, 4, 32):
+        groups = decode_groups(pairs, cap)
+        assert sorted(p.key for group in groups for p in group) == sorted(p.key for p in pairs)
+        assert all(len(group) <= cap for group in groups)
+        for group in groups:
+            budgets = [p.tokens for p in group]
+            assert (0 not in budgets) or set(budgets) == {0}
+            assert 0 in budgets or max(budgets) <= BUDGET_SPREAD * min(budgets)
+    assert [len(g) for g in decode_groups(pairs, 1)] == [1] * len(pairs)
+    together = decode_groups(pairs, 32)
+    # 24 and 48 decode together; 200 is more than 4x 24, so it starts a batch of its own.
+    assert sorted(len(g) for g in together) == [1, 2, len(ALL_PAIRS) - 1]
     with pytest.raises(ValueError, match="decode_batch must be an integer >= 1"):
         decode_groups(ALL_PAIRS, 0)
 
@@ -146,7 +156,8 @@ def test_batched_decoding_gives_the_predictions_of_one_pair_at_a_time(kind, prot
             row.kept_entries,
             row.kv_bytes,
         ), key
-        assert row.decode_rows == 1 and other.decode_rows == sum(p.tokens == key[4] for p in ALL_PAIRS)
+        rows_with_it = next(len(g) for g in decode_groups(ALL_PAIRS, 16) if key[3:] in [p.key for p in g])
+        assert row.decode_rows == 1 and other.decode_rows == rows_with_it
 
 
 def test_batched_decoding_from_scratch_equals_the_shared_prefill():

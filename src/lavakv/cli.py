@@ -320,6 +320,7 @@ def cmd_eval(args) -> int:
             limit=args.limit,
             max_words=args.max_words,
             seed=args.seed,
+            chat_template=args.chat_template != "off",
         )
         if not samples:
             where = f" in --data {args.data}" if name in FILE_BENCHMARKS else ""
@@ -565,8 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--decode-batch",
         type=int,
-        help="rows decoded together: a sample's (method, budget) pairs of one budget (default 16; 1 decodes one "
-        "pair at a time)",
+        help="rows decoded together: a sample's (method, budget) pairs of budgets within 4x of each other (default "
+        "32; 1 decodes one pair at a time)",
     )
     ev.add_argument("--retry-errors", action="store_true", help="run again the pairs a previous run recorded as errors")
     ev.add_argument(

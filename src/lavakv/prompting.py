@@ -82,13 +82,15 @@ def check_token_ids(ids: list[int], vocab_size: int | None, what: str = "the pro
 
 
 def split_prompt(
-    tokenizer, context: str, question: str, chat_template: bool, name: str = "the prompt"
+    tokenizer, context: str, question: str, chat_template: bool, name: str = "the prompt", answer_prefix: str = ""
 ) -> tuple[list[int], list[int]]:
     """Token ids of the context part and of the question part of the prompt ``context + question``.
 
     Without a template the context is tokenized with the tokenizer's special tokens and the
     question (which may be empty) without them. With one, the templated text is cut where the question starts, so the
-    template's closing part (the assistant turn) goes with the question.
+    template's closing part (the assistant turn) goes with the question. ``answer_prefix`` (the
+    start of the answer a benchmark such as RULER puts in the model's mouth) follows the template,
+    in the assistant's turn, and goes with the question part.
     """
     if not isinstance(context, str) or not isinstance(question, str):
         raise TypeError("the query-agnostic protocol takes the context and the question as strings")
@@ -96,10 +98,11 @@ def split_prompt(
         raise ValueError(f"{name}: the context is empty")
     if not uses_chat_template(tokenizer, chat_template):
         context_ids = tokenizer(context)["input_ids"]
-        question_ids = tokenizer(question, add_special_tokens=False)["input_ids"] if question else []
+        after = question + answer_prefix
+        question_ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
         return list(context_ids), list(question_ids)
-    text = _templated(tokenizer, context + question)
-    cut = _question_start(text, context, question, name)
+    text = _templated(tokenizer, context + question) + answer_prefix
+    cut = _question_start(text[: len(text) - len(answer_prefix)], context, question, name)
     context_ids = tokenizer(text[:cut], add_special_tokens=False)["input_ids"]
     question_ids = tokenizer(text[cut:], add_special_tokens=False)["input_ids"]
     return list(context_ids), list(question_ids)
@@ -107,6 +110,11 @@ def split_prompt(
 
 CHAT_MARKER = "\u2063lavakv-marker\u2063"
 """A string no prompt contains, to read where the chat template puts the user's message."""
+
+
+def chat_text(tokenizer, text: str, chat_template: bool) -> str:
+    """``text`` as the model reads it: inside the chat template's user turn when one is used, else as it is."""
+    return _templated(tokenizer, text) if uses_chat_template(tokenizer, chat_template) else text
 
 
 def _template_around(tokenizer) -> tuple[str, str]:

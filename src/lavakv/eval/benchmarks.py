@@ -23,8 +23,13 @@ def build_samples(
     limit: int | None = None,
     max_words: int | None = None,
     seed: int = 0,
+    chat_template: bool = True,
 ) -> list[Sample]:
-    """The samples of ``benchmark``; ``limit`` keeps the first N per dataset (per length for generated ones)."""
+    """The samples of ``benchmark``; ``limit`` keeps the first N per dataset (per length for generated ones).
+
+    ``chat_template`` says whether prompts will be wrapped in the tokenizer's chat template, which
+    RULER counts in its lengths. RULER's ``qa_1`` / ``qa_2`` read their JSON files from ``data``.
+    """
     check_count(limit, "--limit", minimum=1)
     check_count(max_words, "--max-words", minimum=1)
     if benchmark == "niah":
@@ -45,7 +50,13 @@ def build_samples(
         from .ruler import ruler_samples
 
         return ruler_samples(
-            tokenizer, datasets, lengths or DEFAULT_RULER_LENGTHS, num_samples=limit or DEFAULT_RULER_SAMPLES, seed=seed
+            tokenizer,
+            datasets,
+            lengths or DEFAULT_RULER_LENGTHS,
+            num_samples=limit or DEFAULT_RULER_SAMPLES,
+            seed=seed,
+            chat_template=chat_template,
+            data=data,
         )
     if benchmark in ("longbench", "infinitebench"):
         if not data:
@@ -75,9 +86,9 @@ def check_lengths_fit(
         lengths, new_tokens = check_lengths(lengths or DEFAULT_NIAH_LENGTHS), NIAH_MAX_NEW_TOKENS
     elif benchmark == "ruler":
         from .niah import check_lengths
-        from .ruler import ruler_max_new_tokens
 
-        lengths, new_tokens = check_lengths(lengths or DEFAULT_RULER_LENGTHS), ruler_max_new_tokens(datasets)
+        # RULER's lengths count the answer's room already.
+        lengths, new_tokens = check_lengths(lengths or DEFAULT_RULER_LENGTHS), 0
     else:
         return
     too_long = [length for length in lengths if length + new_tokens > max_length]

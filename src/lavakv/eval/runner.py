@@ -146,28 +146,40 @@ def prepare(tokenizer, sample: Sample, chat_template: str, max_length: int) -> P
             context = prompt[: len(prompt) - len(sample.question)]
         else:
             context, question, whole = prompt, "", not sample.question
-    context_ids, question_ids = split_prompt(tokenizer, context, question, use_template, name)
+    context_ids, question_ids = split_prompt(tokenizer, context, question, use_template, name, sample.answer_prefix)
     return Prepared(sample, context_ids, question_ids, truncated, whole)
 
 
 LONGBENCH_CONTEXT_MARGIN = 500
 """``--max-length`` defaults to the model's context minus this, as LongBench's model table sets it (3500 for 4K)."""
 
-DEFAULT_DECODE_BATCH = 16
-"""Rows decoded together by default: the ``(method, budget)`` pairs of one sample, by budget."""
+DEFAULT_DECODE_BATCH = 32
+"""Rows decoded together by default: a sample's ``(method, budget)`` pairs of comparable budgets."""
+BUDGET_SPREAD = 4
+"""The largest ratio of budgets decoded in one batch (its attention is as wide as its longest row)."""
 
 
 def decode_groups(pairs: list[Pair], decode_batch: int) -> list[list[Pair]]:
-    """The pairs of one sample in the batches they decode in: by budget, at most ``decode_batch`` each.
+    """The pairs of one sample in the batches they decode in, at most ``decode_batch`` rows each.
 
-    Rows of one budget hold caches of about one length; the full cache and other budgets go in
-    batches of their own, since a batch's attention is as wide as its longest row.
+    Pairs go by increasing budget; a batch closes when it is full or when the next budget is more
+    than :data:`BUDGET_SPREAD` times its smallest, since every row of a batch pays for the longest
+    one. The full cache (and any method that keeps everything) decodes in batches of its own.
     """
     check_decode_batch(decode_batch)
-    by_budget: dict[int, list[Pair]] = {}
-    for pair in pairs:
-        by_budget.setdefault(pair.tokens, []).append(pair)
-    return [group[i : i + decode_batch] for group in by_budget.values() for i in range(0, len(group), decode_batch)]
+    groups: list[list[Pair]] = []
+    full = [pair for pair in pairs if pair.tokens == 0]
+    for start in range(0, len(full), decode_batch):
+        groups.append(full[start : start + decode_batch])
+    batch: list[Pair] = []
+    for pair in sorted((p for p in pairs if p.tokens), key=lambda p: p.tokens):
+        if batch and (len(batch) == decode_batch or pair.tokens > BUDGET_SPREAD * batch[0].tokens):
+            groups.append(batch)
+            batch = []
+        batch.append(pair)
+    if batch:
+        groups.append(batch)
+    return groups
 
 
 def check_decode_batch(decode_batch: int) -> int:
@@ -199,8 +211,8 @@ def evaluate_sample(
 ) -> Iterator[ResultRow]:
     """Rows for ``pairs`` on one sample: one prefill, a cache per pair, decoded in batches of pairs.
 
-    The pairs of one budget decode together, ``decode_batch`` rows at most, each row through its
-    own compressed cache and stopping on its own (:func:`decode_groups`); ``decode_batch=1``
+    Pairs of comparable budgets decode together, ``decode_batch`` rows at most, each row through
+    its own compressed cache and stopping on its own (:func:`decode_groups`); ``decode_batch=1``
     decodes one pair at a time. ``from_scratch`` prefills each pair with its own compressing
     cache instead of sharing one prefill. A pair that fails to compress or decode yields an error
     row and the others go on; a batch that fails is decoded again one pair at a time, so that only

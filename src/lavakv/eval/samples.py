@@ -30,7 +30,9 @@ class Sample:
     answer at its first line break after some text (needle answers, and the LongBench datasets
     scored on their first line): for answers that are one line, so that a
     model rambling on (often repeating the question, needle words included) neither costs decode
-    time nor earns credit.
+    time nor earns credit. ``answer_prefix`` is the start of the answer that follows the prompt
+    (after the chat template's assistant turn opens), as RULER words its prompts; the prediction
+    is what the model writes after it.
     """
 
     benchmark: str
@@ -44,6 +46,7 @@ class Sample:
     chat_template: bool = False
     extra: dict = field(default_factory=dict)
     stop_at_newline: bool = False
+    answer_prefix: str = ""
 
     @property
     def prompt(self) -> str:
