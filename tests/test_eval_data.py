@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -212,10 +213,14 @@ def test_unknown_dataset(tmp_path):
         (_record(0), r"qasper\.jsonl:2: duplicate sample id 'id0'"),
     ],
 )
-def test_bad_records(tmp_path, line, message):
-    _write(tmp_path / "qasper.jsonl", [_record(0), line])
-    with pytest.raises(ValueError, match=message):
-        load_longbench(tmp_path, ["qasper"])
+def test_a_bad_record_is_an_error_sample_and_the_others_load(tmp_path, line, message):
+    _write(tmp_path / "qasper.jsonl", [_record(0), line, _record(2)])
+    samples = load_longbench(tmp_path, ["qasper"])
+    # A record keeps its own id; a line without one (not JSON, or a duplicate id) is named by its line.
+    own_id = isinstance(line, dict) and line["_id"] != "id0"
+    assert [s.sample_id for s in samples] == ["id0", "id1" if own_id else "qasper-2", "id2"]
+    assert samples[0].error is None and samples[2].error is None
+    assert re.search(message, samples[1].error) and samples[1].prompt == ""
 
 
 def test_bad_arguments(tmp_path):
@@ -225,8 +230,7 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="max_words"):
         load_longbench(tmp_path, max_words=-1)
     _write(tmp_path / "qasper.jsonl", [_record(0, length="long")])
-    with pytest.raises(ValueError, match=r"qasper\.jsonl:1: field 'length'"):
-        load_longbench(tmp_path, max_words=10)
+    assert re.search(r"qasper\.jsonl:1: field 'length'", load_longbench(tmp_path, max_words=10)[0].error)
 
 
 # LongBench: the shared sample of the real data
@@ -262,14 +266,10 @@ def test_real_longbench_sample():
 # InfiniteBench
 
 INFINITE_RECORDS = {
-    "passkey": {
-        "id": 0,
-        "context": "The pass key is 71432.",
-        "input": "What is the pass key?",
-        "answer": 71432,
-    },
+    "passkey": {"id": 0, "context": "The pass key is 71432.", "input": "What is the pass key?", "answer": 71432},
     "number_string": {"context": "noise 0123456789 noise", "input": "What is the sequence?", "answer": ["0123456789"]},
     "kv_retrieval": {"id": "k1", "context": '{"ab": "cd", "ef": "gh"}', "input": 'Key: "ef"', "answer": "gh"},
+    "longbook_sum_eng": {"id": 2, "context": "A long book.", "input": "", "answer": ["A summary."]},
     "longbook_qa_eng": {"id": 3, "context": "Once upon a time.", "input": "When?", "answer": ["once", "a time"]},
     "longbook_choice_eng": {
         "id": 4,
@@ -278,18 +278,47 @@ INFINITE_RECORDS = {
         "answer": ["Bob"],
         "options": ["Carol", "Bob", "Dan", "Eve"],
     },
-    "math_find": {"id": 5, "context": "[3, 9, 2]", "input": "What is the largest number?", "answer": 9.0},
+    "longdialogue_qa_eng": {"id": 7, "context": "JOHN: hi\n$$MASK$$: hello", "input": "", "answer": ["MARY"]},
+    "math_find": {
+        "id": 5,
+        "context": "[3, 9, 2]",
+        "input": "You should answer with only one number, no other words. The largest number of the list is: ",
+        "answer": 9.0,
+    },
+    "math_calc": {"id": 8, "context": "1 + 2 - 5", "input": "", "answer": [1, 3, -2]},
+    "code_run": {"id": 9, "context": "def func_1(x):\n    return x + 1", "input": "func_1(2)", "answer": 3},
     "code_debug": {
         "id": 6,
         "context": "def good(): pass\ndef bad(): retrun {}",
         "input": "",
         "answer": "bad",
-        "options": ["good", "bad"],
+        "options": ["good", "bad", "ugly", "main"],
     },
 }
 
+# InfiniteBench's yarn_mistral_templates, filled by hand for the records above.
+INFINITE_PROMPTS = {
+    "passkey": "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. I will "
+    "quiz you about the important information there.\n\nThe pass key is 71432.\n\nWhat is the pass key?\n\n"
+    "The pass key is",
+    "longbook_choice_eng": "Read the book and answer the question.\n\nAlice met Bob.\n\nQuestion: Who did Alice "
+    "meet?\nA. Carol\nB. Bob\nC. Dan\nD. Eve\n\nThe letter of the correct answer is",
+    "math_find": "What is the largest number in the following list?\n\n[3, 9, 2]\n\nYou should answer with only "
+    "one number, no other words. The largest number of the list is: ",
+    "math_calc": "Let us calculate the intermediate values of an expression.\n\nExpression: 1 + 3 + 4\nValues: "
+    "[1, 4, 8]\n\nExpression: 8 - 3 + 2 - 4\nValues: [8, 5, 7, 3]\n\nExpression: 1 + 2 - 5\nValues:",
+    "code_run": "There is a function called func_1 in the following Python code.\n\ndef func_1(x):\n    return "
+    "x + 1\n\nPlease compute the exact value of func_1(2). The value of func_1(2) is",
+    "code_debug": "Following is a Python code where exactly one of the functions/methods has a deliberate error that "
+    "makes it crash.\n\ndef good(): pass\ndef bad(): retrun {}\n\nOptions:\nA. good\nB. bad\nC. ugly\nD. main"
+    "\n\nThe correct option is:",
+    "longdialogue_qa_eng": "Below is a dialogue script where one random occurrence of a character name is replaced "
+    'with "$$MASK$$", and you should try to guess who that character is.\n\nJOHN: hi\n$$MASK$$: hello\n\nThe name '
+    "that has been replaced with $$MASK$$ is likely",
+}
 
-def test_every_infinitebench_task_builds_a_sample(tmp_path):
+
+def test_every_infinitebench_task_builds_its_official_prompt(tmp_path):
     assert set(INFINITE_RECORDS) == set(INFINITEBENCH_TASKS)
     for name, record in INFINITE_RECORDS.items():
         _write(tmp_path / f"{name}.jsonl", [record])
@@ -297,25 +326,33 @@ def test_every_infinitebench_task_builds_a_sample(tmp_path):
     assert list(samples) == sorted(INFINITEBENCH_TASKS)
     for name, s in samples.items():
         record = INFINITE_RECORDS[name]
-        assert s.benchmark == "infinitebench" and s.chat_template is False
-        assert s.context.endswith(record["context"])
-        assert record["context"] not in s.question
-        assert s.question.endswith("Answer:")
-        assert record["input"] in s.question
+        assert s.error is None and s.benchmark == "infinitebench" and s.chat_template is False
+        assert s.context.endswith(record["context"]) and record["context"] not in s.question
         assert s.max_new_tokens == INFINITEBENCH_TASKS[name].max_new_tokens
-        assert all(isinstance(a, str) for a in s.answers)
-        for letter, option in zip("ABCD", record.get("options", [])):
-            assert f"\n{letter}. {option}\n" in s.prompt
+        assert s.metric == INFINITEBENCH_TASKS[name].metric and s.extra["prompts"] == "yarn_mistral_templates"
+        if name in INFINITE_PROMPTS:
+            assert s.prompt == INFINITE_PROMPTS[name], name
     assert samples["passkey"].answers == ["71432"] and samples["passkey"].sample_id == "0"
     assert samples["number_string"].sample_id == "number_string-1"
-    assert samples["kv_retrieval"].answers == ["gh"] and samples["kv_retrieval"].metric == "kv_match"
-    assert samples["math_find"].answers == ["9"] and samples["math_find"].metric == "first_number_match"
-    assert samples["longbook_qa_eng"].answers == ["once", "a time"]
-    assert samples["longbook_choice_eng"].extra == {"options": ["Carol", "Bob", "Dan", "Eve"]}
-    assert samples["code_debug"].extra == {"options": ["good", "bad"]}
-    assert "Question:" not in samples["code_debug"].question
-    assert samples["passkey"].extra == {}
-    assert (samples["passkey"].metric, samples["passkey"].max_new_tokens) == ("first_int_match", 6)
+    assert samples["math_find"].answers == ["9.0"]  # a float label is scored as a float
+    assert samples["math_calc"].answers == ["1", "3", "-2"]
+    assert samples["longbook_choice_eng"].answers == ["Bob", "B"]
+    assert samples["code_debug"].answers == ["bad", "B"]
+    assert samples["code_debug"].extra["options"] == ["good", "bad", "ugly", "main"]
+    maxlen = {name: s.max_new_tokens for name, s in samples.items()}
+    assert maxlen == {
+        "passkey": 6,
+        "number_string": 12,
+        "kv_retrieval": 50,
+        "longbook_sum_eng": 1200,
+        "longbook_choice_eng": 40,
+        "longbook_qa_eng": 40,
+        "longdialogue_qa_eng": 40,
+        "math_find": 3,
+        "math_calc": 30000,
+        "code_run": 5,
+        "code_debug": 5,
+    }
 
 
 def test_infinitebench_limit_and_selection(tmp_path):
@@ -337,15 +374,21 @@ def test_infinitebench_limit_and_selection(tmp_path):
         (
             "code_debug",
             {"context": "c", "input": "", "answer": "f", "options": "f"},
-            r"code_debug\.jsonl:1: .*'options'",
+            r"code_debug\.jsonl:1: field 'options' must be a list of 4 strings",
         ),
+        (
+            "code_debug",
+            {"context": "c", "input": "", "answer": "x", "options": ["f", "g", "h", "i"]},
+            r"code_debug\.jsonl:1: field 'answer' must be one of the options",
+        ),
+        ("math_find", {"context": "[1]", "input": "Find it.", "answer": 1}, r"math_find\.jsonl:1: .*'The \.\.\. of'"),
         ("passkey", "oops", r"passkey\.jsonl:1: not valid JSON"),
     ],
 )
-def test_infinitebench_bad_records(tmp_path, task, record, message):
+def test_an_infinitebench_bad_record_is_an_error_sample(tmp_path, task, record, message):
     _write(tmp_path / f"{task}.jsonl", [record])
-    with pytest.raises(ValueError, match=message):
-        load_infinitebench(tmp_path)
+    (sample,) = load_infinitebench(tmp_path)
+    assert re.search(message, sample.error) and sample.sample_id == f"{task}-1"
 
 
 def test_infinitebench_directory_errors(tmp_path):

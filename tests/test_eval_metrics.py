@@ -23,9 +23,14 @@ VALID_INPUTS = {
     "string_match_part": (["123", "456"], {}),
     "needle_recall": (["eat a sandwich"], {}),
     "first_int_match": (["71432"], {}),
-    "kv_match": (["a1b2-c3d4"], {}),
-    "first_number_match": (["-3"], {}),
-    "choice": (["London"], {"options": ["Paris", "London", "Berlin", "Rome"]}),
+    "kv_retrieval_match": (["a1b2-c3d4"], {}),
+    "dialogue_name_match": (["MARY"], {}),
+    "rouge_lsum": (["the cat sat"], {}),
+    "math_find_match": (["3"], {}),
+    "math_calc_prefix": (["1", "3"], {}),
+    "code_run_match": (["3"], {}),
+    "book_choice": (["London", "B"], {}),
+    "code_debug_choice": (["bad", "B"], {}),
 }
 
 
@@ -309,55 +314,102 @@ def test_first_int_match():
     assert METRICS["first_int_match"]("Among 12 keys the passkey is 71432", ["71432"], {}) == 0.0
 
 
-def test_kv_match():
+def test_kv_retrieval_match_splits_on_the_official_characters_only():
     key = "a1b2c3d4-e5f6-7890-abcd-ef0123456789"
-    assert METRICS["kv_match"](f'The value is "{key}".', [key], {}) == 1.0
-    assert METRICS["kv_match"](f"value:{key},", [key], {}) == 1.0
-    assert METRICS["kv_match"](f"The value is {key[:-1]}.", [key], {}) == 0.0
-    # Part of a longer token is not a match.
-    assert METRICS["kv_match"](f"The value is x{key}.", [key], {}) == 0.0
+    assert METRICS["kv_retrieval_match"](f'The value is "{key}".', [key], {}) == 1.0
+    assert METRICS["kv_retrieval_match"](f"value:{key},", [key], {}) == 1.0
+    assert METRICS["kv_retrieval_match"](f"{{{key}}}!", [key], {}) == 1.0
+    assert METRICS["kv_retrieval_match"](f"The value is {key[:-1]}.", [key], {}) == 0.0
+    # Brackets and semicolons are not separators in compute_scores.py.
+    assert METRICS["kv_retrieval_match"](f"[{key}]", [key], {}) == 0.0
+    assert METRICS["kv_retrieval_match"](f"{key};", [key], {}) == 0.0
 
 
-def test_first_number_match():
-    assert METRICS["first_number_match"]("The answer is -3.0, not 5", ["-3"], {}) == 1.0
-    assert METRICS["first_number_match"]("x = 42.", ["42"], {}) == 1.0
-    assert METRICS["first_number_match"]("First 5, then -3", ["-3"], {}) == 0.0
-    assert METRICS["first_number_match"]("It is 3", ["-3"], {}) == 0.0
-    with pytest.raises(ValueError, match="numeric"):
-        METRICS["first_number_match"]("3", ["three"], {})
+def test_dialogue_name_match_upper_cases_the_prediction_only():
+    assert METRICS["dialogue_name_match"]("It is likely Mary, I think.", ["MARY"], {}) == 1.0
+    assert METRICS["dialogue_name_match"]("Maryanne", ["MARY"], {}) == 0.0
+    assert METRICS["dialogue_name_match"]("MARY", ["Mary"], {}) == 0.0
 
 
-OPTIONS = {"options": ["Paris", "London", "Berlin", "Rome"]}
+def test_rouge_lsum_is_summary_level_over_lines():
+    assert METRICS["rouge_lsum"]("the cat sat", ["the cat sat on the mat"], {}) == pytest.approx(2 / 3)
+    # One line: LCS "sat on the mat" = 4 of 6 tokens each way. Two lines: the union of both LCSs covers all 6.
+    assert METRICS["rouge_lsum"]("sat on the mat the cat", ["The cat sat on the mat."], {}) == pytest.approx(4 / 6)
+    assert METRICS["rouge_lsum"]("sat on the mat\nthe cat", ["The cat sat on the mat."], {}) == pytest.approx(1.0)
+
+
+def test_math_find_match_reads_the_first_unsigned_number_as_the_label_type():
+    assert METRICS["math_find_match"]("42, then 7", ["42"], {}) == 1.0
+    assert METRICS["math_find_match"]("42.0", ["42"], {}) == 0.0  # an int label needs an int
+    assert METRICS["math_find_match"]("42", ["42.0"], {}) == 1.0  # a float label compares as a float
+    assert METRICS["math_find_match"]("3.50 is it", ["3.5"], {}) == 1.0
+    assert METRICS["math_find_match"]("-3", ["-3"], {}) == 0.0  # minus signs are not read
+    assert METRICS["math_find_match"]("no number", ["3"], {}) == 0.0
+    with pytest.raises(ValueError, match="numeric answer"):
+        METRICS["math_find_match"]("3", ["three"], {})
+
+
+def test_math_calc_prefix_counts_values_up_to_the_first_mistake():
+    assert METRICS["math_calc_prefix"]("[1, 3, 7, 9]", ["1", "3", "6", "9"], {}) == pytest.approx(2 / 4)
+    assert METRICS["math_calc_prefix"]("1 3", ["1", "3", "6"], {}) == pytest.approx(2 / 3)
+    # Minus signs are dropped from the prediction, so a negative value is never matched.
+    assert METRICS["math_calc_prefix"]("[1, -2]", ["1", "-2"], {}) == pytest.approx(1 / 2)
+    with pytest.raises(ValueError, match="integer answers"):
+        METRICS["math_calc_prefix"]("1", ["one"], {})
+
+
+def test_code_run_match_reads_the_last_word():
+    assert METRICS["code_run_match"]("The value of func_1(2) is 3.", ["3"], {}) == 1.0
+    assert METRICS["code_run_match"]("`-3`", ["-3"], {}) == 1.0
+    assert METRICS["code_run_match"]("3, I think", ["3"], {}) == 0.0
+    assert METRICS["code_run_match"]("3)", ["3"], {}) == 0.0
 
 
 @pytest.mark.parametrize(
     ("prediction", "expected"),
     [
         ("B", 1.0),
-        ("(B)", 1.0),
-        ("B. London", 1.0),
-        ("Answer: B", 1.0),
-        ("A good guess is B", 1.0),  # the article "A" is not an option letter
-        ("A is right", 0.0),
-        ("The answer is C", 0.0),
-        ("C. London", 0.0),  # the letter wins over the text
-        ("It must be london.", 1.0),  # no letter: the correct text alone
-        ("London or Paris", 0.0),  # no letter: two option texts
-        ("Berlin", 0.0),
+        ("Bob is right", 1.0),  # the first character decides, whatever follows
+        ("Carol", 0.0),
+        (" B", 1.0),  # not a letter first: the words, and "B" is the first one within "ABCD"
+        ("The answer is B", 1.0),
+        ("The answer is: London", 1.0),
+        ("the option is London.", 1.0),
+        ("the answer is the second", 0.0),  # the text after the first prefix decides
+        ("I pick D", 0.0),
+        ("I pick B", 1.0),
+        ("(B)", 0.0),  # "(B)" is not within "ABCD" and there is no prefix
+        ("The Answer is B", 1.0),  # no lowercase prefix: the first word within "ABCD" is B
+        ("nothing", 0.0),
     ],
 )
-def test_choice(prediction, expected):
-    assert METRICS["choice"](prediction, ["London"], OPTIONS) == expected
+def test_book_choice_follows_compute_scores(prediction, expected):
+    assert METRICS["book_choice"](prediction, ["London", "B"], {}) == expected
 
 
-def test_choice_letter_answer_and_errors():
-    assert METRICS["choice"]("(B)", ["B"], OPTIONS) == 1.0
-    assert METRICS["choice"]("London", ["B"], OPTIONS) == 1.0
-    assert METRICS["choice"]("D", ["B"], OPTIONS) == 0.0
-    with pytest.raises(ValueError, match="neither an option letter"):
-        METRICS["choice"]("B", ["Madrid"], OPTIONS)
-    with pytest.raises(ValueError, match="options"):
-        METRICS["choice"]("B", ["London"], {})
+@pytest.mark.parametrize(
+    ("prediction", "expected"),
+    [
+        ("B.", 1.0),
+        ("B: bad", 1.0),
+        ("B", 0.0),  # a bare letter is not accepted
+        (" B.", 0.0),  # nor one after a space: compute_scores reads the first two characters
+        ("The answer is: B", 1.0),
+        ("Option B is: bad", 1.0),
+        ("answer: `bad`", 1.0),
+        ("The answer is: C", 0.0),
+        ("I think it is B", 0.0),
+    ],
+)
+def test_code_debug_choice_is_as_strict_as_compute_scores(prediction, expected):
+    assert METRICS["code_debug_choice"](prediction, ["bad", "B"], {}) == expected
+
+
+def test_choice_metrics_need_the_text_and_letter_label():
+    with pytest.raises(ValueError, match=r"\[option text, option letter A-D\]"):
+        METRICS["book_choice"]("B", ["London"], {})
+    with pytest.raises(ValueError, match=r"\[option text, option letter A-D\]"):
+        METRICS["code_debug_choice"]("B.", ["bad", "E"], {})
 
 
 # ---------------------------------------------------------------------------------------- score
@@ -382,4 +434,4 @@ def test_score_first_line_classification():
 def test_score_passes_all_answers_and_extra():
     sample = make_sample("string_match_all", ["123", "456", "789"])
     assert score(sample, "123 and 456") == pytest.approx(2 / 3)
-    assert score(make_sample("choice", ["London"], **OPTIONS), "B") == 1.0
+    assert score(make_sample("book_choice", ["London", "B"]), "B") == 1.0

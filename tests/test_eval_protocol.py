@@ -24,7 +24,7 @@ from lavakv.eval.runner import (
     run,
     shard_from_launcher,
 )
-from lavakv.eval.samples import Sample
+from lavakv.eval.samples import Sample, error_sample
 from lavakv.eval.stats import bootstrap_mean, paired_difference
 from lavakv.eval.store import ResultStore, read_run, store_paths
 from lavakv.methods import PRESETS
@@ -111,6 +111,18 @@ def test_a_sample_that_cannot_be_built_is_an_error_row_per_pair(tmp_path):
     _, rows = read_run(tmp_path)
     assert sorted(r.sample_id for r in rows if r.error) == ["empty"] * len(PAIRS)
     assert all("the context is empty" in r.error for r in rows if r.error)
+    assert sum(r.error is None for r in rows) == len(PAIRS)
+
+
+def test_a_record_that_could_not_be_read_is_an_error_row_per_pair_with_its_message(tmp_path):
+    model, tokenizer = tiny_model("llama"), TinyTokenizer()
+    bad = error_sample("tiny", "ids", "ids-2", "data.jsonl:2: missing required field 'input'")
+    with ResultStore(tmp_path) as store:
+        run(model, tokenizer, [bad, *tiny_samples(1)], PAIRS, store, progress=False)
+    _, rows = read_run(tmp_path)
+    errors = [r for r in rows if r.error]
+    assert len(errors) == len(PAIRS) and {r.sample_id for r in errors} == {"ids-2"}
+    assert all("data.jsonl:2: missing required field 'input'" in r.error for r in errors)
     assert sum(r.error is None for r in rows) == len(PAIRS)
 
 

@@ -296,11 +296,12 @@ def test_flex_block_mask_is_built_once_per_query_shape(path):
 
 def test_an_unknown_attention_path_is_refused():
     storage, _ = _with_tail([[3, 7]], 1)
-    with pytest.raises(ValueError, match="unknown attention path 'dense'.*gather, flex"):
+    with pytest.raises(ValueError, match="unknown attention path 'dense'.*gather, padded, flex"):
         storage.attend(torch.zeros(1, 2, 1, DIM), 1.0, path="dense")
 
 
-def test_ragged_rows_with_a_tail_attend_exactly_across_buffer_growth():
+@pytest.mark.parametrize("path", ["gather", "padded"])
+def test_ragged_rows_with_a_tail_attend_exactly_across_buffer_growth(path):
     rows = _rows([[3, 7], [6, 1]], length=12, seed=5)
     storage = RaggedKV.pack(rows, [0, 0], append_start=12)
     generator = torch.Generator().manual_seed(6)
@@ -312,7 +313,7 @@ def test_ragged_rows_with_a_tail_attend_exactly_across_buffer_growth():
             expected = _dense_reference(
                 rows, appended[0, :, :, : step + 1], appended[1, :, :, : step + 1], query, 0.3, append_start=12
             )
-            torch.testing.assert_close(storage.attend(query, 0.3, path="gather"), expected)
+            torch.testing.assert_close(storage.attend(query, 0.3, path=path), expected)
     assert storage.appended_keys.data_ptr() == storage._tail_keys.data_ptr()
     for sequence, heads in enumerate(rows):
         for head, (positions, keys, values) in enumerate(heads):

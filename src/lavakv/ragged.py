@@ -39,7 +39,7 @@ from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, fle
 MIN_TAIL_SLOTS = 64
 """Decode slots the tail buffer starts with."""
 
-ATTENTION_PATHS = ("gather", "flex")
+ATTENTION_PATHS = ("gather", "padded", "flex")
 """Ways :meth:`RaggedKV.attend` can compute attention (see there)."""
 
 _compiled_flex: dict[str, Callable] = {}
@@ -119,6 +119,8 @@ class RaggedKV:
         self.slot_positions = slot_positions if track_positions else None
         self._padding_bias: torch.Tensor | None = None
         self._flex_masks: dict = {}
+        self._padded_rows: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._padded_steps = 0
 
     @classmethod
     def pack(
@@ -389,24 +391,53 @@ class RaggedKV:
 
         Query heads are grouped over the KV heads (GQA); returns ``[batch, q, heads, d]``. ``path``
         is one of :data:`ATTENTION_PATHS`: ``"gather"`` reads the rows as a padded view (a copy
-        when rows differ in length) and runs SDPA with a padding mask; ``"flex"`` runs
+        when rows differ in length) and runs SDPA with a padding mask; ``"padded"`` does the same
+        over a padded copy it keeps, with room for the tail, so that a decode step copies only the
+        new token (faster for batches of uneven rows, at the cost of holding that copy); ``"flex"`` runs
         FlexAttention over the packed entries themselves with a block mask built once per storage
         (no padding copy) and merges the appended tail by log-sum-exp. Both are exact.
         """
         if path == "flex":
             return self._attend_flex(query, scaling, sliding_window)
-        if path != "gather":
+        if path not in ATTENTION_PATHS:
             raise ValueError(f"unknown attention path {path!r}; valid paths: {', '.join(ATTENTION_PATHS)}")
         batch, heads, q_len, dim = query.shape
         group = heads // self.kv_heads
-        keys, values = self.padded(self.keys), self.padded(self.values)
-        if self.appended_keys is not None:
-            keys = torch.cat([keys, self.appended_keys], dim=2)
-            values = torch.cat([values, self.appended_values], dim=2)
+        if path == "padded":
+            keys, values = self._padded_with_tail()
+        else:
+            keys, values = self.padded(self.keys), self.padded(self.values)
+            if self.appended_keys is not None:
+                keys = torch.cat([keys, self.appended_keys], dim=2)
+                values = torch.cat([values, self.appended_values], dim=2)
         mask = self.mask(q_len, group, sliding_window)
         grouped = query.reshape(batch, self.kv_heads, group * q_len, dim)
         output = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scaling)
         return output.reshape(batch, heads, q_len, dim).transpose(1, 2).contiguous()
+
+    def _padded_with_tail(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[batch, kv_heads, longest + steps, d]`` keys and values, views of a padded copy kept between steps.
+
+        The copy is made once (with room for as many appended slots as the tail buffer holds) and
+        each call writes only the slots appended since the last one.
+        """
+        steps, longest = self.steps, self.longest
+        width = longest + steps
+        rows = self._padded_rows
+        stale = rows is not None and rows[0].is_inference() and not torch.is_inference_mode_enabled()
+        if rows is None or rows[0].shape[2] < width or stale:
+            room = max(steps, MIN_TAIL_SLOTS, 0 if self._tail_keys is None else self._tail_keys.shape[-2])
+            shape = (self.batch, self.kv_heads, longest + room, self.keys.shape[-1])
+            rows = (self.keys.new_empty(shape), self.values.new_empty(shape))
+            rows[0][:, :, :longest] = self.padded(self.keys)
+            rows[1][:, :, :longest] = self.padded(self.values)
+            self._padded_rows, self._padded_steps = rows, 0
+        if self._padded_steps < steps:
+            done = self._padded_steps
+            rows[0][:, :, longest + done : width] = self.appended_keys[:, :, done:]
+            rows[1][:, :, longest + done : width] = self.appended_values[:, :, done:]
+            self._padded_steps = steps
+        return rows[0][:, :, :width], rows[1][:, :, :width]
 
     def mask(self, q_len: int, group: int, sliding_window: int | None) -> torch.Tensor | None:
         """Visibility for the grouped query ``[batch, kv_heads, group * q, entries]``; ``None`` when all is visible.

@@ -116,6 +116,7 @@ class PrefillRecord:
         reuse_scores: bool = True,
         decode_budget: int | None = None,
         decode_interval: int = 32,
+        attention_path: str = "auto",
         **options,
     ) -> CompressedCache:
         """A new cache holding what ``method`` keeps of the recorded prompt, ready for decoding.
@@ -123,7 +124,8 @@ class PrefillRecord:
         ``progressive`` replays the layer-by-layer selection a compressing prefill makes (same
         result, more work for dynamic layer budgets); ``reuse_scores=False`` computes every score
         anew, so that the cache's clock shows the full cost of compression. ``decode_budget`` and
-        ``decode_interval`` bound the cache while decoding (see :class:`~lavakv.CompressedCache`).
+        ``decode_interval`` bound the cache while decoding and ``attention_path`` picks its decode
+        attention (see :class:`~lavakv.CompressedCache`).
         """
         model = self._model()
         cache = CompressedCache(
@@ -135,6 +137,7 @@ class PrefillRecord:
             score_memo=self.score_memo if reuse_scores else None,
             decode_budget=decode_budget,
             decode_interval=decode_interval,
+            attention_path=attention_path,
             **options,
         )
         cache.observe_inputs(self.input_ids, self.input_mask)

@@ -1,11 +1,20 @@
-"""Reading benchmark JSONL directories, with errors that name the file, the line and the field."""
+"""Reading benchmark JSONL directories, with errors that name the file, the line and the field.
+
+A directory or dataset name that is wrong fails at once; a bad record becomes an error sample, so
+that one malformed line never stops a run.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping
+import logging
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+from lavakv.eval.samples import Sample, error_sample
+
+logger = logging.getLogger(__name__)
 
 
 def check_dir(data_dir: str | Path, benchmark: str) -> Path:
@@ -38,19 +47,55 @@ def resolve_names(root: Path, requested: Iterable[str] | str | None, known: list
     return names
 
 
-def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield ``(line number, record)``, skipping blank lines; bad lines fail with ``file:line``."""
+SampleBuilder = Callable[[dict[str, Any], str, str], "Sample | None"]
+"""Builds one record's sample from ``(record, where, sample_id)``; ``None`` leaves the record out."""
+
+
+def read_samples(
+    path: Path, benchmark: str, dataset: str, id_field: str, build: SampleBuilder, limit: int | None
+) -> list[Sample]:
+    """The samples of one JSONL file, at most ``limit``; a record that cannot be built is kept as an error.
+
+    Blank lines are skipped. A line that is not a JSON object, a duplicate id, or a record ``build``
+    rejects with a :class:`ValueError` becomes an error sample (:func:`error_sample`) whose message
+    names ``file:line``, so that the run records it as an error row and goes on with the others.
+    A record's id is its ``id_field``, else ``<dataset>-<line>``.
+    """
+    samples: list[Sample] = []
+    seen: set[str] = set()
     with path.open(encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
+            if limit is not None and len(samples) >= limit:
+                break
+            where = f"{path}:{line_no}"
+            sample_id = f"{dataset}-{line_no}"
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg})") from err
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
-            yield line_no, record
+                record = _record(line, where)
+                if record.get(id_field) is not None:
+                    sample_id = str(record[id_field])
+                if sample_id in seen:
+                    duplicate, sample_id = sample_id, f"{dataset}-{line_no}"
+                    raise ValueError(f"{where}: duplicate sample id {duplicate!r} (ids key the results store)")
+                sample = build(record, where, sample_id)
+            except ValueError as error:
+                logger.warning("%s; it is recorded as an error row of every pair", error)
+                sample = error_sample(benchmark, dataset, sample_id, str(error))
+            if sample is not None:
+                seen.add(sample.sample_id)
+                samples.append(sample)
+    return samples
+
+
+def _record(line: str, where: str) -> dict[str, Any]:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: not valid JSON ({err.msg})") from err
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    return record
 
 
 def string_field(record: Mapping[str, Any], field: str, where: str) -> str:
@@ -60,9 +105,3 @@ def string_field(record: Mapping[str, Any], field: str, where: str) -> str:
     if not isinstance(value, str):
         raise ValueError(f"{where}: field {field!r} must be a string, got {type(value).__name__}")
     return value
-
-
-def check_unique(sample_id: str, seen: set[str], where: str) -> None:
-    if sample_id in seen:
-        raise ValueError(f"{where}: duplicate sample id {sample_id!r} (ids key the results store)")
-    seen.add(sample_id)

@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from lavakv.eval.jsonl import check_dir, check_unique, read_jsonl, resolve_names, string_field
+from lavakv.eval.jsonl import check_dir, read_samples, resolve_names, string_field
 from lavakv.eval.samples import Sample, check_count
 
 __all__ = ["LONGBENCH_DATASETS", "LongBenchSpec", "load_longbench", "longbench_prompts", "longbench_maxlen"]
@@ -100,8 +100,10 @@ def load_longbench(
     order; other files there are ignored. ``max_words`` keeps samples whose ``length`` field (words for
     English, characters for Chinese, as LongBench counts) is at most that, so a model with a short
     window can still be evaluated on the samples it can hold; ``limit`` then keeps the first N of each
-    dataset in file order. Errors name the file, line and field at fault; a ``max_words`` that
-    leaves no sample at all is an error naming how many it removed and the shortest length.
+    dataset in file order. A record that cannot be read (bad JSON, a missing or mistyped field, a
+    duplicate id) becomes an error sample whose message names the file, line and field, and the run
+    records it as an error row; a ``max_words`` that leaves no sample at all is an error naming how
+    many it removed and the shortest length.
     """
     check_count(limit, "limit", minimum=0)
     check_count(max_words, "max_words", minimum=1)
@@ -115,12 +117,8 @@ def load_longbench(
         spec = LONGBENCH_DATASETS[base]
         path = root / f"{name}.jsonl"
         head, tail = _split_template(prompts[base], base)
-        kept = 0
-        seen: set[str] = set()
-        for line_no, record in read_jsonl(path):
-            if limit is not None and kept >= limit:
-                break
-            where = f"{path}:{line_no}"
+
+        def build(record: dict, where: str, sample_id: str, name=name, spec=spec, head=head, tail=tail, base=base):
             inp = string_field(record, "input", where)
             context = string_field(record, "context", where)
             answers = _answers(record, where)
@@ -133,30 +131,27 @@ def load_longbench(
                     raise ValueError(f"{where}: field 'length' must be an integer, got {length!r}")
                 if length > max_words:
                     too_long.setdefault(name, []).append(length)
-                    continue
-            sample_id = str(record["_id"]) if record.get("_id") is not None else f"{name}-{line_no}"
-            check_unique(sample_id, seen, where)
-            samples.append(
-                Sample(
-                    benchmark="longbench",
-                    dataset=name,
-                    sample_id=sample_id,
-                    context=head.replace(_INPUT, inp) + context,
-                    question=tail.replace(_INPUT, inp),
-                    answers=answers,
-                    max_new_tokens=maxlen[base],
-                    metric=spec.metric,
-                    chat_template=spec.chat_template,
-                    extra={
-                        "all_classes": record.get("all_classes"),
-                        "length": length,
-                        "language": language,
-                        "first_line": spec.first_line,
-                    },
-                    stop_at_newline=spec.first_line,
-                )
+                    return None
+            return Sample(
+                benchmark="longbench",
+                dataset=name,
+                sample_id=sample_id,
+                context=head.replace(_INPUT, inp) + context,
+                question=tail.replace(_INPUT, inp),
+                answers=answers,
+                max_new_tokens=maxlen[base],
+                metric=spec.metric,
+                chat_template=spec.chat_template,
+                extra={
+                    "all_classes": record.get("all_classes"),
+                    "length": length,
+                    "language": language,
+                    "first_line": spec.first_line,
+                },
+                stop_at_newline=spec.first_line,
             )
-            kept += 1
+
+        samples += read_samples(path, "longbench", name, "_id", build, limit)
     _check_filtered(samples, too_long, names, max_words)
     return samples
 

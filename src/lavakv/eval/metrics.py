@@ -51,9 +51,6 @@ _PARAGRAPH = re.compile(r"Paragraph (\d+)")
 _PARAGRAPH_ZH = re.compile(r"段落(\d+)")
 _INT = re.compile(r"[0-9]+")
 _NUMBER = re.compile(r"-?[0-9]+(?:\.[0-9]+)?")
-_OPTION_LETTER = re.compile(r"(?<![\w-])[A-D](?![\w-])")
-# What follows a bare "A" used as the article: a lowercase word, but not "is/was/and/or" ("A is right").
-_ARTICLE_AFTER = re.compile(r"\s+(?!(?:is|was|and|or)\b)[a-z]")
 _LETTERS = "ABCD"
 
 #: Words :func:`needle_recall` ignores in the answer, besides one-character words.
@@ -330,77 +327,197 @@ def needle_recall(prediction: str, answer: str, extra: dict) -> float:
 
 
 # ----------------------------------------------------------------------------------- InfiniteBench
+# The rules of InfiniteBench's compute_scores.py (Zhang et al. 2024, OpenBMB/InfiniteBench), kept
+# where they are stricter than a reader would be: they score the raw prediction, case and leading
+# whitespace included, so a model that answers " B" after "The correct option is:" scores 0 on
+# code_debug exactly as it does in the official harness.
+
+
+def _blank_out(text: str, chars: Sequence[str]) -> str:
+    for char in chars:
+        text = text.replace(char, " ")
+    return text
+
+
+def _single_spaced(text: str) -> str:
+    while "  " in text:
+        text = text.replace("  ", " ")
+    return text
+
+
+_RETRIEVAL_SEPARATORS = ("\n", ":", '"', "'", ".", ",", "?", "!", "{", "}")
 
 
 @_best_over_answers
 def first_int_match(prediction: str, answer: str, extra: dict) -> float:
-    """The first run of digits in the prediction equals the answer (InfiniteBench, Zhang et al. 2024).
+    """The first run of ASCII digits in the prediction equals the answer (InfiniteBench: passkey, number_string).
 
-    Used for passkey and number_string retrieval.
+    InfiniteBench, Zhang et al. 2024 (``get_score_one_passkey`` / ``_number_string``): the
+    prediction is split on every character that is not 0-9 and its first non-empty piece must equal
+    the label, so only the first number counts and "7143 2" is not "71432".
     """
     found = _INT.search(prediction)
-    return float(found is not None and found.group() == answer.strip())
+    return float(found is not None and found.group() == answer)
 
 
 @_best_over_answers
-def kv_match(prediction: str, answer: str, extra: dict) -> float:
-    """The answer value is one of the prediction's tokens (InfiniteBench, Zhang et al. 2024: kv_retrieval).
+def kv_retrieval_match(prediction: str, answer: str, extra: dict) -> float:
+    """The value is one of the prediction's words (InfiniteBench, Zhang et al. 2024: kv_retrieval).
 
-    The prediction is split on whitespace and on every punctuation character except ``-`` (which
-    UUID-like values contain); the answer must equal one of the pieces exactly.
+    The prediction's newlines and ``: " ' . , ? ! { }`` become spaces and it is split on whitespace;
+    the label must equal one of the words, so ``[value]`` or ``value;`` does not match.
     """
-    cleaned = "".join(" " if c != "-" and _is_punct(c) else c for c in prediction)
-    return float(answer.strip() in cleaned.split())
+    return float(answer in _blank_out(prediction, _RETRIEVAL_SEPARATORS).split())
 
 
 @_best_over_answers
-def first_number_match(prediction: str, answer: str, extra: dict) -> float:
-    """The first number in the prediction equals the answer numerically (InfiniteBench, Zhang et al. 2024: math_find).
+def dialogue_name_match(prediction: str, answer: str, extra: dict) -> float:
+    """The masked character's name is one of the prediction's words, upper-cased (InfiniteBench: longdialogue_qa_eng).
 
-    Numbers are integers or decimals with an optional minus sign, so ``"-3.0"`` matches ``"-3"``.
+    InfiniteBench, Zhang et al. 2024: the prediction is split as for kv_retrieval and every word is
+    upper-cased; the label (the script's upper-case name) must equal one of them as it is.
+    """
+    return float(answer in [word.upper() for word in _blank_out(prediction, _RETRIEVAL_SEPARATORS).split()])
+
+
+@functools.cache
+def _rouge_scorer():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeLsum"], use_stemmer=False)
+
+
+@_best_over_answers
+def rouge_lsum(prediction: str, answer: str, extra: dict) -> float:
+    """ROUGE-Lsum F-measure from the ``rouge_score`` package (InfiniteBench, Zhang et al. 2024: longbook_sum_eng).
+
+    What InfiniteBench computes with Hugging Face ``evaluate``'s ``rouge`` (which calls
+    ``rouge_score`` without stemming): summary-level LCS over newline-separated sentences, with the
+    package's own lowercasing alphanumeric tokenizer. Max over answers.
+    """
+    return _rouge_scorer().score(answer, prediction)["rougeLsum"].fmeasure
+
+
+_MATH_FIND_NUMBER = re.compile(r"\d+\.\d+|\d+")
+
+
+@_best_over_answers
+def math_find_match(prediction: str, answer: str, extra: dict) -> float:
+    r"""The first unsigned number in the prediction equals the answer (InfiniteBench, Zhang et al. 2024: math_find).
+
+    The first match of ``\d+\.\d+|\d+`` is read as the label's type: an integer label (an answer
+    without a ".") needs an integer there (a decimal such as "3.5" scores 0; the official scorer
+    raises on it), a decimal label is compared as a float. Minus signs are not read, so a negative
+    label never matches, as in the official scorer.
+    """
+    found = _MATH_FIND_NUMBER.search(prediction)
+    if found is None:
+        return 0.0
+    try:
+        if "." in answer:
+            return float(float(found.group()) == float(answer))
+        return float(int(found.group()) == int(answer))
+    except ValueError:
+        if not _NUMBER.fullmatch(answer.strip()):
+            raise ValueError(f"math_find_match needs a numeric answer, got {answer!r}") from None
+        return 0.0
+
+
+@_all_answers
+def math_calc_prefix(prediction: str, answers: list[str], extra: dict) -> float:
+    """The share of the expected values the prediction gets right before its first mistake (InfiniteBench: math_calc).
+
+    InfiniteBench, Zhang et al. 2024: ``answers`` are the expression's intermediate values in order;
+    the prediction's runs of digits are read as integers (minus signs dropped, as the official
+    scorer does) and compared position by position until the first difference.
     """
     try:
-        target = float(answer.strip())
+        expected = [int(value) for value in answers]
     except ValueError:
-        raise ValueError(f"first_number_match needs a numeric answer, got {answer!r}") from None
-    found = _NUMBER.search(prediction)
-    return float(found is not None and float(found.group()) == target)
-
-
-def _first_option_letter(prediction: str) -> str | None:
-    for found in _OPTION_LETTER.finditer(prediction):
-        # "A good answer is B": a capital "A" before a lowercase word is the article, not an option.
-        if found.group() != "A" or _ARTICLE_AFTER.match(prediction, found.end()) is None:
-            return found.group()
-    return None
+        raise ValueError(f"math_calc_prefix needs integer answers, got {answers!r:.200}") from None
+    predicted = [int(run) for run in _INT.findall(prediction)]
+    right = 0
+    for value, guess in zip(expected, predicted):
+        if value != guess:
+            break
+        right += 1
+    return right / len(expected)
 
 
 @_best_over_answers
-def choice(prediction: str, answer: str, extra: dict) -> float:
-    """Multiple choice among ``extra["options"]`` (InfiniteBench, Zhang et al. 2024: longbook_choice_eng, code_debug).
+def code_run_match(prediction: str, answer: str, extra: dict) -> float:
+    """The prediction's last word is the returned integer (InfiniteBench, Zhang et al. 2024: code_run).
 
-    ``options`` are the option texts in order A, B, C, D; the answer is the correct option's text
-    or its letter. The first standalone capital letter A-D in the prediction ("B", "(B)", "B.",
-    "Answer: B"; a bare "A" followed by a lowercase word other than is/was/and/or is read as the
-    article) is the choice. If there is none, the prediction scores 1 when it contains the correct
-    option's text and no other option's text (case-insensitive). Max over answers.
+    The stripped prediction's newlines and ``. ` ' " :`` become spaces; its last word must parse as
+    an integer equal to the label.
     """
-    options = extra.get("options")
-    if not options:
-        raise ValueError("the choice metric needs a non-empty extra['options']")
-    options = list(options)[: len(_LETTERS)]
-    if answer in options:
-        correct = options.index(answer)
-    elif len(answer.strip()) == 1 and answer.strip().upper() in _LETTERS[: len(options)]:
-        correct = _LETTERS.index(answer.strip().upper())
-    else:
-        raise ValueError(f"choice answer {answer!r} is neither an option letter nor one of the options {options!r}")
-    letter = _first_option_letter(prediction)
-    if letter is not None:
-        return float(letter == _LETTERS[correct])
-    text = prediction.lower()
-    found = {i for i, option in enumerate(options) if option.strip() and option.strip().lower() in text}
-    return float(found == {correct})
+    words = _blank_out(prediction.strip(), ("\n", ".", "`", "'", '"', ":")).split()
+    try:
+        return float(bool(words) and int(words[-1]) == int(answer))
+    except ValueError:
+        return 0.0
+
+
+def _text_and_letter(answers: list[str], metric: str) -> tuple[str, str]:
+    if len(answers) != 2 or answers[1] not in tuple(_LETTERS):
+        raise ValueError(f"{metric} needs answers [option text, option letter A-D], got {answers!r:.200}")
+    return answers[0], answers[1]
+
+
+_CHOICE_SEPARATORS = ("\n", '"', "'", ".", ",", "?", "!", "{", "}")
+_CHOICE_PREFIXES = ("answer is:", "answer:", "answer is", "option is")
+
+
+@_all_answers
+def book_choice(prediction: str, answers: list[str], extra: dict) -> float:
+    """InfiniteBench's multiple-choice rule for longbook_choice_eng (Zhang et al. 2024).
+
+    ``answers`` is the label as InfiniteBench builds it, ``[option text, option letter]``. In
+    order: a prediction starting with A-D is that letter; else, with newlines and
+    ``" ' . , ? ! { }`` made spaces, the text after the first of "answer is:", "answer:",
+    "answer is", "option is" (lowercase, as written) must start with the text or the letter; else
+    the first word that is a substring of "ABCD" must be the text or the letter.
+    """
+    label = _text_and_letter(answers, "book_choice")
+    if prediction[0] in _LETTERS:
+        return float(prediction[0] in label)
+    text = _single_spaced(_blank_out(prediction, _CHOICE_SEPARATORS))
+    for prefix in _CHOICE_PREFIXES:
+        at = text.find(prefix)
+        if at == -1:
+            continue
+        after = text[at + len(prefix) + 1 :]
+        return float(len(text) >= at + len(prefix) + 1 and any(after.startswith(s) for s in label))
+    for word in text.split():
+        if word in _LETTERS:
+            return float(word in label)
+    return 0.0
+
+
+_DEBUG_SEPARATORS = ("\n", "`", "'", '"', "-", "*", "Option", "option")
+_DEBUG_PREFIXES = ("answer is:", "is:", "answer:")
+
+
+@_all_answers
+def code_debug_choice(prediction: str, answers: list[str], extra: dict) -> float:
+    """InfiniteBench's rule for code_debug (Zhang et al. 2024): the option letter first, or after an answer prefix.
+
+    ``answers`` is ``[function name, option letter]``. The prediction scores when it starts with the
+    letter and "." or ":" ("B." or "B:", not " B" or "B"); else, stripped, with newlines, backticks,
+    quotes, "-", "*" and "Option"/"option" made spaces, the text after the first of "answer is:",
+    "is:", "answer:" must start with the letter or the function's name.
+    """
+    name, letter = _text_and_letter(answers, "code_debug_choice")
+    if prediction[:2] in (f"{letter}.", f"{letter}:"):
+        return 1.0
+    text = _single_spaced(_blank_out(prediction.strip(), _DEBUG_SEPARATORS))
+    for prefix in _DEBUG_PREFIXES:
+        at = text.find(prefix)
+        if at == -1:
+            continue
+        rest = text[at + len(prefix) + 1 :]
+        return float(len(text) >= at + len(prefix) + 1 and (rest.startswith(letter) or rest.startswith(name)))
+    return 0.0
 
 
 METRICS: dict[str, Metric] = {
@@ -417,9 +534,14 @@ METRICS: dict[str, Metric] = {
     "string_match_part": string_match_part,
     "needle_recall": needle_recall,
     "first_int_match": first_int_match,
-    "kv_match": kv_match,
-    "first_number_match": first_number_match,
-    "choice": choice,
+    "kv_retrieval_match": kv_retrieval_match,
+    "dialogue_name_match": dialogue_name_match,
+    "rouge_lsum": rouge_lsum,
+    "math_find_match": math_find_match,
+    "math_calc_prefix": math_calc_prefix,
+    "code_run_match": code_run_match,
+    "book_choice": book_choice,
+    "code_debug_choice": code_debug_choice,
 }
 
 

@@ -138,6 +138,8 @@ def prepare(tokenizer, sample: Sample, chat_template: str, max_length: int) -> P
     if chat_template not in CHAT_TEMPLATE_MODES:
         raise ValueError(f"unknown chat template mode {chat_template!r}; valid: {', '.join(CHAT_TEMPLATE_MODES)}")
     use_template = sample.chat_template if chat_template == "auto" else chat_template == "on"
+    if sample.error is not None:
+        raise ValueError(sample.error)
     name = f"sample {sample.benchmark}/{sample.dataset}/{sample.sample_id}"
     prompt, truncated = truncate_middle(tokenizer, sample.prompt, max_length)
     context, question, whole = sample.context, sample.question, True
@@ -239,14 +241,25 @@ def evaluate_sample(
         yield from decoder.rows(built, prepared)
 
 
+def decode_attention_path(model) -> str:
+    """The decode attention of evaluation caches: ``"padded"`` on CPU, ``"auto"`` (FlexAttention) elsewhere.
+
+    A batch of pairs holds rows of very different lengths; the ``"gather"`` path would copy them
+    into a padded view at every step of every layer, which on CPU costs more than the model itself.
+    ``"padded"`` copies them once per batch and holds the copy while the batch decodes.
+    """
+    return "padded" if model.device.type == "cpu" else "auto"
+
+
 def _build(model, tokenizer, pair: Pair, record: PrefillRecord | None, prefilled: list[int]) -> _Built:
     start = _now(model)
+    path = decode_attention_path(model)
     if record is None:
-        cache = CompressedCache(model, method=pair.method, budget=pair.budget)
+        cache = CompressedCache(model, method=pair.method, budget=pair.budget, attention_path=path)
         logits = TokenFeed(model, cache).prefill([prefilled], pad_token_id(tokenizer))
         prefill_seconds, compress_seconds = _now(model) - start, 0.0
     else:
-        cache = record.compress(pair.method, budget=pair.budget)
+        cache = record.compress(pair.method, budget=pair.budget, attention_path=path)
         logits = record.logits
         prefill_seconds, compress_seconds = record.seconds, _now(model) - start
     stats = cache.stats(positions=False).sequences[0]
@@ -305,12 +318,7 @@ class _Decoder:
             prediction = first_line(prediction)
         sample, pair, stats = self.sample, one.pair, one.stats
         return ResultRow(
-            benchmark=sample.benchmark,
-            dataset=sample.dataset,
-            sample_id=sample.sample_id,
-            method=pair.spec,
-            budget=pair.tokens,
-            window=pair.window,
+            **_row_key(sample, pair),
             prediction=prediction,
             score=float(score(sample, prediction)),
             answers=list(sample.answers),
@@ -329,6 +337,18 @@ class _Decoder:
         )
 
 
+def _row_key(sample: Sample, pair: Pair) -> dict:
+    """The fields that key a result row (and its window)."""
+    return {
+        "benchmark": sample.benchmark,
+        "dataset": sample.dataset,
+        "sample_id": sample.sample_id,
+        "method": pair.spec,
+        "budget": pair.tokens,
+        "window": pair.window,
+    }
+
+
 def error_row(sample: Sample, pair: Pair, error: BaseException, prepared: Prepared | None = None) -> ResultRow:
     """The row of a pair that could not be built or run: its key, the error's message, zeros elsewhere."""
     message = f"{type(error).__name__}: {error}"
@@ -338,12 +358,7 @@ def error_row(sample: Sample, pair: Pair, error: BaseException, prepared: Prepar
     if isinstance(error, torch.OutOfMemoryError) and torch.cuda.is_available():
         torch.cuda.empty_cache()
     return ResultRow(
-        benchmark=sample.benchmark,
-        dataset=sample.dataset,
-        sample_id=sample.sample_id,
-        method=pair.spec,
-        budget=pair.tokens,
-        window=pair.window,
+        **_row_key(sample, pair),
         prediction="",
         score=0.0,
         answers=list(sample.answers),

@@ -32,7 +32,8 @@ class Sample:
     model rambling on (often repeating the question, needle words included) neither costs decode
     time nor earns credit. ``answer_prefix`` is the start of the answer that follows the prompt
     (after the chat template's assistant turn opens), as RULER words its prompts; the prediction
-    is what the model writes after it.
+    is what the model writes after it. ``error`` says why the record could not be made into a
+    prompt (see :func:`error_sample`); the runner records it as an error row of every pair.
     """
 
     benchmark: str
@@ -47,10 +48,16 @@ class Sample:
     extra: dict = field(default_factory=dict)
     stop_at_newline: bool = False
     answer_prefix: str = ""
+    error: str | None = None
 
     @property
     def prompt(self) -> str:
         return self.context + self.question
+
+
+def error_sample(benchmark: str, dataset: str, sample_id: str, error: str) -> Sample:
+    """A record that could not be built: no prompt, and the reason, which its rows will carry."""
+    return Sample(benchmark, dataset, sample_id, "", "", [], 1, "", error=error)
 
 
 def interleave_datasets(samples: list[Sample]) -> list[Sample]:
