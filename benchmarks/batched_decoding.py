@@ -81,7 +81,17 @@ def write(result: dict) -> None:
         )
         if result["differing"]:
             lines.append("Pairs whose prediction differs: " + ", ".join(result["differing"]) + ".")
+    if "from_scratch_identical" in result:
+        lines.append(
+            f"Predictions of `--from-scratch` identical to one pair at a time: {result['from_scratch_identical']} of "
+            f"{result['compared']}."
+        )
     (RESULTS / "batched_decoding.md").write_text("\n".join(lines) + "\n")
+
+
+def rewrite(path: Path = RESULTS / "batched_decoding.json") -> None:
+    """Write the markdown again from the JSON of the last run (after a change to :func:`write`)."""
+    write(json.loads(path.read_text()))
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ from lavakv.eval.runner import (
     run,
     shard_from_launcher,
 )
-from lavakv.eval.samples import Sample, error_sample
+from lavakv.eval.samples import Sample, error_sample, interleave_datasets
 from lavakv.eval.stats import bootstrap_mean, paired_difference
 from lavakv.eval.store import ResultStore, read_run, store_paths
 from lavakv.methods import PRESETS
@@ -285,3 +285,22 @@ def test_report_reference_shows_paired_differences(tmp_path):
     assert "Paired difference to full cache on the same samples" in markdown
     with pytest.raises(ValueError, match="--reference 'h2o'.*has no results"):
         render(runs, "md", reference="h2o")
+
+
+def test_interleave_datasets_takes_samples_round_robin_in_each_datasets_order():
+    def sample(dataset: str, index: int, benchmark: str = "b") -> Sample:
+        return Sample(benchmark, dataset, f"{dataset}{index}", "c", "q", ["a"], 1, "qa_f1")
+
+    samples = [sample("x", 0), sample("x", 1), sample("x", 2), sample("y", 0), sample("z", 0), sample("z", 1)]
+    samples.append(sample("x", 0, benchmark="other"))  # same dataset name, other benchmark: its own queue
+    ordered = interleave_datasets(samples)
+    assert [(s.benchmark, s.sample_id) for s in ordered] == [
+        ("b", "x0"),
+        ("b", "y0"),
+        ("b", "z0"),
+        ("other", "x0"),
+        ("b", "x1"),
+        ("b", "z1"),
+        ("b", "x2"),
+    ]
+    assert interleave_datasets([]) == []
