@@ -322,3 +322,18 @@ def test_report_of_only_the_full_cache_and_missing_datasets(tmp_path):
     runs = load_runs([tmp_path / "x" / "run", tmp_path / "y" / "run"])
     assert len({run.name for run in runs}) == 2
     assert "| score |" in render(load_runs([tmp_path / "y" / "run"]), "md")
+
+
+def test_report_compares_methods_on_the_samples_every_pair_has_reached(tmp_path):
+    with ResultStore(tmp_path) as store:
+        store.claim_identity({"model": "a", "protocol": "query-aware"})
+        for method, budget in [("full", 0), ("lava", 32), ("snapkv", 32)]:
+            store.add(_fake_row("done", method, budget, 1.0, {}))
+        # A sample still running: only its full cache row is in.
+        store.add(_fake_row("running", "full", 0, 0.0, {}))
+    (run,) = load_runs([tmp_path])
+    assert {row.sample_id for row in run.rows} == {"done"} and run.incomplete_samples == 1
+    markdown = render([run], "md")
+    assert "1 sample(s) without a row for every (method, budget) of their dataset yet are left out" in markdown
+    # The full cache's mean is over the finished sample only, as every method's is.
+    assert "| full cache | 100.0 [100.0, 100.0] |" in markdown

@@ -30,10 +30,18 @@ METHOD_ORDER = list(PRESETS)
 
 @dataclass
 class Run:
+    """One run directory: its identity, the rows of its complete samples, and how many samples are not complete.
+
+    ``rows`` holds only samples that have a row (scored or error) for every ``(method, budget)``
+    their dataset has, so that every method is compared on the same samples while a run is still
+    going; ``incomplete_samples`` counts the others, which rerunning the eval finishes.
+    """
+
     name: str
     directory: Path
     identity: dict
     rows: list[ResultRow]
+    incomplete_samples: int = 0
 
 
 @dataclass
@@ -62,7 +70,8 @@ def load_runs(directories: list[str | Path]) -> list[Run]:
     runs = []
     for directory in directories:
         identity, rows = read_run(directory)
-        runs.append(Run(_run_name(Path(directory)), Path(directory), identity, rows))
+        complete, incomplete = complete_samples(rows)
+        runs.append(Run(_run_name(Path(directory)), Path(directory), identity, complete, incomplete))
     names = [run.name for run in runs]
     for run in runs:
         if names.count(run.name) > 1:
@@ -70,6 +79,17 @@ def load_runs(directories: list[str | Path]) -> list[Run]:
     if len({run.name for run in runs}) != len(runs):
         raise ValueError(f"the same run directory is given twice: {[str(d) for d in directories]}")
     return runs
+
+
+def complete_samples(rows: list[ResultRow]) -> tuple[list[ResultRow], int]:
+    """The rows of samples that have every ``(method, budget)`` of their dataset, and how many samples do not."""
+    pairs: dict[tuple[str, str], set[tuple[str, int]]] = defaultdict(set)
+    held: dict[tuple[str, str, str], set[tuple[str, int]]] = defaultdict(set)
+    for row in rows:
+        pairs[(row.benchmark, row.dataset)].add((row.method, row.budget))
+        held[(row.benchmark, row.dataset, row.sample_id)].add((row.method, row.budget))
+    incomplete = {sample for sample, have in held.items() if have != pairs[sample[:2]]}
+    return [row for row in rows if (row.benchmark, row.dataset, row.sample_id) not in incomplete], len(incomplete)
 
 
 def _run_name(directory: Path) -> str:
@@ -294,6 +314,12 @@ def markdown(
             f"Scores in % with 95% bootstrap intervals over samples ({statistics.resamples} resamples, seed "
             f"{statistics.seed}); a benchmark's average is the mean of its datasets' scores.\n"
         )
+        if run.incomplete_samples:
+            parts.append(
+                f"{run.incomplete_samples} sample(s) without a row for every (method, budget) of their dataset yet "
+                "are left out, so that all methods are compared on the same samples; running the eval again finishes "
+                "them.\n"
+            )
         if not cells:
             parts.append("No results yet.\n")
             parts.append(_errors_section(run.rows))
