@@ -337,3 +337,23 @@ def test_report_compares_methods_on_the_samples_every_pair_has_reached(tmp_path)
     assert "1 sample(s) without a row for every (method, budget) of their dataset yet are left out" in markdown
     # The full cache's mean is over the finished sample only, as every method's is.
     assert "| full cache | 100.0 [100.0, 100.0] |" in markdown
+
+
+def test_longbench_report_adds_its_task_categories(tmp_path):
+    from dataclasses import replace
+
+    from lavakv.eval.longbench import longbench_category
+
+    assert longbench_category("qasper_e") == "single-doc QA" and longbench_category("repobench-p") == "code"
+    assert longbench_category("computation") is None
+    with ResultStore(tmp_path) as store:
+        for dataset, sample_id, lava_score in [("qasper", "q1", 0.5), ("qasper", "q2", 1.0), ("lcc_e", "c1", 0.0)]:
+            for method, budget, score in [("full", 0, 1.0), ("lava", 32, lava_score)]:
+                row = _fake_row(sample_id, method, budget, score, {})
+                store.add(replace(row, benchmark="longbench", dataset=dataset))
+    markdown = render(load_runs([tmp_path]), "md", reference="lava")
+    section = markdown[markdown.index("longbench: by category") :]
+    assert "single-doc QA (qasper)" in section and "code (lcc_e)" in section
+    # single-doc QA: lava's mean over qasper's two samples; the full cache scores 100 there.
+    assert "| lava | 75.0 [50.0, 100.0] |" in section
+    assert "| full cache | 100.0 [100.0, 100.0] |" in section

@@ -65,6 +65,23 @@ LONGBENCH_DATASETS: dict[str, LongBenchSpec] = {
     "repobench-p": LongBenchSpec("code_sim", chat_template=False, language="code"),
 }
 
+LONGBENCH_CATEGORIES: dict[str, tuple[str, ...]] = {
+    "single-doc QA": ("narrativeqa", "qasper", "multifieldqa_en", "multifieldqa_zh"),
+    "multi-doc QA": ("hotpotqa", "2wikimqa", "musique", "dureader"),
+    "summarization": ("gov_report", "qmsum", "multi_news", "vcsum"),
+    "few-shot": ("trec", "triviaqa", "samsum", "lsht"),
+    "synthetic": ("passage_count", "passage_retrieval_en", "passage_retrieval_zh"),
+    "code": ("lcc", "repobench-p"),
+}
+"""LongBench's six task categories (Bai et al. 2023, Table 1); a LongBench-E file is in its dataset's category."""
+
+
+def longbench_category(dataset: str) -> str | None:
+    """The category of ``dataset`` (``qasper`` or ``qasper_e``), ``None`` for a name LongBench does not have."""
+    base = dataset.removesuffix("_e")
+    return next((name for name, members in LONGBENCH_CATEGORIES.items() if base in members), None)
+
+
 _CONTEXT = "{context}"
 _INPUT = "{input}"
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from statistics import mean
 
 from ..methods import PRESETS, Method, parse_spec
+from .longbench import LONGBENCH_CATEGORIES, longbench_category
 from .stats import DEFAULT_RESAMPLES, Interval, PairedDifference, bootstrap_mean, key_seed, paired_difference
 from .store import ResultRow, read_run
 
@@ -342,6 +343,7 @@ def markdown(
             parts.append(_table("method", _method_lines(values, methods, budgets), budgets) + "\n")
             if reference:
                 parts.append(_paired_section(benchmark, datasets, differences, reference, methods, budgets))
+            parts.append(_category_section(benchmark, run.rows, methods, budgets, reference, statistics))
             missing = sorted({(c.method, c.budget) for c in subset} - set(values))
             if missing:
                 parts.append(
@@ -408,6 +410,51 @@ def _paired_section(benchmark, datasets, differences, reference, methods, budget
         for dataset in datasets:
             text.append(f"{dataset}\n\n" + _table("method", lines(dataset), budgets) + "\n")
         text.append("</details>\n")
+    return "\n".join(text)
+
+
+def dataset_categories(benchmark: str, datasets: set[str]) -> dict[str, list[str]]:
+    """The benchmark's task categories over ``datasets`` (LongBench's six); empty for benchmarks without them."""
+    if benchmark != "longbench":
+        return {}
+    found: dict[str, list[str]] = defaultdict(list)
+    for dataset in sorted(datasets):
+        category = longbench_category(dataset)
+        if category is not None:
+            found[category].append(dataset)
+    return {name: found[name] for name in LONGBENCH_CATEGORIES if name in found}
+
+
+def _category_section(benchmark, rows, methods, budgets, reference, statistics) -> str:
+    """Per category: each method's mean over the category's datasets and, with ``reference``, its paired difference."""
+    rows = [row for row in rows if row.benchmark == benchmark]
+    categories = dataset_categories(benchmark, {row.dataset for row in rows})
+    if len(categories) < 2:
+        return ""
+    text = [f"<details><summary>{benchmark}: by category (mean of its datasets' scores)</summary>\n"]
+    for name, members in categories.items():
+        inside = [row for row in rows if row.dataset in members]
+        values = {(m, b): v for (_, m, b), v in benchmark_intervals(inside, statistics).items()}
+        text.append(
+            f"{name} ({', '.join(members)})\n\n" + _table("method", _method_lines(values, methods, budgets), budgets)
+        )
+        if reference:
+            differences = paired_differences(inside, reference, statistics)
+            lines = []
+            for method in methods:
+                found = {
+                    b: differences[(benchmark, "", method, 0 if method == "full" else b)]
+                    for b in budgets
+                    if (benchmark, "", method, 0 if method == "full" else b) in differences
+                }
+                if found:
+                    lines.append((method_label(method) if method != "full" else "full cache", found))
+            text.append(
+                f"\n{name}: paired difference to {method_label(reference)}, in points\n\n"
+                + _table("method", lines, budgets)
+            )
+        text.append("")
+    text.append("</details>\n")
     return "\n".join(text)
 
 
