@@ -30,6 +30,7 @@ LAYERS: dict[str, int] = {
     "lavakv.eval": 5,
     "lavakv.bench": 5,
     "lavakv.cli": 6,
+    "lavakv.__main__": 7,
 }
 """Rank of each room: a module may import only modules of a lower rank, or of its own room without cycles."""
 TORCH_ONLY = ("lavakv.methods", "lavakv.ragged")
