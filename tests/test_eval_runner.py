@@ -357,3 +357,19 @@ def test_longbench_report_adds_its_task_categories(tmp_path):
     # single-doc QA: lava's mean over qasper's two samples; the full cache scores 100 there.
     assert "| lava | 75.0 [50.0, 100.0] |" in section
     assert "| full cache | 100.0 [100.0, 100.0] |" in section
+    # CSV and JSON carry the same category averages, told apart from the benchmark's by `category`.
+    records = json.loads(render(load_runs([tmp_path]), "json", reference="lava"))
+    by_key = {(r["dataset"], r["category"], r["method"], r["budget"]): r for r in records}
+    assert by_key[("qasper", "single-doc QA", "lava", 32)]["score"] == pytest.approx(75.0)
+    single_doc = by_key[("", "single-doc QA", "lava", 32)]
+    assert single_doc["score"] == pytest.approx(75.0) and single_doc["samples"] == ""
+    assert by_key[("", "code", "lava", 32)]["score"] == pytest.approx(0.0)
+    against_full = json.loads(render(load_runs([tmp_path]), "json", reference="full"))
+    (single_doc_diff,) = [
+        r for r in against_full if r["category"] == "single-doc QA" and not r["dataset"] and r["method"] == "lava"
+    ]
+    assert single_doc_diff["diff"] == pytest.approx(-25.0) and single_doc_diff["losses"] == 1
+    # The benchmark average: mean of the two datasets' means.
+    assert by_key[("", "", "lava", 32)]["score"] == pytest.approx(37.5)
+    header = render(load_runs([tmp_path]), "csv").splitlines()[0].split(",")
+    assert header[-1] == "category"

@@ -529,35 +529,49 @@ def comparison(runs: list[Run]) -> str:
 
 
 def records(runs: list[Run], reference: str | None = None, statistics: Statistics = DEFAULT_STATISTICS) -> list[dict]:
-    """One flat record per run and cell (for CSV and JSON), benchmark averages as dataset ``""``.
+    """One flat record per run and cell (for CSV and JSON).
 
-    With ``reference``, each record also has the paired difference to it (``diff``, ``diff_low``,
-    ``diff_high``, ``wins``, ``ties``, ``losses``; empty where there is none).
+    A dataset's record names its task ``category`` (LongBench's six; ``""`` elsewhere). Averages
+    have dataset ``""``: a category's average has its ``category``, the benchmark's average has
+    category ``""``. With ``reference``, each record also has the paired difference to it
+    (``diff``, ``diff_low``, ``diff_high``, ``wins``, ``ties``, ``losses``; empty where there is none).
     """
     out = []
     for run in runs:
-        differences = paired_differences(run.rows, reference, statistics) if reference else {}
-        cells = [cell.__dict__ for cell in aggregate(run.rows, statistics)]
-        for (benchmark, method, budget), interval in benchmark_intervals(run.rows, statistics).items():
-            cells.append(
-                {
-                    **{name: "" for name in Cell.__dataclass_fields__},
-                    "benchmark": benchmark,
-                    "dataset": "",
-                    "method": method,
-                    "budget": budget,
-                    "score": interval.mean,
-                    "score_low": interval.low,
-                    "score_high": interval.high,
-                }
-            )
-        for cell in cells:
-            record = {"run": run.name, **cell}
-            if reference:
-                found = differences.get((cell["benchmark"], cell["dataset"], cell["method"], cell["budget"]))
-                record.update(_difference_fields(found))
-            out.append(record)
+        groups: list[tuple[str, list[ResultRow]]] = [("", run.rows)]
+        for benchmark in sorted({row.benchmark for row in run.rows}):
+            inside = [row for row in run.rows if row.benchmark == benchmark]
+            categories = dataset_categories(benchmark, {row.dataset for row in inside})
+            if len(categories) >= 2:
+                groups += [(name, [r for r in inside if r.dataset in members]) for name, members in categories.items()]
+        for category, rows in groups:
+            differences = paired_differences(rows, reference, statistics) if reference else {}
+            cells = [] if category else [cell.__dict__ for cell in aggregate(rows, statistics)]
+            for (benchmark, method, budget), interval in benchmark_intervals(rows, statistics).items():
+                cells.append(
+                    {
+                        **{name: "" for name in Cell.__dataclass_fields__},
+                        "benchmark": benchmark,
+                        "dataset": "",
+                        "method": method,
+                        "budget": budget,
+                        "score": interval.mean,
+                        "score_low": interval.low,
+                        "score_high": interval.high,
+                    }
+                )
+            for cell in cells:
+                found_category = category or _category_of(cell["benchmark"], cell["dataset"])
+                record = {"run": run.name, **cell, "category": found_category}
+                if reference:
+                    found = differences.get((cell["benchmark"], cell["dataset"], cell["method"], cell["budget"]))
+                    record.update(_difference_fields(found))
+                out.append(record)
     return out
+
+
+def _category_of(benchmark: str, dataset: str) -> str:
+    return (longbench_category(dataset) or "") if benchmark == "longbench" and dataset else ""
 
 
 def _difference_fields(found: PairedDifference | None) -> dict:
@@ -588,7 +602,7 @@ def render(
     if fmt == "json":
         return json.dumps(table, indent=2)
     buffer = io.StringIO()
-    columns = ["run", *Cell.__dataclass_fields__, *(DIFFERENCE_FIELDS if reference else ())]
+    columns = ["run", *Cell.__dataclass_fields__, "category", *(DIFFERENCE_FIELDS if reference else ())]
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(table)
