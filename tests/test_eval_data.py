@@ -286,7 +286,12 @@ INFINITE_RECORDS = {
         "answer": 9.0,
     },
     "math_calc": {"id": 8, "context": "1 + 2 - 5", "input": "", "answer": [1, 3, -2]},
-    "code_run": {"id": 9, "context": "def func_1(x):\n    return x + 1", "input": "func_1(2)", "answer": 3},
+    "code_run": {
+        "id": 9,
+        "context": "def func_1(x):\n    return x + 1",
+        "input": "Please give me the exact number of the return value of func_1(2). Be concise.",
+        "answer": 3,
+    },
     "code_debug": {
         "id": 6,
         "context": "def good(): pass\ndef bad(): retrun {}",
@@ -381,7 +386,16 @@ def test_infinitebench_limit_and_selection(tmp_path):
             {"context": "c", "input": "", "answer": "x", "options": ["f", "g", "h", "i"]},
             r"code_debug\.jsonl:1: field 'answer' must be one of the options",
         ),
-        ("math_find", {"context": "[1]", "input": "Find it.", "answer": 1}, r"math_find\.jsonl:1: .*'The \.\.\. of'"),
+        (
+            "math_find",
+            {"context": "[1]", "input": "Find it.", "answer": 1},
+            r"math_find\.jsonl:1: .*'The <word> number'",
+        ),
+        (
+            "code_run",
+            {"context": "def func_1(x): return x", "input": "What does it return?", "answer": 1},
+            r"code_run\.jsonl:1: .*names no call like 'func_1\(-2\)'",
+        ),
         ("passkey", "oops", r"passkey\.jsonl:1: not valid JSON"),
     ],
 )
@@ -401,3 +415,24 @@ def test_infinitebench_directory_errors(tmp_path):
         load_infinitebench(tmp_path, ["longbook_qa_chn"])
     with pytest.raises(FileNotFoundError, match=r"math_find\.jsonl not found.*: passkey"):
         load_infinitebench(tmp_path, ["math_find"])
+
+
+def test_infinitebench_finds_the_target_and_the_call_as_infinitebench_does(tmp_path):
+    math_find = {
+        "id": 1,
+        "context": "[3, 9, 2]",
+        "input": "You should answer with only one number. The smallest number of the list, out of all of them, is: ",
+        "answer": 2,
+    }
+    code_run = {
+        "id": 2,
+        "context": "def func_12(x): return x",
+        "input": "What is func_12(-7)? Not func_3(1).",
+        "answer": -7,
+    }
+    _write(tmp_path / "math_find.jsonl", [math_find])
+    _write(tmp_path / "code_run.jsonl", [code_run])
+    samples = {s.dataset: s for s in load_infinitebench(tmp_path)}
+    assert samples["math_find"].context.startswith("What is the smallest number in the following list?\n\n")
+    assert samples["code_run"].context.startswith("There is a function called func_12 in the following")
+    assert "Please compute the exact value of func_12(-7)." in samples["code_run"].question

@@ -277,9 +277,7 @@ def test_short_prompts_work(method, length, budget, ratio, tokenizer):
 
 
 def test_group_compression_keeps_everything_when_the_budget_covers_the_prompt():
-    sequence = GroupCompression(
-        Method.preset("lava"), length=20, budget=64, visible_lengths=[20] * 2, progressive=True
-    )
+    sequence = GroupCompression(Method.preset("lava"), length=20, budget=64, visible_lengths=[20] * 2, progressive=True)
     assert not sequence.compresses
 
 

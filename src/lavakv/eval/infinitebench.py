@@ -115,7 +115,8 @@ INFINITEBENCH_TASKS: dict[str, InfiniteBenchTask] = {
     ),
 }
 
-_MATH_FIND_TARGET = re.compile(r"The .+ of")
+_MATH_FIND_TARGET = re.compile(r"The \w+ number")
+_CODE_RUN_CALL = re.compile(r"func_[0-9]+\(-?[0-9]+\)")
 
 
 def load_infinitebench(
@@ -155,9 +156,8 @@ def _builder(name: str) -> Callable[[dict, str, str], Sample]:
         if name == "math_find":
             fields["prefix"] = _math_find_question(fields["input"], where)
         if name == "code_run":
-            call = record.get("func_call", fields["input"])
-            fields["func_call"] = call
-            fields["func"] = record.get("func") or str(call).split("(", 1)[0].strip()
+            fields["func_call"] = _code_run_call(fields["input"], where)
+            fields["func"] = fields["func_call"].split("(", 1)[0]
         return Sample(
             benchmark="infinitebench",
             dataset=name,
@@ -182,11 +182,22 @@ def _fill(template: str, fields: Mapping[str, str]) -> str:
 
 
 def _math_find_question(inp: str, where: str) -> str:
-    """The question InfiniteBench puts before math_find's list: "What is the largest number in the following list?"."""
+    """The question InfiniteBench puts before math_find's list: "What is the largest number in the following list?".
+
+    The target is the first "The <word> number" of the record's input, as InfiniteBench finds it.
+    """
     found = _MATH_FIND_TARGET.search(inp)
     if found is None:
-        raise ValueError(f"{where}: math_find field 'input' names no target ('The ... of'), got {inp!r:.200}")
-    return f"What is {found.group().lower()[: -len(' of')]} in the following list?"
+        raise ValueError(f"{where}: math_find field 'input' names no target ('The <word> number'), got {inp!r:.200}")
+    return f"What is {found.group().lower()} in the following list?"
+
+
+def _code_run_call(inp: str, where: str) -> str:
+    """The call code_run asks about (``func_6577(-7)``): the first in the input, as InfiniteBench reads it."""
+    found = _CODE_RUN_CALL.search(inp)
+    if found is None:
+        raise ValueError(f"{where}: code_run field 'input' names no call like 'func_1(-2)', got {inp!r:.200}")
+    return found.group()
 
 
 def _answer_text(value: Any, keep_float: bool) -> str | None:

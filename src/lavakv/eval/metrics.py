@@ -68,17 +68,24 @@ def _check_answers(answers: Sequence[str]) -> None:
         raise ValueError("answers is empty: a sample needs at least one reference answer to be scored")
 
 
-def _best_over_answers(fn: Callable[[str, str, dict], float]) -> Metric:
-    """Turn a (prediction, one answer, extra) scorer into a metric taking the max over answers."""
+def _best_over_answers(fn: Callable[[str, str, dict], float] | None = None, *, blank_scores_zero: bool = True):
+    """Turn a (prediction, one answer, extra) scorer into a metric taking the max over answers.
 
-    @functools.wraps(fn)
-    def metric(prediction: str, answers: list[str], extra: dict | None = None) -> float:
-        _check_answers(answers)
-        if not prediction.strip():
-            return 0.0
-        return max(fn(prediction, answer, extra or {}) for answer in answers)
+    A blank prediction scores 0 without calling ``fn``, unless ``blank_scores_zero`` is false for a
+    scorer whose official rule gives whitespace a score of its own (LongBench's code similarity).
+    """
 
-    return metric
+    def wrap(fn: Callable[[str, str, dict], float]) -> Metric:
+        @functools.wraps(fn)
+        def metric(prediction: str, answers: list[str], extra: dict | None = None) -> float:
+            _check_answers(answers)
+            if blank_scores_zero and not prediction.strip():
+                return 0.0
+            return max(fn(prediction, answer, extra or {}) for answer in answers)
+
+        return metric
+
+    return wrap(fn) if fn is not None else wrap
 
 
 def _all_answers(fn: Callable[[str, list[str], dict], float]) -> Metric:
@@ -269,13 +276,14 @@ def fuzz_ratio(first: str, second: str) -> int:
     return int(round(100 * difflib.SequenceMatcher(None, first, second).ratio()))
 
 
-@_best_over_answers
+@_best_over_answers(blank_scores_zero=False)
 def code_sim(prediction: str, answer: str, extra: dict) -> float:
     """Edit similarity of the first code line (LongBench, Bai et al. 2023: ``code_sim_score``).
 
     The first line of the prediction (leading newlines stripped) that contains no backtick, ``#``
     or ``//`` (markdown fences and comments), or ``""`` if there is none, is compared with the
-    answer by :func:`fuzz_ratio`, divided by 100. Max over answers.
+    answer by :func:`fuzz_ratio`, divided by 100. Max over answers. A line of spaces is compared too,
+    as LongBench compares it.
     """
     line = next(
         (ln for ln in prediction.lstrip("\n").split("\n") if not any(mark in ln for mark in ("`", "#", "//"))),
