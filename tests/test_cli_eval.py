@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import pytest
 from conftest import TinyTokenizer, tiny_model
@@ -152,3 +153,72 @@ def test_a_dash_value_does_not_swallow_a_missing_value():
     assert args.shard == "-1/2"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["eval", "--benchmark", "niah", "--shard", "--out", "x"])
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (
+            ["--benchmark", "niah", "--datasets", "qasper"],
+            "--datasets qasper is read by longbench, infinitebench, ruler",
+        ),
+        (["--benchmark", "niah", "--data", "."], "--data . is read by longbench, infinitebench, ruler only"),
+        (["--benchmark", "longbench", "--data", ".", "--lengths", "1000"], "--lengths 1000 is read by niah, ruler"),
+        (["--benchmark", "ruler", "--depths", "0.5"], "--depths 0.5 is read by niah only"),
+        (["--benchmark", "longbench", "--data", ".", "--seed", "3"], "--seed 3 is read by niah, ruler only"),
+    ],
+)
+def test_an_option_no_benchmark_of_the_run_reads_is_refused(options, message, tmp_path, capsys, no_model):
+    assert main(_eval(tmp_path, *options)) == 2
+    err = capsys.readouterr().err
+    assert message in err and "does not use it" in err
+
+
+def test_an_option_one_benchmark_of_the_run_reads_is_accepted(tmp_path, capsys, no_model):
+    # --depths is niah's; in a niah,ruler run it passes the option check and fails only later, at the model.
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        main(_eval(tmp_path, "--benchmark", "niah,ruler", "--depths", "0.5", "--lengths", "1000"))
+
+
+@pytest.mark.parametrize("option", [["--budgets", "64"], ["--window", "8"]])
+def test_budgets_or_window_without_a_compressing_method_are_refused(option, tmp_path, capsys, no_model):
+    command = ["eval", "--out", str(tmp_path / "run"), "--benchmark", "niah", "--methods", "full", *option]
+    assert main(command) == 2
+    assert f"{option[0]} {option[1]} has no effect: no method in --methods full compresses" in capsys.readouterr().err
+
+
+def test_max_length_beyond_the_model_context_is_refused(tmp_path, capsys, tiny):
+    data = _longbench_dir(tmp_path / "data", {"qasper": [100]})
+    command = _eval(tmp_path, "--benchmark", "longbench", "--data", str(data), "--max-length", str(TINY_CONTEXT + 1))
+    assert main(command) == 2
+    assert f"--max-length {TINY_CONTEXT + 1} exceeds the model's context of {TINY_CONTEXT}" in capsys.readouterr().err
+
+
+def test_chat_template_on_without_one_is_refused(tmp_path, capsys, tiny):
+    data = _longbench_dir(tmp_path / "data", {"qasper": [100]})
+    command = _eval(tmp_path, "--benchmark", "longbench", "--data", str(data), "--chat-template", "on")
+    assert main(command) == 2
+    assert "--chat-template on: the model's tokenizer has no chat template" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [("gpu", "--device 'gpu' is not a device; valid: auto, cpu, cuda"), ("cuda:7", "--device cuda:7: this machine")],
+)
+def test_a_bad_or_missing_device_is_a_clear_error(device, message, monkeypatch):
+    import torch
+
+    from lavakv.cli import _eval_device
+
+    if device.startswith("cuda"):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _eval_device(device, None)
+    assert _eval_device("cpu", None) == "cpu"
+
+
+def test_a_non_integer_local_rank_is_named():
+    from lavakv.eval.runner import resolve_shard
+
+    with pytest.raises(ValueError, match=r"LOCAL_RANK='gpu0' must be an integer"):
+        resolve_shard("auto", None, {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "gpu0"})

@@ -209,6 +209,7 @@ def cmd_compress(args) -> int:
 
 
 DEMO_METHODS = ("full", "streamingllm", "snapkv", "ada-snapkv", "lava")
+DEFAULT_EVAL_BUDGETS = "32,64,128,256"
 
 
 def cmd_demo(args) -> int:
@@ -290,7 +291,15 @@ def cmd_eval(args) -> int:
         if name not in BENCHMARKS:
             raise ValueError(f"unknown benchmark {name!r}; valid: {', '.join(BENCHMARKS)}")
     check_protocol(args.protocol)
-    pairs = make_pairs(split_specs(args.methods), _split(args.budgets, int, "budgets") or [], args.window)
+    _check_eval_options_used(args, benchmarks)
+    specs = split_specs(args.methods)
+    budgets = _split(args.budgets if args.budgets is not None else DEFAULT_EVAL_BUDGETS, int, "budgets") or []
+    pairs = make_pairs(specs, budgets, args.window)
+    if all(pair.budget is None for pair in pairs):
+        for option, value in (("--budgets", args.budgets), ("--window", args.window)):
+            if value is not None:
+                raise ValueError(f"{option} {value} has no effect: no method in --methods {args.methods} compresses")
+    seed = 0 if args.seed is None else args.seed
     decode_batch = check_decode_batch(DEFAULT_DECODE_BATCH if args.decode_batch is None else args.decode_batch)
     placement = resolve_shard(args.shard, args.shard_store, os.environ)
     shard, store_name = placement.part, placement.store_name
@@ -319,7 +328,7 @@ def cmd_eval(args) -> int:
             depths=_split(args.depths, float, "depths"),
             limit=args.limit,
             max_words=args.max_words,
-            seed=args.seed,
+            seed=seed,
             chat_template=args.chat_template != "off",
         )
         if not samples:
@@ -332,21 +341,33 @@ def cmd_eval(args) -> int:
     read_from_files = {name: samples_of(name, None) for name in benchmarks if name in FILE_BENCHMARKS}
     ResultStore(args.out, name=store_name).close()
     model, tokenizer = load_model(args.model, device=_eval_device(args.device, placement.local_rank))
+    if args.chat_template == "on" and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("--chat-template on: the model's tokenizer has no chat template; use auto or off")
     context = context_length(model)
     if context is None and args.max_length is None:
         raise ValueError("the model's config states no context length: give --max-length")
     if args.max_length is None:
         check_lengths(context, "the model's context")
-    max_length = args.max_length or context - LONGBENCH_CONTEXT_MARGIN
+    elif context is not None and args.max_length > context:
+        raise ValueError(f"--max-length {args.max_length} exceeds the model's context of {context} tokens")
+    files = [name for name in benchmarks if name in FILE_BENCHMARKS]
+    if args.max_length is None and files and context - LONGBENCH_CONTEXT_MARGIN < 2:
+        raise ValueError(
+            f"the model's context of {context} tokens leaves no room for {', '.join(files)}'s default --max-length "
+            f"(the context minus {LONGBENCH_CONTEXT_MARGIN}): give --max-length"
+        )
+    max_length = args.max_length or (context - LONGBENCH_CONTEXT_MARGIN if files else context)
     identity = {
         "model": _model_identity(args.model),
         "protocol": args.protocol,
         "chat_template": args.chat_template,
         "max_length": max_length,
-        "seed": args.seed,
+        "seed": seed,
         "window": args.window if args.window is not None else EVAL_WINDOW_IDENTITY,
         "scoring": SCORING,
     }
+    if args.max_length is None and files and len(files) < len(benchmarks):
+        identity["generated_max_length"] = context
     samples = {
         name: interleave_datasets(read_from_files.get(name) or samples_of(name, tokenizer)) for name in benchmarks
     }
@@ -397,14 +418,50 @@ def cmd_eval(args) -> int:
 
 
 def _eval_device(device: str, local_rank: int | None) -> str:
-    """``--device``: ``auto`` is the launcher's GPU (``LOCAL_RANK``), else ``cuda`` when there is one, else ``cpu``."""
-    if device != "auto":
-        return device
+    """``--device``: ``auto`` is the launcher's GPU (``LOCAL_RANK``), else ``cuda`` when there is one, else ``cpu``.
+
+    A device torch cannot parse, or one this machine does not have, is an error before any work.
+    """
     import torch
 
-    if not torch.cuda.is_available():
-        return "cpu"
-    return f"cuda:{local_rank}" if local_rank is not None else "cuda"
+    if device == "auto":
+        if not torch.cuda.is_available():
+            return "cpu"
+        return f"cuda:{local_rank}" if local_rank is not None else "cuda"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device!r} is not a device; valid: auto, cpu, cuda, cuda:N, mps") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if parsed.index is not None and parsed.index >= count or count == 0:
+            raise ValueError(f"--device {device}: this machine has {count} CUDA device(s); use auto or cpu")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available here; use auto or cpu")
+    elif parsed.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {device!r}: lavakv eval runs on cpu, cuda or mps")
+    return device
+
+
+_EVAL_OPTION_USERS = {
+    "data": ("longbench", "infinitebench", "ruler"),
+    "datasets": ("longbench", "infinitebench", "ruler"),
+    "lengths": ("niah", "ruler"),
+    "depths": ("niah",),
+    "seed": ("niah", "ruler"),
+}
+"""For each ``lavakv eval`` option that only some benchmarks read, those benchmarks."""
+
+
+def _check_eval_options_used(args, benchmarks: list[str]) -> None:
+    """An option none of the run's benchmarks reads is an error, not a silent no-op."""
+    for option, users in _EVAL_OPTION_USERS.items():
+        value = getattr(args, option)
+        if value is not None and not any(name in users for name in benchmarks):
+            flag = "--" + option.replace("_", "-")
+            raise ValueError(
+                f"{flag} {value} is read by {', '.join(users)} only; --benchmark {','.join(benchmarks)} does not use it"
+            )
 
 
 def cmd_report(args) -> int:
@@ -530,7 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = commands.add_parser("eval", help="score methods x budgets on benchmarks (prefill once, resumable)")
     ev.add_argument("--benchmark", required=True, help="niah, ruler, longbench, infinitebench (comma-separated)")
     ev.add_argument("--methods", default=",".join(PRESETS), help=f"comma-separated; each {SPEC_HELP} (default: all)")
-    ev.add_argument("--budgets", default="32,64,128,256", help="comma-separated tokens per KV head per layer")
+    ev.add_argument("--budgets", help=f"comma-separated tokens per KV head per layer (default {DEFAULT_EVAL_BUDGETS})")
     ev.add_argument("--out", required=True, help="run directory (results.sqlite); rerunning resumes")
     ev.add_argument("--model", help="smollm2 (default), gemma3-270m, transformers model directory or .gguf file")
     ev.add_argument("--data", help="directory of JSONL files (longbench, infinitebench)")
@@ -550,7 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
         "minus 500 for longbench and infinitebench; generated benchmarks are built to fit the model's context)",
     )
     ev.add_argument("--window", type=int, help="observation window for every method (default: min(32, budget/2))")
-    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--seed", type=int, help="seed of the generated samples (niah, ruler; default 0)")
     ev.add_argument(
         "--shard",
         help="i/N: evaluate every N-th sample from the i-th; auto: from torchrun/accelerate (RANK, WORLD_SIZE) or a "

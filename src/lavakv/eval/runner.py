@@ -410,6 +410,8 @@ def shard_from_launcher(environ: Mapping[str, str]) -> tuple[int, int, int | Non
         if count < 1 or not 0 <= index < count:
             raise ValueError(f"--shard auto: {index_name}={index} must be in [0, {count_name}={count})")
         local = environ.get("LOCAL_RANK") if index_name == "RANK" else None
+        if local is not None and not (local.isdigit() and local.isascii()):
+            raise ValueError(f"--shard auto: LOCAL_RANK={local!r} must be an integer >= 0 (the process's GPU)")
         return index, count, None if local is None else int(local)
     names = ", ".join(f"{a}/{b}" for a, b in LAUNCHER_VARIABLES)
     raise ValueError(
