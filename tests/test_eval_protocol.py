@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -26,7 +27,7 @@ from lavakv.eval.runner import (
 )
 from lavakv.eval.samples import Sample, error_sample, interleave_datasets
 from lavakv.eval.stats import bootstrap_mean, paired_difference
-from lavakv.eval.store import ResultStore, read_run, store_paths
+from lavakv.eval.store import ResultStore, read_run, run_done_keys, store_paths
 from lavakv.methods import PRESETS
 
 WORKER = Path(__file__).resolve().parent / "eval_worker.py"
@@ -94,6 +95,11 @@ def test_one_failing_pair_is_an_error_row_and_the_run_goes_on(tmp_path, monkeypa
     assert errors[0].error == "RuntimeError: out of memory (simulated)"
     report = render(load_runs([tmp_path]), "md")
     assert "**Errors**: 2 rows could not be run" in report and "out of memory (simulated)" in report
+    records = json.loads(render(load_runs([tmp_path]), "json"))
+    failed = [r for r in records if r["method"] == "lava" and r["budget"] == 24 and r["dataset"]]
+    # One sample per dataset here: each dataset's record of lava@24 has no score and one error.
+    assert [(r["samples"], r["errors"], r["score"]) for r in failed] == [(0, 1, "")] * 2
+    assert all(r["errors"] == 0 for r in records if r["dataset"] and r["method"] != "lava")
     # A resume leaves error rows alone; --retry-errors runs them again and the scored rows replace them.
     monkeypatch.setattr(runner_module, "_build", real_build)
     with ResultStore(tmp_path) as store:
@@ -228,6 +234,21 @@ def test_torchrun_shards_write_their_own_stores_and_report_reads_them_as_one_run
             run(tiny_model("llama"), TinyTokenizer(), tiny_samples(), PAIRS, store, shard=(0, 2), progress=False) == 0
         )
     assert "| full cache |" in render(load_runs([out]), "md")
+
+
+def test_a_shard_store_still_being_created_reads_as_empty(tmp_path):
+    # torchrun starts the shards at once: one may read the directory while another's file has no tables yet.
+    with ResultStore(tmp_path, name="results.shard-0-of-2.sqlite") as store:
+        store.claim_identity({"model": "a"})
+        run(tiny_model("llama"), TinyTokenizer(), tiny_samples(1), PAIRS[:1], store, progress=False)
+    (tmp_path / "results.shard-1-of-2.sqlite").write_bytes(b"")
+    identity, rows = read_run(tmp_path)
+    assert identity == {"model": "a"} and len(rows) == 1
+    assert run_done_keys(tmp_path) == {rows[0].key}
+    # Once created, the file holds every table at once and its rows are read.
+    with ResultStore(tmp_path, name="results.shard-1-of-2.sqlite") as store:
+        store.claim_identity({"model": "a"})
+    assert len(read_run(tmp_path)[1]) == 1
 
 
 def test_store_files_of_different_runs_are_refused(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -150,6 +151,7 @@ def test_report_tables_and_plots(tmp_path):
     for row in rows:
         expected.setdefault((row.dataset, row.method, row.budget), []).append(row.score)
     records = json.loads(render(runs, "json"))
+    assert {r["scoring"] for r in records} == {runs[0].identity.get("scoring", "")}
     cells = [r for r in records if r["dataset"]]
     assert len(cells) == len(expected)
     for record in cells:
@@ -181,6 +183,9 @@ def test_report_compares_runs(tmp_path):
     _complete_run(tmp_path / "b")
     markdown = render(load_runs([tmp_path / "a", tmp_path / "b"]), "md")
     assert "Comparison of runs" in markdown and "| a: lava |" in markdown and "| b: lava |" in markdown
+    comparison = markdown[markdown.index("Comparison of runs") :]
+    lava_line = next(line for line in comparison.splitlines() if line.startswith("| a: lava |"))
+    assert re.search(r"\d+\.\d \[\d+\.\d, \d+\.\d\]", lava_line)  # the average with its interval
 
 
 def test_report_of_a_directory_without_results(tmp_path):
@@ -372,4 +377,4 @@ def test_longbench_report_adds_its_task_categories(tmp_path):
     # The benchmark average: mean of the two datasets' means.
     assert by_key[("", "", "lava", 32)]["score"] == pytest.approx(37.5)
     header = render(load_runs([tmp_path]), "csv").splitlines()[0].split(",")
-    assert header[-1] == "category"
+    assert header[-2:] == ["category", "scoring"]

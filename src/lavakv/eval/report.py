@@ -62,6 +62,8 @@ class Cell:
     compress_seconds: float
     decode_ms_per_step: float
     truncated: int
+    errors: int = 0
+    """Rows of this key that could not be run (left out of ``samples`` and the score)."""
 
 
 def load_runs(directories: list[str | Path]) -> list[Run]:
@@ -116,8 +118,13 @@ def scored(rows: list[ResultRow]) -> list[ResultRow]:
 def aggregate(rows: list[ResultRow], statistics: Statistics = DEFAULT_STATISTICS) -> list[Cell]:
     """One cell per ``(benchmark, dataset, method, budget)`` of the scored rows, with its interval."""
     groups: dict[tuple, list[ResultRow]] = defaultdict(list)
-    for row in scored(rows):
-        groups[(row.benchmark, row.dataset, row.method, row.budget)].append(row)
+    errors: dict[tuple, int] = defaultdict(int)
+    for row in rows:
+        key = (row.benchmark, row.dataset, row.method, row.budget)
+        if row.error is None:
+            groups[key].append(row)
+        else:
+            errors[key] += 1
     cells = []
     for key, group in groups.items():
         benchmark, dataset, method, budget = key
@@ -140,6 +147,7 @@ def aggregate(rows: list[ResultRow], statistics: Statistics = DEFAULT_STATISTICS
                 compress_seconds=mean(r.compress_seconds for r in group),
                 decode_ms_per_step=1000 * sum(r.decode_seconds for r in group) / steps,
                 truncated=sum(r.truncated for r in group),
+                errors=errors[key],
             )
         )
     return sorted(cells, key=lambda c: (c.benchmark, c.dataset, method_rank(c.method), c.budget))
@@ -230,20 +238,6 @@ def method_label(spec: str) -> str:
     """A readable label for a stored method spec."""
     method = parsed_method(spec)
     return spec if method is None else method.label
-
-
-def benchmark_averages(cells: list[Cell]) -> dict[tuple[str, str, int], float]:
-    """``(benchmark, method, budget)`` -> mean over datasets of the dataset scores.
-
-    Only for a method and budget that have results on every dataset of the benchmark: an average
-    over a subset would not compare with the others.
-    """
-    datasets: dict[str, set[str]] = defaultdict(set)
-    by_key: dict[tuple[str, str, int], dict[str, float]] = defaultdict(dict)
-    for cell in cells:
-        datasets[cell.benchmark].add(cell.dataset)
-        by_key[(cell.benchmark, cell.method, cell.budget)][cell.dataset] = cell.score
-    return {key: mean(scores.values()) for key, scores in by_key.items() if set(scores) == datasets[key[0]]}
 
 
 def _budgets(cells: list[Cell]) -> list[int]:
@@ -376,7 +370,7 @@ def markdown(
             parts.append("Cells with fewer samples than the rest of their dataset: " + ", ".join(incomplete) + ".\n")
         parts.append(_errors_section(run.rows))
     if len(runs) > 1:
-        parts.append(comparison(runs))
+        parts.append(comparison(runs, statistics))
     return "\n".join(parts)
 
 
@@ -511,17 +505,16 @@ def _incomplete(cells: list[Cell]) -> list[str]:
     ]
 
 
-def comparison(runs: list[Run]) -> str:
-    """Benchmark averages of several runs side by side: one line per (run, method)."""
-    all_cells = {run.name: aggregate(run.rows) for run in runs}
-    budgets = sorted({b for cells in all_cells.values() for b in _budgets(cells)}) or [0]
+def comparison(runs: list[Run], statistics: Statistics = DEFAULT_STATISTICS) -> str:
+    """Benchmark averages of several runs side by side, with their intervals: one line per (run, method)."""
+    all_intervals = {run.name: benchmark_intervals(run.rows, statistics) for run in runs}
+    budgets = sorted({b for found in all_intervals.values() for (_, m, b) in found if m != "full"}) or [0]
     parts = ["## Comparison of runs\n"]
-    benchmarks = sorted({c.benchmark for cells in all_cells.values() for c in cells})
+    benchmarks = sorted({bench for found in all_intervals.values() for (bench, _, _) in found})
     for benchmark in benchmarks:
         lines = []
         for run in runs:
-            averages = benchmark_averages([c for c in all_cells[run.name] if c.benchmark == benchmark])
-            values = {(m, b): v for (_, m, b), v in averages.items()}
+            values = {(m, b): v for (bench, m, b), v in all_intervals[run.name].items() if bench == benchmark}
             methods = sorted({m for m, _ in values}, key=method_rank)
             lines += [(f"{run.name}: {label}", vals) for label, vals in _method_lines(values, methods, budgets)]
         parts.append(f"### {benchmark}\n\n" + _table("run: method", lines, budgets) + "\n")
@@ -538,6 +531,7 @@ def records(runs: list[Run], reference: str | None = None, statistics: Statistic
     """
     out = []
     for run in runs:
+        scoring = run.identity.get("scoring", "")
         groups: list[tuple[str, list[ResultRow]]] = [("", run.rows)]
         for benchmark in sorted({row.benchmark for row in run.rows}):
             inside = [row for row in run.rows if row.benchmark == benchmark]
@@ -546,7 +540,7 @@ def records(runs: list[Run], reference: str | None = None, statistics: Statistic
                 groups += [(name, [r for r in inside if r.dataset in members]) for name, members in categories.items()]
         for category, rows in groups:
             differences = paired_differences(rows, reference, statistics) if reference else {}
-            cells = [] if category else [cell.__dict__ for cell in aggregate(rows, statistics)]
+            cells = [] if category else [cell.__dict__ for cell in aggregate(rows, statistics)] + _error_cells(rows)
             for (benchmark, method, budget), interval in benchmark_intervals(rows, statistics).items():
                 cells.append(
                     {
@@ -562,12 +556,31 @@ def records(runs: list[Run], reference: str | None = None, statistics: Statistic
                 )
             for cell in cells:
                 found_category = category or _category_of(cell["benchmark"], cell["dataset"])
-                record = {"run": run.name, **cell, "category": found_category}
+                record = {"run": run.name, **cell, "category": found_category, "scoring": scoring}
                 if reference:
                     found = differences.get((cell["benchmark"], cell["dataset"], cell["method"], cell["budget"]))
                     record.update(_difference_fields(found))
                 out.append(record)
     return out
+
+
+def _error_cells(rows: list[ResultRow]) -> list[dict]:
+    """Records for the keys whose every row is an error row: no score, ``samples`` 0, and the error count."""
+    held = {(r.benchmark, r.dataset, r.method, r.budget) for r in scored(rows)}
+    errors: dict[tuple, int] = defaultdict(int)
+    for row in rows:
+        key = (row.benchmark, row.dataset, row.method, row.budget)
+        if row.error is not None and key not in held:
+            errors[key] += 1
+    return [
+        {
+            **{name: "" for name in Cell.__dataclass_fields__},
+            **dict(zip(("benchmark", "dataset", "method", "budget"), key)),
+            "samples": 0,
+            "errors": count,
+        }
+        for key, count in sorted(errors.items())
+    ]
 
 
 def _category_of(benchmark: str, dataset: str) -> str:
@@ -602,7 +615,7 @@ def render(
     if fmt == "json":
         return json.dumps(table, indent=2)
     buffer = io.StringIO()
-    columns = ["run", *Cell.__dataclass_fields__, "category", *(DIFFERENCE_FIELDS if reference else ())]
+    columns = ["run", *Cell.__dataclass_fields__, "category", "scoring", *(DIFFERENCE_FIELDS if reference else ())]
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(table)

@@ -115,6 +115,7 @@ class ResultStore:
         self.directory = Path(directory)
         self.path = self.directory / name
         self._missing: set[str] = set()
+        self._empty = False
         if not create and not self.path.is_file():
             raise FileNotFoundError(f"no results store in {self.directory} (expected {self.path})")
         try:
@@ -130,8 +131,8 @@ class ResultStore:
             self._check_schema(writable=True)
             self.connection.execute("PRAGMA journal_mode = WAL")
             self.connection.execute("PRAGMA synchronous = FULL")
-            self.connection.executescript(SCHEMA)
-            self.connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            # One transaction: a shard reading the directory sees no tables or all of them.
+            self.connection.executescript(f"BEGIN;\n{SCHEMA}PRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;\n")
         except sqlite3.DatabaseError as error:
             raise ValueError(f"{self.path} is not a lavakv results store ({error})") from None
 
@@ -144,7 +145,9 @@ class ResultStore:
                 f"{self.path} was written with results schema {version}; this lavakv reads schema {SCHEMA_VERSION} "
                 "(upgrade lavakv)"
             )
-        if not tables and writable:
+        if not tables and (writable or version == 0):
+            # Read-only, a file without tables is a store another shard is creating: no rows yet.
+            self._empty = not writable
             return
         missing = {"identity", "results"} - tables
         if missing:
@@ -197,6 +200,8 @@ class ResultStore:
                 other.close()
 
     def identity(self) -> dict[str, object]:
+        if self._empty:
+            return {}
         rows = self.connection.execute("SELECT key, value FROM identity").fetchall()
         return {key: json.loads(value) for key, value in rows}
 
@@ -207,6 +212,8 @@ class ResultStore:
 
     def done_keys(self, errors: bool = True) -> set[tuple[str, str, str, str, int]]:
         """Keys of the rows held; ``errors=False`` leaves out error rows (to run them again)."""
+        if self._empty:
+            return set()
         where = "" if errors or "error" in self._missing else " WHERE error IS NULL"
         rows = self.connection.execute(f"SELECT benchmark, dataset, sample_id, method, budget FROM results{where}")
         return {tuple(row) for row in rows}
@@ -232,6 +239,8 @@ class ResultStore:
         return cursor.rowcount == 1
 
     def rows(self) -> list[ResultRow]:
+        if self._empty:
+            return []
         selected = [f"{ADDED_DEFAULTS[name]} AS {name}" if name in self._missing else name for name in _COLUMNS]
         cursor = self.connection.execute(f"SELECT {', '.join(selected)} FROM results ORDER BY rowid")
         rows = []
