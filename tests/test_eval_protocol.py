@@ -251,6 +251,21 @@ def test_a_shard_store_still_being_created_reads_as_empty(tmp_path):
     assert len(read_run(tmp_path)[1]) == 1
 
 
+def test_a_run_recorded_without_a_setting_is_not_resumed_under_it(tmp_path):
+    with ResultStore(tmp_path) as store:
+        store.claim_identity({"model": "a"})
+        run(tiny_model("llama"), TinyTokenizer(), tiny_samples(1), PAIRS[:1], store, progress=False)
+    with ResultStore(tmp_path) as store:
+        with pytest.raises(ValueError, match="holds a run recorded without prompt_tokens .an earlier lavakv"):
+            store.claim_identity({"model": "a", "prompt_tokens": "whole"})
+        store.claim_identity({"model": "a"})
+    # Without results yet, a directory takes the new settings.
+    with ResultStore(tmp_path / "fresh") as store:
+        store.claim_identity({"model": "a"})
+        store.claim_identity({"model": "a", "prompt_tokens": "whole"})
+        assert store.identity() == {"model": "a", "prompt_tokens": "whole"}
+
+
 def test_store_files_of_different_runs_are_refused(tmp_path):
     with ResultStore(tmp_path, name="results.shard-0-of-2.sqlite") as store:
         store.claim_identity({"model": "a"})

@@ -285,6 +285,24 @@ def test_chat_template_split_keeps_question_separate(smollm2):
     assert tokenizer.decode(plain.context + plain.question) == sample.prompt
 
 
+def test_the_query_aware_prompt_is_tokenized_whole_as_pred_py_does(smollm2):
+    model, tokenizer = smollm2
+    # The context ends in a newline and the question starts with two: tokenized apart, that run
+    # of three newlines becomes two tokens, where pred.py, tokenizing the whole prompt, gets one.
+    sample = Sample("t", "d", "1", "Some document text.\n", "\n\nQuestion: what is it?", ["x"], 4, "qa_f1")
+    for mode in ("off", "on"):
+        prepared = prepare(tokenizer, sample, mode, 8192)
+        if mode == "off":
+            official = tokenizer(sample.prompt)["input_ids"]
+        else:
+            messages = [{"role": "user", "content": sample.prompt}]
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            official = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert prepared.prompt == official
+        assert prepared.context + prepared.question != official
+        assert tokenizer.decode(prepared.prompt) == tokenizer.decode(prepared.context + prepared.question)
+
+
 def test_report_of_only_the_full_cache_and_missing_datasets(tmp_path):
     from lavakv.eval.store import ResultRow
 

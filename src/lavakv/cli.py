@@ -273,6 +273,7 @@ def cmd_eval(args) -> int:
         DEFAULT_DECODE_BATCH,
         EVAL_WINDOW_IDENTITY,
         LONGBENCH_CONTEXT_MARGIN,
+        PROMPT_TOKENIZATION,
         _progress,
         check_decode_batch,
         check_protocol,
@@ -365,6 +366,7 @@ def cmd_eval(args) -> int:
         "seed": seed,
         "window": args.window if args.window is not None else EVAL_WINDOW_IDENTITY,
         "scoring": SCORING,
+        "prompt_tokens": PROMPT_TOKENIZATION,
     }
     if args.max_length is None and files and len(files) < len(benchmarks):
         identity["generated_max_length"] = context

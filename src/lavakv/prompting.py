@@ -108,6 +108,18 @@ def split_prompt(
     return list(context_ids), list(question_ids)
 
 
+def prompt_ids(tokenizer, context: str, question: str, chat_template: bool, answer_prefix: str = "") -> list[int]:
+    """Token ids of the whole prompt ``context + question``, tokenized at once as benchmarks' own scripts do.
+
+    :func:`split_prompt` tokenizes the two parts apart, which can differ where they meet (a run of
+    newlines split in two is two tokens, not one); a prompt fed whole is fed as these ids.
+    """
+    if not uses_chat_template(tokenizer, chat_template):
+        return list(tokenizer(context + question + answer_prefix)["input_ids"])
+    text = _templated(tokenizer, context + question) + answer_prefix
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 CHAT_MARKER = "\u2063lavakv-marker\u2063"
 """A string no prompt contains, to read where the chat template puts the user's message."""
 

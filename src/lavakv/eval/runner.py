@@ -13,14 +13,14 @@ import logging
 import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..cache import CompressedCache, SequenceStats
 from ..decoding import TokenFeed
 from ..methods import Budget, Method, parse_spec
-from ..prompting import context_length, pad_token_id, split_prompt, stop_token_ids, truncate_middle
+from ..prompting import context_length, pad_token_id, prompt_ids, split_prompt, stop_token_ids, truncate_middle
 from ..recording import PrefillRecord
 from .metrics import score
 from .samples import Sample
@@ -115,8 +115,11 @@ def first_line(text: str) -> str:
 class Prepared:
     """A sample's token ids as the run feeds them.
 
-    ``question_whole`` is false when LongBench's middle cut reached into the question, which then
-    sits in ``context`` (the query-agnostic protocol cannot run such a sample).
+    ``prompt`` is the whole prompt tokenized at once, as the benchmark's own script feeds it, and
+    what the query-aware protocol prefills; the query-agnostic protocol prefills ``context`` and
+    feeds ``question`` (the two tokenized apart) after compression. ``question_whole`` is false
+    when LongBench's middle cut reached into the question, which then sits in ``context`` (the
+    query-agnostic protocol cannot run such a sample).
     """
 
     sample: Sample
@@ -124,6 +127,11 @@ class Prepared:
     question: list[int]
     truncated: bool
     question_whole: bool = True
+    prompt: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.prompt:
+            self.prompt = self.context + self.question
 
 
 def prepare(tokenizer, sample: Sample, chat_template: str, max_length: int) -> Prepared:
@@ -149,8 +157,12 @@ def prepare(tokenizer, sample: Sample, chat_template: str, max_length: int) -> P
         else:
             context, question, whole = prompt, "", not sample.question
     context_ids, question_ids = split_prompt(tokenizer, context, question, use_template, name, sample.answer_prefix)
-    return Prepared(sample, context_ids, question_ids, truncated, whole)
+    whole_ids = prompt_ids(tokenizer, context, question, use_template, sample.answer_prefix)
+    return Prepared(sample, context_ids, question_ids, truncated, whole, whole_ids)
 
+
+PROMPT_TOKENIZATION = "whole"
+"""How a run tokenizes its prompts, recorded in its identity: the query-aware prompt at once (:func:`prompt_ids`)."""
 
 LONGBENCH_CONTEXT_MARGIN = 500
 """``--max-length`` defaults to the model's context minus this, as LongBench's model table sets it (3500 for 4K)."""
@@ -227,7 +239,7 @@ def evaluate_sample(
             f"the middle cut to max_length reached into the question ({len(sample.question)} characters), which the "
             "query-agnostic protocol feeds after compression; give a larger --max-length or use --protocol query-aware"
         )
-    prefilled = prepared.context + prepared.question if aware else prepared.context
+    prefilled = prepared.prompt if aware else prepared.context
     after_prefill = [] if aware else prepared.question
     decoder = _Decoder(model, tokenizer, sample, len(prefilled), after_prefill)
     record = None if from_scratch else PrefillRecord(model, torch.tensor([prefilled], device=model.device))
@@ -322,7 +334,7 @@ class _Decoder:
             prediction=prediction,
             score=float(score(sample, prediction)),
             answers=list(sample.answers),
-            prompt_tokens=len(prepared.context) + len(prepared.question),
+            prompt_tokens=len(prepared.prompt),
             truncated=prepared.truncated,
             kept_entries=stats.kept_entries,
             full_entries=stats.full_entries,
@@ -362,7 +374,7 @@ def error_row(sample: Sample, pair: Pair, error: BaseException, prepared: Prepar
         prediction="",
         score=0.0,
         answers=list(sample.answers),
-        prompt_tokens=0 if prepared is None else len(prepared.context) + len(prepared.question),
+        prompt_tokens=0 if prepared is None else len(prepared.prompt),
         truncated=False if prepared is None else prepared.truncated,
         kept_entries=0,
         full_entries=0,

@@ -176,11 +176,20 @@ class ResultStore:
         """Record the run's identity, or check it against the one recorded (first writer wins).
 
         A store without results yet takes the new identity, so a run refused at its first sample
-        (a typo in a setting) does not lock its directory.
+        (a typo in a setting) does not lock its directory. A store with results whose identity lacks
+        one of the keys (recorded by an earlier lavakv) is refused too, not silently extended.
         """
         with self._transaction():
-            if self.connection.execute("SELECT COUNT(*) FROM results").fetchone()[0] == 0:
+            held = self.connection.execute("SELECT COUNT(*) FROM results").fetchone()[0] > 0
+            if not held:
                 self.connection.execute("DELETE FROM identity")
+            recorded = {row[0] for row in self.connection.execute("SELECT key FROM identity")}
+            unrecorded = sorted(set(identity) - recorded) if held else []
+            if unrecorded:
+                raise ValueError(
+                    f"{self.directory} holds a run recorded without {unrecorded[0]} (an earlier lavakv, whose "
+                    f"rows may have been made otherwise); resume it with that version, or use another --out directory"
+                )
             for key, value in identity.items():
                 self.connection.execute(
                     "INSERT OR IGNORE INTO identity (key, value) VALUES (?, ?)", (key, json.dumps(value))
