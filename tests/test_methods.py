@@ -10,6 +10,7 @@ from conftest import random_prompt, tiny_model
 
 import lavakv
 from lavakv.methods import HEAD_ALLOCATIONS, LAYER_ALLOCATIONS, SCORES, LayerInput, Method
+from lavakv.methods import scores as scores_module
 from lavakv.methods.registry import proportional_shares, round_to_total
 from lavakv.methods.scores import pool, reduce_group
 from lavakv.selection import GroupCompression
@@ -110,6 +111,21 @@ def test_h2o_score_accumulates_attention_from_every_query():
     expected = [sum(1 / (j + 1) for j in range(i, length)) for i in range(4)]
     assert score[0].tolist() == pytest.approx(expected)
 
+
+
+@pytest.mark.parametrize("queries", [40, 12])
+def test_h2o_score_in_chunks_equals_the_whole_causal_attention_matrix(monkeypatch, queries):
+    monkeypatch.setattr(scores_module, "H2O_QUERY_CHUNK", 7)
+    torch.manual_seed(0)
+    length, heads, kv_heads = 40, 4, 2
+    query, key = torch.randn(heads, queries, 8), torch.randn(kv_heads, length, 8)
+    layer = LayerInput(query, key, torch.randn(kv_heads, length, 8), scaling=0.3, observed=4, prefix_length=30)
+    logits = (query @ key.repeat_interleave(heads // kv_heads, dim=0).transpose(1, 2)) * 0.3
+    positions = torch.arange(length - queries, length)[:, None]
+    logits = logits.masked_fill(torch.arange(length)[None, :] > positions, -math.inf)
+    received = torch.softmax(logits, dim=-1).sum(dim=1)[:, :30]
+    expected = received.reshape(kv_heads, heads // kv_heads, 30).mean(dim=1)
+    torch.testing.assert_close(SCORES["h2o"]()(layer), expected)
 
 def test_streamingllm_score_ranks_sinks_first_then_recency():
     layer = hand_layer(torch.zeros(1, 2, 10), prefix=8)

@@ -113,7 +113,8 @@ class H2OScore(Score):
 
     Attention received from every query given (the whole prompt at prefill, the latest generated
     tokens while decoding), accumulated, averaged over each GQA group.
-    Computed in chunks of queries so that the full ``n x n`` matrix never exists at once.
+    Computed in chunks of queries so that the full ``n x n`` matrix never exists at once; a chunk
+    attends only to the keys its last query can see, so the causal half is never computed.
     """
 
     rows_independent: ClassVar[bool] = True
@@ -124,9 +125,11 @@ class H2OScore(Score):
         total = torch.zeros(heads, length, dtype=torch.float32, device=layer.key.device)
         for start in range(0, queries, H2O_QUERY_CHUNK):
             chunk = layer.query[:, start : start + H2O_QUERY_CHUNK]
-            total += attention_probabilities(chunk, layer.key, layer.scaling, first_query_position=first + start).sum(
-                dim=1
+            visible = first + start + chunk.shape[1]
+            probabilities = attention_probabilities(
+                chunk, layer.key[:, :visible], layer.scaling, first_query_position=first + start
             )
+            total[:, :visible] += probabilities.sum(dim=1)
         return reduce_group(total[:, : layer.prefix_length], layer.num_kv_heads, "mean")
 
 
