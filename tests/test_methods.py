@@ -112,7 +112,6 @@ def test_h2o_score_accumulates_attention_from_every_query():
     assert score[0].tolist() == pytest.approx(expected)
 
 
-
 @pytest.mark.parametrize("queries", [40, 12])
 def test_h2o_score_in_chunks_equals_the_whole_causal_attention_matrix(monkeypatch, queries):
     monkeypatch.setattr(scores_module, "H2O_QUERY_CHUNK", 7)
@@ -126,6 +125,7 @@ def test_h2o_score_in_chunks_equals_the_whole_causal_attention_matrix(monkeypatc
     received = torch.softmax(logits, dim=-1).sum(dim=1)[:, :30]
     expected = received.reshape(kv_heads, heads // kv_heads, 30).mean(dim=1)
     torch.testing.assert_close(SCORES["h2o"]()(layer), expected)
+
 
 def test_streamingllm_score_ranks_sinks_first_then_recency():
     layer = hand_layer(torch.zeros(1, 2, 10), prefix=8)
