@@ -396,3 +396,23 @@ def test_longbench_report_adds_its_task_categories(tmp_path):
     assert by_key[("", "", "lava", 32)]["score"] == pytest.approx(37.5)
     header = render(load_runs([tmp_path]), "csv").splitlines()[0].split(",")
     assert header[-2:] == ["category", "scoring"]
+
+
+def test_generated_benchmarks_report_each_prompt_length_and_file_benchmarks_do_not(tmp_path):
+    from dataclasses import replace
+
+    with ResultStore(tmp_path) as store:
+        for sample_id, length, lava_score in [("a", 1000, 1.0), ("b", 1000, 0.0), ("c", 4000, 0.0)]:
+            for method, budget, score in [("full", 0, 1.0), ("lava", 32, lava_score), ("snapkv", 32, 0.0)]:
+                store.add(replace(_fake_row(sample_id, method, budget, score, {"length": length}), benchmark="niah"))
+                row = _fake_row(sample_id, method, budget, score, {"length": length * 3})
+                store.add(replace(row, benchmark="longbench", dataset="qasper"))
+    markdown = render(load_runs([tmp_path]), "md", reference="lava")
+    section = markdown[markdown.index("niah: by prompt length") :]
+    at_1000 = section[section.index("1000 tokens") : section.index("4000 tokens")]
+    assert "| lava | 50.0 [0.0, 100.0] |" in at_1000 and "| full cache | 100.0 [100.0, 100.0] |" in at_1000
+    assert "| snapkv | -50.0 [-100.0, +0.0] 0/1/1 |" in at_1000
+    at_4000 = section[section.index("4000 tokens") :]
+    assert "| lava | 0.0 [0.0, 0.0] |" in at_4000
+    # LongBench's `length` is a record's word count, not a length the run was built to.
+    assert "longbench: by prompt length" not in markdown

@@ -21,6 +21,7 @@ from pathlib import Path
 from statistics import mean
 
 from ..methods import PRESETS, Method, parse_spec
+from .benchmarks import FILE_BENCHMARKS
 from .longbench import LONGBENCH_CATEGORIES, longbench_category
 from .stats import DEFAULT_RESAMPLES, Interval, PairedDifference, bootstrap_mean, key_seed, paired_difference
 from .store import ResultRow, read_run
@@ -337,7 +338,10 @@ def markdown(
             parts.append(_table("method", _method_lines(values, methods, budgets), budgets) + "\n")
             if reference:
                 parts.append(_paired_section(benchmark, datasets, differences, reference, methods, budgets))
-            parts.append(_category_section(benchmark, run.rows, methods, budgets, reference, statistics))
+            for grouped in (_category_section, _length_section):
+                section = grouped(benchmark, run.rows, methods, budgets, reference, statistics)
+                if section:
+                    parts.append(section)
             missing = sorted({(c.method, c.budget) for c in subset} - set(values))
             if missing:
                 parts.append(
@@ -419,32 +423,75 @@ def dataset_categories(benchmark: str, datasets: set[str]) -> dict[str, list[str
     return {name: found[name] for name in LONGBENCH_CATEGORIES if name in found}
 
 
+def sample_lengths(benchmark: str, rows: list[ResultRow]) -> dict[int, list[ResultRow]]:
+    """The benchmark's rows by the prompt length their sample was built to (NIAH, RULER); empty with one length.
+
+    File benchmarks are left out: their ``length`` is the record's own word count, not a setting.
+    """
+    if benchmark in FILE_BENCHMARKS:
+        return {}
+    found: dict[int, list[ResultRow]] = defaultdict(list)
+    for row in rows:
+        length = row.extra.get("length") if row.benchmark == benchmark else None
+        if isinstance(length, int):
+            found[length].append(row)
+    return dict(sorted(found.items())) if len(found) > 1 else {}
+
+
 def _category_section(benchmark, rows, methods, budgets, reference, statistics) -> str:
-    """Per category: each method's mean over the category's datasets and, with ``reference``, its paired difference."""
+    """Per LongBench category: each method's mean over its datasets and, with ``reference``, the paired difference."""
     rows = [row for row in rows if row.benchmark == benchmark]
     categories = dataset_categories(benchmark, {row.dataset for row in rows})
     if len(categories) < 2:
         return ""
-    text = [f"<details><summary>{benchmark}: by category (mean of its datasets' scores)</summary>\n"]
-    for name, members in categories.items():
-        inside = [row for row in rows if row.dataset in members]
+    groups = {
+        f"{name} ({', '.join(members)})": [row for row in rows if row.dataset in members]
+        for name, members in categories.items()
+    }
+    return _grouped_section(
+        benchmark,
+        f"{benchmark}: by category (mean of its datasets' scores)",
+        groups,
+        methods,
+        budgets,
+        reference,
+        statistics,
+    )
+
+
+def _length_section(benchmark, rows, methods, budgets, reference, statistics) -> str:
+    """Per prompt length: each method's mean over the benchmark's datasets and the paired difference."""
+    lengths = sample_lengths(benchmark, rows)
+    if not lengths:
+        return ""
+    groups = {f"{length} tokens": inside for length, inside in lengths.items()}
+    return _grouped_section(
+        benchmark,
+        f"{benchmark}: by prompt length (mean of its datasets' scores)",
+        groups,
+        methods,
+        budgets,
+        reference,
+        statistics,
+    )
+
+
+def _grouped_section(benchmark, summary, groups, methods, budgets, reference, statistics) -> str:
+    """A folded section with, per group of rows, the mean table and, with ``reference``, the paired table."""
+    text = [f"<details><summary>{summary}</summary>\n"]
+    for title, inside in groups.items():
         values = {(m, b): v for (_, m, b), v in benchmark_intervals(inside, statistics).items()}
-        text.append(
-            f"{name} ({', '.join(members)})\n\n" + _table("method", _method_lines(values, methods, budgets), budgets)
-        )
+        text.append(f"{title}\n\n" + _table("method", _method_lines(values, methods, budgets), budgets))
         if reference:
             differences = paired_differences(inside, reference, statistics)
             lines = []
             for method in methods:
-                found = {
-                    b: differences[(benchmark, "", method, 0 if method == "full" else b)]
-                    for b in budgets
-                    if (benchmark, "", method, 0 if method == "full" else b) in differences
-                }
+                keys = {b: (benchmark, "", method, 0 if method == "full" else b) for b in budgets}
+                found = {b: differences[key] for b, key in keys.items() if key in differences}
                 if found:
                     lines.append((method_label(method) if method != "full" else "full cache", found))
             text.append(
-                f"\n{name}: paired difference to {method_label(reference)}, in points\n\n"
+                f"\n{title.split(' (')[0]}: paired difference to {method_label(reference)}, in points\n\n"
                 + _table("method", lines, budgets)
             )
         text.append("")
