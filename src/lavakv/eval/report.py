@@ -444,10 +444,10 @@ def _category_section(benchmark, rows, methods, budgets, reference, statistics) 
     categories = dataset_categories(benchmark, {row.dataset for row in rows})
     if len(categories) < 2:
         return ""
-    groups = {
-        f"{name} ({', '.join(members)})": [row for row in rows if row.dataset in members]
+    groups = [
+        (name, f"{name} ({', '.join(members)})", [row for row in rows if row.dataset in members])
         for name, members in categories.items()
-    }
+    ]
     return _grouped_section(
         benchmark,
         f"{benchmark}: by category (mean of its datasets' scores)",
@@ -464,7 +464,7 @@ def _length_section(benchmark, rows, methods, budgets, reference, statistics) ->
     lengths = sample_lengths(benchmark, rows)
     if not lengths:
         return ""
-    groups = {f"{length} tokens": inside for length, inside in lengths.items()}
+    groups = [(f"{length} tokens", f"{length} tokens", inside) for length, inside in lengths.items()]
     return _grouped_section(
         benchmark,
         f"{benchmark}: by prompt length (mean of its datasets' scores)",
@@ -477,11 +477,11 @@ def _length_section(benchmark, rows, methods, budgets, reference, statistics) ->
 
 
 def _grouped_section(benchmark, summary, groups, methods, budgets, reference, statistics) -> str:
-    """A folded section with, per group of rows, the mean table and, with ``reference``, the paired table."""
+    """A folded section with, per ``(name, heading, rows)`` group, the mean table and the paired table."""
     text = [f"<details><summary>{summary}</summary>\n"]
-    for title, inside in groups.items():
+    for name, heading, inside in groups:
         values = {(m, b): v for (_, m, b), v in benchmark_intervals(inside, statistics).items()}
-        text.append(f"{title}\n\n" + _table("method", _method_lines(values, methods, budgets), budgets))
+        text.append(f"{heading}\n\n" + _table("method", _method_lines(values, methods, budgets), budgets))
         if reference:
             differences = paired_differences(inside, reference, statistics)
             lines = []
@@ -491,7 +491,7 @@ def _grouped_section(benchmark, summary, groups, methods, budgets, reference, st
                 if found:
                     lines.append((method_label(method) if method != "full" else "full cache", found))
             text.append(
-                f"\n{title.split(' (')[0]}: paired difference to {method_label(reference)}, in points\n\n"
+                f"\n{name}: paired difference to {method_label(reference)}, in points\n\n"
                 + _table("method", lines, budgets)
             )
         text.append("")
