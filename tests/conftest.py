@@ -95,6 +95,13 @@ def tokenizer():
     return TinyTokenizer()
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every test that uses the embedded model carries the ``smollm2`` marker, so ``-m "not smollm2"`` skips it."""
+    for item in items:
+        if "smollm2" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.smollm2)
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     try:
