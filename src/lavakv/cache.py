@@ -31,10 +31,11 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
 from .attention import hand_off, prepare_model, prompt_lengths
+from .backends import BACKENDS, AttentionBackend, create_backend, resolve_backend
 from .cachefile import check_identity, ids_hash, model_identity, read_file, weights_fingerprint, write_file
 from .methods import Budget, Method, resolve_method
 from .methods.registry import round_to_total
-from .ragged import ATTENTION_PATHS, RaggedKV, Row
+from .ragged import RaggedKV, Row
 from .selection import GroupCompression, PhaseClock, select_while_decoding
 
 logger = logging.getLogger(__name__)
@@ -57,10 +58,11 @@ class CompressedLayer(CacheLayerMixin):
         self.append_seconds = 0.0
         self.requested_path = attention_path
         self.attention_path: str | None = None
+        self.backend: AttentionBackend | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.attention_path = resolve_attention_path(self.requested_path, self.device)
+        self.attention_path = resolve_backend(self.requested_path, self.device)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -97,19 +99,16 @@ class CompressedLayer(CacheLayerMixin):
     def attend(self, query: torch.Tensor, scaling: float, sliding_window: int | None) -> torch.Tensor:
         """Exact attention of ``query[B, H, q, d]`` over each head's kept entries; returns ``[B, q, H, d]``."""
         if self.attention_path is None:
-            self.attention_path = resolve_attention_path(self.requested_path, query.device)
-        if self.attention_path == "flex" and self.requested_path == "auto":
-            try:
-                return self.storage.attend(query, scaling, sliding_window, path="flex")
-            except Exception as error:  # an accelerator without a working torch.compile: keep decoding
-                logger.warning(
-                    "FlexAttention failed on %s (%s); layer %d decodes with 'gather'",
-                    query.device,
-                    error,
-                    self.layer_idx,
-                )
-                self.attention_path = "gather"
-        return self.storage.attend(query, scaling, sliding_window, path=self.attention_path)
+            self.attention_path = resolve_backend(self.requested_path, query.device)
+        if self.backend is None or self.backend.storage is not self.storage or self.backend.name != self.attention_path:
+            self.backend = create_backend(self.attention_path, self.storage)
+        return self.backend.attend(query, scaling, sliding_window)
+
+    def backend_bytes(self) -> int:
+        """Bytes the decode attention backend holds for the current storage (a padded copy, masks)."""
+        if self.backend is None or self.backend.storage is not self.storage:
+            return 0
+        return self.backend.nbytes()
 
     def get_seq_length(self) -> int:
         return 0 if self.storage is None else self.storage.append_start + self.storage.steps
@@ -146,7 +145,8 @@ class SequenceStats:
     per layer, the window's length on a sliding-window layer); ``kv_bytes`` are the key/value bytes
     held for this sequence (kept entries plus ``appended_tokens`` decode tokens in every head) and
     ``full_kv_bytes`` what an uncompressed cache would hold; ``index_bytes`` its share of the
-    bookkeeping tensors. ``kept_positions[layer][kv_head]`` lists the prompt positions kept (empty
+    bookkeeping tensors (the storage's index tensors and the decode attention backend's state,
+    a padded copy included). ``kept_positions[layer][kv_head]`` lists the prompt positions kept (empty
     when ``stats(positions=False)``); ``head_budgets[layer][kv_head]`` their count and
     ``layer_budgets[layer]`` the mean per head. ``appended_tokens`` counts the tokens fed after
     the prompt (a question, generated tokens); ``held_entries`` every entry held, prompt and
@@ -183,7 +183,7 @@ class CacheStats:
     ``append_seconds`` the time spent appending decode tokens to them. ``compression_seconds``
     splits what compression added to the prefill into ``score``, ``allocate`` and ``total``
     (selection, copies and packing included), and gives the decode budget's evictions as ``decode``.
-    ``attention_paths`` names the decode attention the layers run (see :func:`resolve_attention_path`).
+    ``attention_paths`` names the decode attention the layers run (see :func:`lavakv.backends.resolve_backend`).
     """
 
     method: str
@@ -255,10 +255,8 @@ class CompressedCache(Cache):
         attention_path: str = "auto",
         **options,
     ):
-        if attention_path != "auto" and attention_path not in ATTENTION_PATHS:
-            raise ValueError(
-                f"attention_path must be 'auto' or one of {', '.join(ATTENTION_PATHS)}, got {attention_path!r}"
-            )
+        if attention_path != "auto" and attention_path not in BACKENDS:
+            raise ValueError(f"attention_path must be 'auto' or one of {', '.join(BACKENDS)}, got {attention_path!r}")
         self.attention_path = attention_path
         config = getattr(model_or_config, "config", model_or_config)
         self.weights_fingerprint: str | None = None
@@ -657,10 +655,10 @@ class CompressedCache(Cache):
         kv_bytes = index_bytes = kept_entry_bytes = 0
         bounds = [pad + info.length for pad, info in zip(self.padding, self.infos)]
         prompt_counts = [storage.count_before(bounds) for storage in storages]
-        for storage, counts in zip(storages, prompt_counts):
+        for layer, storage, counts in zip(self.layers, storages, prompt_counts):
             kv, index = storage.nbytes()
             kv_bytes += kv
-            index_bytes += index
+            index_bytes += index + layer.backend_bytes()
             kept_entry_bytes += int(counts.sum()) * 2 * storage.keys.shape[-1] * storage.keys.element_size()
         sequences = [
             self._sequence_stats(sample, info, storages, prompt_counts, bounds[sample], index_bytes, positions)
@@ -830,7 +828,7 @@ class CompressedCache(Cache):
         for layer, storage in zip(derived.layers, storages):
             layer.storage = storage
             layer.dtype, layer.device = storage.keys.dtype, storage.keys.device
-            layer.attention_path = resolve_attention_path(layer.requested_path, layer.device)
+            layer.attention_path = resolve_backend(layer.requested_path, layer.device)
             layer.is_initialized = True
         derived.infos = list(infos)
         derived.groups = []
@@ -978,21 +976,6 @@ def _left_pad(queries: torch.Tensor, width: int) -> torch.Tensor:
     if missing == 0:
         return queries
     return torch.cat([queries.new_zeros(*queries.shape[:2], missing, queries.shape[3]), queries], dim=2)
-
-
-def resolve_attention_path(requested: str, device: torch.device) -> str:
-    """The decode attention a layer on ``device`` runs: ``requested`` itself, or for ``"auto"`` the one
-    measured fastest there.
-
-    On CPU that is ``"gather"``: compiled FlexAttention over the packed rows takes 1.5-2.9x as long
-    per call at decode shapes as SDPA over a gathered padded view (``benchmarks/ragged_attention.py``),
-    cannot return the log-sum-exp that merging the appended tokens needs, and uncompiled it is
-    two orders of magnitude slower. On accelerators it is ``"flex"``, which reads
-    the packed entries in place instead of copying them into a padded view every step.
-    """
-    if requested != "auto":
-        return requested
-    return "gather" if torch.device(device).type == "cpu" else "flex"
 
 
 def layer_devices(model, num_layers: int) -> list[torch.device]:
