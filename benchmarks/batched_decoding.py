@@ -25,42 +25,31 @@ import argparse
 import json
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 import lavakv
-from lavakv.eval.longbench import load_longbench
-from lavakv.eval.runner import make_pairs, run
-from lavakv.eval.store import ResultStore
+from lavakv.eval import EvalConfig, evaluate
+from lavakv.eval.benchmarks import LongBench
 
 RESULTS = Path(__file__).parent / "results"
 MODES = {"batched": (False, 32), "one-pair": (False, 1), "from-scratch": (True, 1)}
 
 
-def timed_run(model, tokenizer, samples, pairs, directory: Path, max_length: int, mode: str) -> tuple[float, dict]:
+def timed_run(model, tokenizer, base: EvalConfig, directory: Path, mode: str) -> tuple[float, dict]:
     from_scratch, decode_batch = MODES[mode]
-    with ResultStore(directory) as store:
-        start = time.perf_counter()
-        run(
-            model,
-            tokenizer,
-            samples,
-            pairs,
-            store,
-            max_length=max_length,
-            from_scratch=from_scratch,
-            decode_batch=decode_batch,
-            progress=False,
-        )
-        seconds = time.perf_counter() - start
-        rows = {"/".join(map(str, row.key)): (row.prediction, row.error) for row in store.rows()}
-    return seconds, rows
+    config = replace(base, out=str(directory), from_scratch=from_scratch, decode_batch=decode_batch)
+    start = time.perf_counter()
+    result = evaluate(config, model, tokenizer)
+    seconds = time.perf_counter() - start
+    return seconds, {"/".join(map(str, row.key)): (row.prediction, row.error) for row in result.rows}
 
 
 def write(result: dict) -> None:
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "batched_decoding.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{result.get('name', 'batched_decoding')}.json").write_text(json.dumps(result, indent=2) + "\n")
     seconds = result["seconds"]
     lines = [
         "# Batched decoding across (method, budget) pairs\n",
@@ -86,7 +75,7 @@ def write(result: dict) -> None:
             f"Predictions of `--from-scratch` identical to one pair at a time: {result['from_scratch_identical']} of "
             f"{result['compared']}."
         )
-    (RESULTS / "batched_decoding.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{result.get('name', 'batched_decoding')}.md").write_text("\n".join(lines) + "\n")
 
 
 def rewrite(path: Path = RESULTS / "batched_decoding.json") -> None:
@@ -101,6 +90,8 @@ def main() -> None:
     parser.add_argument("--per-dataset", type=int, default=1)
     parser.add_argument("--budgets", default="128,256,512")
     parser.add_argument("--max-length", type=int, default=3500)
+    parser.add_argument("--name", default="batched_decoding", help="results file stem under benchmarks/results")
+    parser.add_argument("--max-words", type=int, help="keep samples of at most this many words (short samples)")
     parser.add_argument("--modes", default=",".join(MODES))
     args = parser.parse_args()
     modes = args.modes.split(",")
@@ -109,9 +100,21 @@ def main() -> None:
         raise SystemExit(f"unknown --modes {unknown}; valid: {', '.join(MODES)}")
     budgets = [int(x) for x in args.budgets.split(",")]
     model, tokenizer = lavakv.load_model()
-    samples = load_longbench(args.data, args.datasets.split(","), limit=args.per_dataset)
-    pairs = make_pairs(list(lavakv.METHODS), budgets)
+    longbench = LongBench(
+        data=args.data, datasets=tuple(args.datasets.split(",")), limit=args.per_dataset, max_words=args.max_words
+    )
+    samples = longbench.samples(tokenizer)
+    base = EvalConfig(
+        benchmarks=(longbench,),
+        out="",
+        methods=tuple(lavakv.METHODS),
+        budgets=tuple(budgets),
+        max_length=args.max_length,
+        progress=False,
+    )
+    pairs = base.pairs()
     result = {
+        "name": args.name,
         "samples": len(samples),
         "sample_ids": [f"{s.dataset}/{s.sample_id}" for s in samples],
         "pairs_per_sample": len(pairs),
@@ -124,9 +127,7 @@ def main() -> None:
     predictions = {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in modes:
-            seconds, predictions[mode] = timed_run(
-                model, tokenizer, samples, pairs, Path(tmp) / mode, args.max_length, mode
-            )
+            seconds, predictions[mode] = timed_run(model, tokenizer, base, Path(tmp) / mode, mode)
             result["seconds"][mode] = round(seconds, 1)
             print(f"{mode}: {seconds:.1f} s", flush=True)
             if "batched" in predictions and "one-pair" in predictions:
@@ -147,7 +148,7 @@ def main() -> None:
                 if other in result["seconds"] and "batched" in result["seconds"]:
                     result[f"speedup_over_{other}"] = round(result["seconds"][other] / result["seconds"]["batched"], 2)
             write(result)
-    print((RESULTS / "batched_decoding.md").read_text())
+    print((RESULTS / f"{result.get('name', 'batched_decoding')}.md").read_text())
 
 
 if __name__ == "__main__":

@@ -17,24 +17,22 @@ import argparse
 import json
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from statistics import median
 
 import lavakv
-from lavakv.eval.benchmarks import build_samples
-from lavakv.eval.runner import make_pairs, run
-from lavakv.eval.store import ResultStore
+from lavakv.eval import EvalConfig, evaluate
+from lavakv.eval.benchmarks import Niah
 
 RESULTS = Path(__file__).parent / "results"
 
 
-def timed_run(model, tokenizer, samples, pairs, directory: Path, from_scratch: bool) -> tuple[float, dict]:
-    with ResultStore(directory) as store:
-        start = time.perf_counter()
-        run(model, tokenizer, samples, pairs, store, from_scratch=from_scratch, progress=False)
-        seconds = time.perf_counter() - start
-        rows = {row.key: (row.prediction, row.kept_entries) for row in store.rows()}
-    return seconds, rows
+def timed_run(model, tokenizer, config: EvalConfig) -> tuple[float, dict]:
+    start = time.perf_counter()
+    result = evaluate(config, model, tokenizer)
+    seconds = time.perf_counter() - start
+    return seconds, {row.key: (row.prediction, row.kept_entries) for row in result.rows}
 
 
 def main() -> None:
@@ -49,8 +47,10 @@ def main() -> None:
     budgets = [int(x) for x in args.budgets.split(",")]
 
     model, tokenizer = lavakv.load_model()
-    samples = build_samples("niah", tokenizer, lengths=lengths, depths=depths)
-    pairs = make_pairs(list(lavakv.METHODS), budgets)
+    niah = Niah(lengths=tuple(lengths), depths=tuple(depths))
+    samples = niah.samples(tokenizer)
+    base = EvalConfig(benchmarks=(niah,), out="", methods=tuple(lavakv.METHODS), budgets=tuple(budgets), progress=False)
+    pairs = len(base.pairs())
     timings: dict[str, list[float]] = {"from_scratch": [], "prefill_once": []}
     identical = True
     with tempfile.TemporaryDirectory() as tmp:
@@ -58,9 +58,8 @@ def main() -> None:
             order = ["from_scratch", "prefill_once"] if repeat % 2 == 0 else ["prefill_once", "from_scratch"]
             rows = {}
             for mode in order:
-                seconds, rows[mode] = timed_run(
-                    model, tokenizer, samples, pairs, Path(tmp) / f"{mode}-{repeat}", mode == "from_scratch"
-                )
+                config = replace(base, out=str(Path(tmp) / f"{mode}-{repeat}"), from_scratch=mode == "from_scratch")
+                seconds, rows[mode] = timed_run(model, tokenizer, config)
                 timings[mode].append(seconds)
                 print(f"repeat {repeat}: {mode} {seconds:.1f} s", flush=True)
             identical &= rows["from_scratch"] == rows["prefill_once"]
@@ -68,7 +67,7 @@ def main() -> None:
     scratch, once = median(timings["from_scratch"]), median(timings["prefill_once"])
     result = {
         "samples": len(samples),
-        "pairs_per_sample": len(pairs),
+        "pairs_per_sample": pairs,
         "lengths": lengths,
         "depths": depths,
         "budgets": budgets,
@@ -84,7 +83,7 @@ def main() -> None:
     table = (
         "# Prefill once, compress many: speed-up\n\n"
         f"NIAH on the embedded SmolLM2, {len(samples)} samples (lengths {lengths}, depths {depths}), "
-        f"{len(pairs)} (method, budget) pairs per sample (every method at budgets {budgets}, plus the full "
+        f"{pairs} (method, budget) pairs per sample (every method at budgets {budgets}, plus the full "
         f"cache), {args.repeats} repeat(s), medians.\n\n"
         "| mode | wall time (s) |\n|---|---:|\n"
         f"| one prefill per pair (`--from-scratch`) | {scratch:.1f} |\n"

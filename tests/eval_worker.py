@@ -18,8 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conftest import TinyTokenizer, random_prompt, tiny_model  # noqa: E402
 
-from lavakv.eval.runner import make_pairs, resolve_shard, run  # noqa: E402
+from lavakv.eval.runner import make_pairs, run  # noqa: E402
 from lavakv.eval.samples import Sample  # noqa: E402
+from lavakv.eval.shards import resolve_shard  # noqa: E402
 from lavakv.eval.store import ResultStore  # noqa: E402
 
 PAIRS = make_pairs(["full", "snapkv", "lava"], [24, 48])

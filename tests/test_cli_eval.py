@@ -91,7 +91,7 @@ def test_a_dataset_emptied_by_max_words_is_named_while_others_run(tmp_path, capl
 
 def test_max_words_without_longbench_is_refused(tmp_path, capsys, no_model):
     assert main(_eval(tmp_path, "--benchmark", "niah", "--max-words", "3000")) == 2
-    assert "--max-words filters LongBench samples only" in capsys.readouterr().err
+    assert "--max-words 3000 is read by longbench only" in capsys.readouterr().err
 
 
 def test_a_benchmark_without_samples_is_refused_before_loading(tmp_path, capsys, no_model):
@@ -132,11 +132,14 @@ def test_max_length_is_checked_before_loading(tmp_path, capsys, no_model):
     assert "niah length 1000 does not fit --max-length of 1000 tokens" in err
 
 
-def test_lengths_that_fit_pass():
-    from lavakv.eval.benchmarks import check_lengths_fit
+def test_lengths_that_fit_pass_and_one_token_more_does_not():
+    from lavakv.eval.benchmarks import LongBench, Niah
 
-    check_lengths_fit("niah", [1000, TINY_CONTEXT - niah.NIAH_MAX_NEW_TOKENS], None, TINY_CONTEXT, "the context")
-    check_lengths_fit("longbench", [10**6], None, TINY_CONTEXT, "the context")
+    longest = TINY_CONTEXT - niah.NIAH_MAX_NEW_TOKENS
+    Niah(lengths=(1000, longest)).check_fits(TINY_CONTEXT, "the context")
+    with pytest.raises(ValueError, match=f"niah length {longest + 1} does not fit the context"):
+        Niah(lengths=(1000, longest + 1)).check_fits(TINY_CONTEXT, "the context")
+    LongBench(data=".").check_fits(10, "the context")  # file benchmarks are cut to fit, not refused
 
 
 @pytest.mark.parametrize("spelling", [["--shard", "-1/2"], ["--shard=-1/2"], ["--shard", "-2/3"]])
@@ -160,9 +163,9 @@ def test_a_dash_value_does_not_swallow_a_missing_value():
     [
         (
             ["--benchmark", "niah", "--datasets", "qasper"],
-            "--datasets qasper is read by longbench, infinitebench, ruler",
+            "--datasets qasper is read by ruler, longbench, infinitebench",
         ),
-        (["--benchmark", "niah", "--data", "."], "--data . is read by longbench, infinitebench, ruler only"),
+        (["--benchmark", "niah", "--data", "."], "--data . is read by ruler, longbench, infinitebench only"),
         (["--benchmark", "longbench", "--data", ".", "--lengths", "1000"], "--lengths 1000 is read by niah, ruler"),
         (["--benchmark", "ruler", "--depths", "0.5"], "--depths 0.5 is read by niah only"),
         (["--benchmark", "longbench", "--data", ".", "--seed", "3"], "--seed 3 is read by niah, ruler only"),
@@ -208,17 +211,17 @@ def test_chat_template_on_without_one_is_refused(tmp_path, capsys, tiny):
 def test_a_bad_or_missing_device_is_a_clear_error(device, message, monkeypatch):
     import torch
 
-    from lavakv.cli import _eval_device
+    from lavakv.eval.evaluation import eval_device
 
     if device.startswith("cuda"):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match=re.escape(message)):
-        _eval_device(device, None)
-    assert _eval_device("cpu", None) == "cpu"
+        eval_device(device, None)
+    assert eval_device("cpu", None) == "cpu"
 
 
 def test_a_non_integer_local_rank_is_named():
-    from lavakv.eval.runner import resolve_shard
+    from lavakv.eval.shards import resolve_shard
 
     with pytest.raises(ValueError, match=r"LOCAL_RANK='gpu0' must be an integer"):
         resolve_shard("auto", None, {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "gpu0"})

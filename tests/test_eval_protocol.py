@@ -23,12 +23,10 @@ from lavakv.eval.runner import (
     make_pairs,
     plan,
     prepare,
-    resolve_shard,
     run,
-    shard_from_launcher,
-    shard_members,
 )
 from lavakv.eval.samples import Sample, error_sample, interleave_datasets
+from lavakv.eval.shards import resolve_shard, shard_from_launcher, shard_members
 from lavakv.eval.stats import bootstrap_mean, paired_difference
 from lavakv.eval.store import ResultStore, read_run, run_done_keys, store_paths
 from lavakv.methods import PRESETS

@@ -16,8 +16,9 @@ from eval_worker import PAIRS, tiny_samples
 import lavakv
 from lavakv.eval.plots import write_plots
 from lavakv.eval.report import load_runs, render
-from lavakv.eval.runner import Pair, evaluate_sample, make_pairs, parse_shard, prepare, run
+from lavakv.eval.runner import Pair, evaluate_sample, make_pairs, prepare, run
 from lavakv.eval.samples import Sample
+from lavakv.eval.shards import parse_shard
 from lavakv.eval.store import ResultStore
 from lavakv.prompting import truncate_middle
 from lavakv.recording import PrefillRecord

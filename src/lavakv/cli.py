@@ -11,7 +11,7 @@ import json
 import logging
 import re
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from .methods import PRESETS, Method, parse_spec, split_specs
@@ -209,7 +209,6 @@ def cmd_compress(args) -> int:
 
 
 DEMO_METHODS = ("full", "streamingllm", "snapkv", "ada-snapkv", "lava")
-DEFAULT_EVAL_BUDGETS = "32,64,128,256"
 
 
 def cmd_demo(args) -> int:
@@ -256,214 +255,102 @@ def _split(text: str | None, kind, name: str) -> list | None:
         raise ValueError(f"--{name} takes a comma-separated list of {kind.__name__} values, got {text!r}") from None
 
 
-def _model_identity(path: str | None) -> str:
-    from .models import DEFAULT_MODEL, MODELS
-
-    name = DEFAULT_MODEL if path is None else path
-    return name if name in MODELS else str(Path(path).resolve())
-
-
 def cmd_eval(args) -> int:
     """Evaluate methods x budgets on benchmarks, prefilling each sample once, into a resumable store."""
-    import os
+    from .eval.evaluation import evaluate
 
-    from .eval.benchmarks import BENCHMARKS, FILE_BENCHMARKS, build_samples, check_lengths_fit
-    from .eval.metrics import SCORING
-    from .eval.runner import (
-        DEFAULT_DECODE_BATCH,
-        EVAL_WINDOW_IDENTITY,
-        LONGBENCH_CONTEXT_MARGIN,
-        PROMPT_TOKENIZATION,
-        _progress,
-        check_decode_batch,
-        check_protocol,
-        make_pairs,
-        plan,
-        resolve_shard,
-        run,
-    )
-    from .eval.samples import interleave_datasets
-    from .eval.store import ResultStore, read_run
-    from .models import load_model
-    from .prompting import context_length
-
-    benchmarks = _split(args.benchmark, str, "benchmark")
-    for name in benchmarks:
-        if name not in BENCHMARKS:
-            raise ValueError(f"unknown benchmark {name!r}; valid: {', '.join(BENCHMARKS)}")
-    check_protocol(args.protocol)
-    _check_eval_options_used(args, benchmarks)
-    specs = split_specs(args.methods)
-    budgets = _split(args.budgets if args.budgets is not None else DEFAULT_EVAL_BUDGETS, int, "budgets") or []
-    pairs = make_pairs(specs, budgets, args.window)
-    if all(pair.budget is None for pair in pairs):
-        for option, value in (("--budgets", args.budgets), ("--window", args.window)):
-            if value is not None:
-                raise ValueError(f"{option} {value} has no effect: no method in --methods {args.methods} compresses")
-    seed = 0 if args.seed is None else args.seed
-    decode_batch = check_decode_batch(DEFAULT_DECODE_BATCH if args.decode_batch is None else args.decode_batch)
-    placement = resolve_shard(args.shard, args.shard_store, os.environ)
-    shard, store_name = placement.part, placement.store_name
-    if args.data and not Path(args.data).is_dir():
-        raise FileNotFoundError(f"--data {args.data}: no such directory")
-    if args.max_length is not None and args.max_length < 2:
-        raise ValueError(f"--max-length must be an integer >= 2 (tokens kept of a prompt), got {args.max_length}")
-    if args.max_words is not None and args.max_words < 1:
-        raise ValueError(f"--max-words must be an integer >= 1 (words per LongBench sample), got {args.max_words}")
-    if args.max_words is not None and "longbench" not in benchmarks:
-        raise ValueError(f"--max-words filters LongBench samples only; --benchmark {args.benchmark} has none")
-    datasets = _split(args.datasets, str, "datasets")
-    lengths = _split(args.lengths, int, "lengths")
-
-    def check_lengths(max_length: int, limit: str) -> None:
-        for name in benchmarks:
-            check_lengths_fit(name, lengths, datasets, max_length, limit)
-
-    def samples_of(name: str, tokenizer) -> list:
-        samples = build_samples(
-            name,
-            tokenizer,
-            data=args.data,
-            datasets=datasets,
-            lengths=lengths,
-            depths=_split(args.depths, float, "depths"),
-            limit=args.limit,
-            max_words=args.max_words,
-            seed=seed,
-            chat_template=args.chat_template != "off",
-        )
-        if not samples:
-            where = f" in --data {args.data}" if name in FILE_BENCHMARKS else ""
-            raise ValueError(f"--benchmark {name} has no samples{where} (datasets: {args.datasets or 'all present'})")
-        return samples
-
-    if args.max_length is not None:
-        check_lengths(args.max_length, "--max-length")
-    read_from_files = {name: samples_of(name, None) for name in benchmarks if name in FILE_BENCHMARKS}
-    ResultStore(args.out, name=store_name).close()
-    model, tokenizer = load_model(args.model, device=_eval_device(args.device, placement.local_rank))
-    if args.chat_template == "on" and not getattr(tokenizer, "chat_template", None):
-        raise ValueError("--chat-template on: the model's tokenizer has no chat template; use auto or off")
-    context = context_length(model)
-    if context is None and args.max_length is None:
-        raise ValueError("the model's config states no context length: give --max-length")
-    if args.max_length is None:
-        check_lengths(context, "the model's context")
-    elif context is not None and args.max_length > context:
-        raise ValueError(f"--max-length {args.max_length} exceeds the model's context of {context} tokens")
-    files = [name for name in benchmarks if name in FILE_BENCHMARKS]
-    if args.max_length is None and files and context - LONGBENCH_CONTEXT_MARGIN < 2:
-        raise ValueError(
-            f"the model's context of {context} tokens leaves no room for {', '.join(files)}'s default --max-length "
-            f"(the context minus {LONGBENCH_CONTEXT_MARGIN}): give --max-length"
-        )
-    max_length = args.max_length or (context - LONGBENCH_CONTEXT_MARGIN if files else context)
-    identity = {
-        "model": _model_identity(args.model),
-        "protocol": args.protocol,
-        "chat_template": args.chat_template,
-        "max_length": max_length,
-        "seed": seed,
-        "window": args.window if args.window is not None else EVAL_WINDOW_IDENTITY,
-        "scoring": SCORING,
-        "prompt_tokens": PROMPT_TOKENIZATION,
-    }
-    if args.max_length is None and files and len(files) < len(benchmarks):
-        identity["generated_max_length"] = context
-    samples = {
-        name: interleave_datasets(read_from_files.get(name) or samples_of(name, tokenizer)) for name in benchmarks
-    }
-    with ResultStore(args.out, name=store_name) as store:
-        store.claim_identity(identity)
-        store.log_invocation(" ".join(sys.argv), {k: v for k, v in vars(args).items() if k != "handler"})
-        pending = {
-            name: sum(len(p) for _, p in plan(samples[name], pairs, store, shard, args.retry_errors))
-            for name in benchmarks
-        }
-        where = f"shard {shard[0]}/{shard[1]}, " if shard[1] > 1 else ""
-        for name in benchmarks:
-            logger.info(
-                "%s: %d rows to do (%s%d samples x %d pairs)",
-                name,
-                pending[name],
-                where,
-                len(samples[name]),
-                len(pairs),
-            )
-        overall = _progress(sum(pending.values()), "all benchmarks", not args.quiet, position=0)
-        try:
-            for name in benchmarks:
-                run(
-                    model,
-                    tokenizer,
-                    samples[name],
-                    pairs,
-                    store,
-                    protocol=args.protocol,
-                    chat_template=args.chat_template,
-                    max_length=max_length if name in FILE_BENCHMARKS or args.max_length else context,
-                    shard=shard,
-                    from_scratch=args.from_scratch,
-                    progress=not args.quiet,
-                    description=name,
-                    overall=overall,
-                    decode_batch=decode_batch,
-                    retry_errors=args.retry_errors,
-                )
-        finally:
-            overall.close()
-    _, rows = read_run(args.out)
-    errors = sum(row.error is not None for row in rows)
-    note = f" ({errors} error rows: see lavakv report)" if errors else ""
-    print(f"{len(rows)} results{note} in {args.out}; report with: lavakv report {args.out}")
+    result = evaluate(eval_config(args))
+    note = f" ({result.errors} error rows: see lavakv report)" if result.errors else ""
+    print(f"{len(result.rows)} results{note} in {result.out}; report with: lavakv report {result.out}")
     return 0
 
 
-def _eval_device(device: str, local_rank: int | None) -> str:
-    """``--device``: ``auto`` is the launcher's GPU (``LOCAL_RANK``), else ``cuda`` when there is one, else ``cpu``.
+def eval_config(args):
+    """``lavakv eval``'s flags as an :class:`~lavakv.eval.evaluation.EvalConfig`.
 
-    A device torch cannot parse, or one this machine does not have, is an error before any work.
+    Each benchmark takes the flags that are fields of its class; a flag that none of the run's
+    benchmarks reads is an error, not a silent no-op.
     """
-    import torch
+    from .eval.benchmarks import benchmark_class
+    from .eval.evaluation import EvalConfig
 
-    if device == "auto":
-        if not torch.cuda.is_available():
-            return "cpu"
-        return f"cuda:{local_rank}" if local_rank is not None else "cuda"
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--device {device!r} is not a device; valid: auto, cpu, cuda, cuda:N, mps") from None
-    if parsed.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if parsed.index is not None and parsed.index >= count or count == 0:
-            raise ValueError(f"--device {device}: this machine has {count} CUDA device(s); use auto or cpu")
-    elif parsed.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {device}: MPS is not available here; use auto or cpu")
-    elif parsed.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"--device {device!r}: lavakv eval runs on cpu, cuda or mps")
-    return device
-
-
-_EVAL_OPTION_USERS = {
-    "data": ("longbench", "infinitebench", "ruler"),
-    "datasets": ("longbench", "infinitebench", "ruler"),
-    "lengths": ("niah", "ruler"),
-    "depths": ("niah",),
-    "seed": ("niah", "ruler"),
-}
-"""For each ``lavakv eval`` option that only some benchmarks read, those benchmarks."""
-
-
-def _check_eval_options_used(args, benchmarks: list[str]) -> None:
-    """An option none of the run's benchmarks reads is an error, not a silent no-op."""
-    for option, users in _EVAL_OPTION_USERS.items():
-        value = getattr(args, option)
-        if value is not None and not any(name in users for name in benchmarks):
-            flag = "--" + option.replace("_", "-")
+    classes = [benchmark_class(name) for name in _split(args.benchmark, str, "benchmark")]
+    given = {name: _parsed_option(name, value) for name, value in _benchmark_flags(args).items() if value is not None}
+    for name in given:
+        if not any(name in cls.options() for cls in classes):
+            readers = ", ".join(cls.name for cls in _option_readers(name))
             raise ValueError(
-                f"{flag} {value} is read by {', '.join(users)} only; --benchmark {','.join(benchmarks)} does not use it"
+                f"--{name.replace('_', '-')} {getattr(args, name)} is read by {readers} only; "
+                f"--benchmark {args.benchmark} does not use it"
             )
+    benchmarks = tuple(cls(**{k: v for k, v in given.items() if k in cls.options()}) for cls in classes)
+    budgets = _split(args.budgets, int, "budgets")
+    return EvalConfig(
+        benchmarks=benchmarks,
+        out=args.out,
+        methods=tuple(split_specs(args.methods)),
+        budgets=None if budgets is None else tuple(budgets),
+        window=args.window,
+        model=args.model,
+        device=args.device,
+        protocol=args.protocol,
+        chat_template=args.chat_template,
+        max_length=args.max_length,
+        shard=args.shard,
+        shard_store=args.shard_store,
+        retry_errors=args.retry_errors,
+        from_scratch=args.from_scratch,
+        progress=not args.quiet,
+        command=" ".join(sys.argv),
+        **({} if args.decode_batch is None else {"decode_batch": args.decode_batch}),
+    )
+
+
+def _benchmark_fields() -> dict[str, list]:
+    """Every registered benchmark's option fields by name, in registration order."""
+    from .eval.benchmarks import BENCHMARKS
+
+    found: dict[str, list] = {}
+    for cls in BENCHMARKS.values():
+        for field_ in fields(cls):
+            found.setdefault(field_.name, []).append(field_)
+    return found
+
+
+def _option_readers(name: str) -> list:
+    from .eval.benchmarks import BENCHMARKS
+
+    return [cls for cls in BENCHMARKS.values() if name in cls.options()]
+
+
+def _benchmark_flags(args) -> dict[str, object]:
+    return {name: getattr(args, name) for name in _benchmark_fields()}
+
+
+def _parsed_option(name: str, value):
+    """A benchmark flag's text parsed as its field declares; a bad value names the flag."""
+    parse = _benchmark_fields()[name][0].metadata["parse"]
+    if not isinstance(value, str) or parse is str:
+        return value
+    try:
+        return parse(value)
+    except ValueError as error:
+        raise ValueError(f"--{name.replace('_', '-')} {error}") from None
+
+
+def _add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per benchmark option field (``lengths`` -> ``--lengths``), its help naming who reads it."""
+    for name, found in _benchmark_fields().items():
+        readers = [cls.name for cls in _option_readers(name)]
+        defaults = sorted({_shown(f.default) for f in found if f.default is not None})
+        default = f"; default {' or '.join(defaults)}" if defaults else ""
+        kind = int if found[0].metadata["parse"] is int else str
+        help_text = f"{found[0].metadata['help']} ({', '.join(readers)}{default})"
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, help=help_text)
+
+
+def _shown(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 def cmd_report(args) -> int:
@@ -545,7 +432,16 @@ def _take_dash_values(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lavakv", description="KV-cache compression for transformers models")
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_generate_command(commands)
+    _add_compress_command(commands)
+    _add_demo_command(commands)
+    _add_eval_command(commands)
+    _add_report_command(commands)
+    _add_bench_command(commands)
+    return parser
 
+
+def _add_generate_command(commands) -> None:
     gen = commands.add_parser("generate", help="generate with a compressed KV cache")
     gen.add_argument("--prompt", help="the prompt text")
     gen.add_argument("--prompt-file", help="read the prompt from a file")
@@ -567,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_method_arguments(gen)
     gen.set_defaults(handler=cmd_generate)
 
+
+def _add_compress_command(commands) -> None:
     comp = commands.add_parser("compress", help="compress a context once into a file to ask questions of later")
     comp.add_argument("--prompt", help="the context text")
     comp.add_argument("--prompt-file", help="read the context from a file")
@@ -579,6 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_method_arguments(comp)
     comp.set_defaults(handler=cmd_compress)
 
+
+def _add_demo_command(commands) -> None:
     demo = commands.add_parser("demo", help="passkey demo: full cache vs compressed caches on the embedded model")
     demo.add_argument("--budget", type=int, default=64, help="tokens per KV head per layer (default 64)")
     demo.add_argument("--window", type=int, help="observation window of every method (default 32)")
@@ -586,18 +486,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", help="smollm2 (default), gemma3-270m, transformers model directory or .gguf file")
     demo.set_defaults(handler=cmd_demo)
 
+
+def _add_eval_command(commands) -> None:
+    from .eval.evaluation import DEFAULT_EVAL_BUDGETS
+
     ev = commands.add_parser("eval", help="score methods x budgets on benchmarks (prefill once, resumable)")
-    ev.add_argument("--benchmark", required=True, help="niah, ruler, longbench, infinitebench (comma-separated)")
+    from .eval.benchmarks import BENCHMARKS
+
+    ev.add_argument("--benchmark", required=True, help=f"{', '.join(BENCHMARKS)} (comma-separated)")
     ev.add_argument("--methods", default=",".join(PRESETS), help=f"comma-separated; each {SPEC_HELP} (default: all)")
-    ev.add_argument("--budgets", help=f"comma-separated tokens per KV head per layer (default {DEFAULT_EVAL_BUDGETS})")
+    ev.add_argument(
+        "--budgets", help=f"comma-separated tokens per KV head per layer (default {_shown(DEFAULT_EVAL_BUDGETS)})"
+    )
     ev.add_argument("--out", required=True, help="run directory (results.sqlite); rerunning resumes")
     ev.add_argument("--model", help="smollm2 (default), gemma3-270m, transformers model directory or .gguf file")
-    ev.add_argument("--data", help="directory of JSONL files (longbench, infinitebench)")
-    ev.add_argument("--datasets", help="comma-separated dataset or task names (default: all present)")
-    ev.add_argument("--limit", type=int, help="samples per dataset (RULER: per task and length; default 3)")
-    ev.add_argument("--lengths", help="prompt lengths in tokens (niah: 500,1000,2000; ruler: 1024,2048)")
-    ev.add_argument("--depths", help="needle depths in [0, 1] (default 0,0.25,0.5,0.75,1)")
-    ev.add_argument("--max-words", type=int, help="longbench: keep samples of at most this many words")
+    _add_benchmark_arguments(ev)
     ev.add_argument("--protocol", default="query-aware", help="query-aware (default) or query-agnostic")
     ev.add_argument(
         "--chat-template", default="auto", choices=["auto", "on", "off"], help="auto: each benchmark's standard"
@@ -609,7 +512,6 @@ def build_parser() -> argparse.ArgumentParser:
         "minus 500 for longbench and infinitebench; generated benchmarks are built to fit the model's context)",
     )
     ev.add_argument("--window", type=int, help="observation window for every method (default: min(32, budget/2))")
-    ev.add_argument("--seed", type=int, help="seed of the generated samples (niah, ruler; default 0)")
     ev.add_argument(
         "--shard",
         help="i/N: evaluate every N-th sample from the i-th; auto: from torchrun/accelerate (RANK, WORLD_SIZE) or a "
@@ -636,6 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.set_defaults(handler=cmd_eval)
 
+
+def _add_report_command(commands) -> None:
     rep = commands.add_parser("report", help="tables and plots from run directories")
     rep.add_argument("runs", nargs="+", help="run directories (several: also a comparison table)")
     rep.add_argument("--format", default="md", choices=["md", "csv", "json"])
@@ -650,6 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--seed", type=int, default=0, help="seed of the bootstrap intervals (default 0)")
     rep.set_defaults(handler=cmd_report)
 
+
+def _add_bench_command(commands) -> None:
     bench = commands.add_parser("bench", help="quick speed and memory table: full cache vs compressed caches")
     bench.add_argument("--model", help="smollm2 (default), llama3-layout-1b (random weights), a directory or .gguf")
     bench.add_argument("--length", type=int, default=2048, help="prompt tokens (default 2048)")
@@ -666,7 +572,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--json", help="also write the measurements and ratios to this JSON file")
     bench.set_defaults(handler=cmd_bench)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

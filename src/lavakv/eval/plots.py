@@ -18,6 +18,7 @@ from .report import (  # noqa: E402
     Statistics,
     aggregate,
     benchmark_intervals,
+    benchmark_kind,
     method_label,
     method_rank,
     parsed_method,
@@ -160,7 +161,7 @@ def write_plots(run: Run, out_dir: Path, statistics: Statistics = DEFAULT_STATIS
         rows = [r for r in run.rows if r.benchmark == benchmark and r.error is None]
         subset = [c for c in cells if c.benchmark == benchmark]
         written.append(score_vs_budget(benchmark, subset, out_dir / f"{benchmark}_score_vs_budget.png", intervals))
-        if benchmark == "niah":
+        if benchmark_kind(benchmark).needle_heatmaps:
             written += needle_heatmaps(rows, out_dir)
         layer_plot = layer_budgets(benchmark, rows, out_dir / f"{benchmark}_layer_budgets.png")
         if layer_plot is not None:

@@ -21,8 +21,7 @@ from pathlib import Path
 from statistics import mean
 
 from ..methods import PRESETS, Method, parse_spec
-from .benchmarks import FILE_BENCHMARKS
-from .longbench import LONGBENCH_CATEGORIES, longbench_category
+from .benchmarks import BENCHMARKS, Benchmark
 from .stats import DEFAULT_RESAMPLES, Interval, PairedDifference, bootstrap_mean, key_seed, paired_difference
 from .store import ResultRow, read_run
 
@@ -411,16 +410,14 @@ def _paired_section(benchmark, datasets, differences, reference, methods, budget
     return "\n".join(text)
 
 
+def benchmark_kind(name: str) -> type[Benchmark]:
+    """The registered class of a row's benchmark; rows of an unregistered one get the base class's answers."""
+    return BENCHMARKS.get(name, Benchmark)
+
+
 def dataset_categories(benchmark: str, datasets: set[str]) -> dict[str, list[str]]:
     """The benchmark's task categories over ``datasets`` (LongBench's six); empty for benchmarks without them."""
-    if benchmark != "longbench":
-        return {}
-    found: dict[str, list[str]] = defaultdict(list)
-    for dataset in sorted(datasets):
-        category = longbench_category(dataset)
-        if category is not None:
-            found[category].append(dataset)
-    return {name: found[name] for name in LONGBENCH_CATEGORIES if name in found}
+    return benchmark_kind(benchmark).categories(datasets)
 
 
 def sample_lengths(benchmark: str, rows: list[ResultRow]) -> dict[int, list[ResultRow]]:
@@ -428,7 +425,7 @@ def sample_lengths(benchmark: str, rows: list[ResultRow]) -> dict[int, list[Resu
 
     File benchmarks are left out: their ``length`` is the record's own word count, not a setting.
     """
-    if benchmark in FILE_BENCHMARKS:
+    if benchmark_kind(benchmark).reads_files:
         return {}
     found: dict[int, list[ResultRow]] = defaultdict(list)
     for row in rows:
@@ -631,7 +628,7 @@ def _error_cells(rows: list[ResultRow]) -> list[dict]:
 
 
 def _category_of(benchmark: str, dataset: str) -> str:
-    return (longbench_category(dataset) or "") if benchmark == "longbench" and dataset else ""
+    return (benchmark_kind(benchmark).category(dataset) or "") if dataset else ""
 
 
 def _difference_fields(found: PairedDifference | None) -> dict:
