@@ -14,6 +14,7 @@ import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 
+from .cache import DEFAULT_DECODE_INTERVAL, CacheConfig
 from .methods import PRESETS, Method, parse_spec, split_specs
 from .methods.method import apply_overrides, declared_options
 
@@ -74,7 +75,7 @@ def _decode_settings(args) -> dict:
 
 
 def cmd_generate(args) -> int:
-    from .cache import CompressedCache, check_budget, check_decode_budget
+    from .cache import CompressedCache
     from .generate import generate
     from .models import load_model
 
@@ -114,8 +115,7 @@ def cmd_generate(args) -> int:
     prompt = _read_prompt(args)
     method = _method(args)
     budget = args.budget if args.budget is not None or args.ratio is not None or not method.compresses else 128
-    check_budget(method, budget, args.ratio)
-    check_decode_budget(method, args.decode_budget, 32 if args.decode_interval is None else args.decode_interval)
+    CacheConfig.build(method, budget, args.ratio, None, args.decode_budget, args.decode_interval)
     model, tokenizer = load_model(args.model)
     common = dict(
         method=method,
@@ -173,15 +173,14 @@ def _print_outputs(args, outputs, questions) -> int:
 
 def cmd_compress(args) -> int:
     """Compress a context once into a ``.lkv`` file that ``lavakv generate --cache`` asks questions of."""
-    from .cache import check_budget, check_decode_budget
+
     from .generate import compress
     from .models import load_model
 
     prompt = _read_prompt(args)
     method = _method(args)
     budget = args.budget if args.budget is not None or args.ratio is not None or not method.compresses else 128
-    check_budget(method, budget, args.ratio)
-    check_decode_budget(method, args.decode_budget, args.decode_interval)
+    CacheConfig.build(method, budget, args.ratio, None, args.decode_budget, args.decode_interval)
     out = Path(args.out)
     if not out.parent.is_dir():
         raise FileNotFoundError(f"directory for --out not found: {out.parent}")
@@ -455,7 +454,9 @@ def _add_generate_command(commands) -> None:
     gen.add_argument(
         "--decode-budget", type=int, help="bound the cache while generating: tokens per KV head per layer (off)"
     )
-    gen.add_argument("--decode-interval", type=int, help="decode steps between evictions (default 32)")
+    gen.add_argument(
+        "--decode-interval", type=int, help=f"decode steps between evictions (default {DEFAULT_DECODE_INTERVAL})"
+    )
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--no-chat-template", action="store_true", help="feed the prompt as plain text")
     gen.add_argument("--json", action="store_true", help="print text and statistics as JSON")
@@ -473,7 +474,9 @@ def _add_compress_command(commands) -> None:
     comp.add_argument(
         "--decode-budget", type=int, help="bound the cache while answering: tokens per KV head per layer (off)"
     )
-    comp.add_argument("--decode-interval", type=int, default=32, help="decode steps between evictions (default 32)")
+    comp.add_argument(
+        "--decode-interval", type=int, help=f"decode steps between evictions (default {DEFAULT_DECODE_INTERVAL})"
+    )
     _add_method_arguments(comp)
     comp.set_defaults(handler=cmd_compress)
 

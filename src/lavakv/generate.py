@@ -13,9 +13,9 @@ from dataclasses import dataclass, fields
 import torch
 from transformers import GenerationConfig
 
-from .cache import CompressedCache, SequenceStats, check_budget, check_decode_budget
+from .cache import CacheConfig, CompressedCache, SequenceStats
 from .decoding import TokenFeed
-from .methods import Budget, Method, resolve_method
+from .methods import Budget, Method
 from .prompting import (
     QUESTION_SEPARATOR,
     Prompt,
@@ -103,6 +103,7 @@ def generate(
     cache: CompressedCache | None = None,
     decode_budget: int | None = None,
     decode_interval: int | None = None,
+    attention_path: str | None = None,
     **options,
 ) -> GenerationOutput | list[GenerationOutput]:
     """Generate greedily from ``prompt`` with the KV cache compressed by ``method`` (default ``"lava"``).
@@ -129,8 +130,47 @@ def generate(
       answers ``question=`` or ``questions=`` with no prompt, through copies: it is left unchanged,
       ready for the next question.
     * ``decode_budget`` / ``decode_interval`` (default 32): bound the cache while generating (see
-      :class:`~lavakv.CompressedCache`).
+      :class:`~lavakv.CompressedCache`). ``attention_path`` names the decode attention backend
+      (default ``"auto"``; see :mod:`lavakv.backends`).
     """
+    _warn_ignored_settings(model)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    given = dict(
+        method=method,
+        budget=budget,
+        ratio=ratio,
+        progressive=progressive,
+        decode_budget=decode_budget,
+        decode_interval=decode_interval,
+        attention_path=attention_path,
+        **options,
+    )
+    settings = _settings(cache, given)
+    if questions is not None and question is not None:
+        raise ValueError("give either question= or questions=, not both")
+    held = cache is not None and cache.batch_size > 0
+    if held and (question is not None or questions is not None):
+        return _ask_held_context(model, tokenizer, prompt, question, questions, cache, chat_template, max_new_tokens)
+    if prompt is None:
+        raise ValueError("give a prompt (or a cache holding a context, with question= or questions=)")
+    if questions is not None:
+        return _ask_many(model, tokenizer, prompt, questions, cache, settings, chat_template, max_new_tokens)
+    prompts, is_batch = _batch(prompt)
+    if held:
+        return _continue_conversation(
+            model, tokenizer, prompts, is_batch, cache, question, chat_template, max_new_tokens
+        )
+    if question is not None:
+        outputs = _query_agnostic(model, tokenizer, prompts, question, cache, settings, chat_template, max_new_tokens)
+    else:
+        encoded = [encode_prompt(tokenizer, p, chat_template) for p in prompts]
+        built = cache if cache is not None else CompressedCache(model, settings=settings)
+        outputs = _generate_ids(model, tokenizer, encoded, None, built, max_new_tokens)
+    return outputs if is_batch else outputs[0]
+
+
+def _warn_ignored_settings(model) -> None:
     ignored = ignored_generation_settings(model)
     if ignored:
         logger.warning(
@@ -138,87 +178,71 @@ def generate(
             "for them, call model.generate(..., cache=lavakv.CompressedCache(model, ...))",
             ", ".join(ignored),
         )
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+
+
+def _ask_held_context(model, tokenizer, prompt, question, questions, cache, chat_template, max_new_tokens):
+    """Questions asked of a cache that holds a compressed context, through copies of it."""
+    if prompt is not None:
+        raise ValueError("this cache already holds the context: give the question(s) without a prompt")
+    asked = [question] if questions is None else _question_list(questions)
+    if not all(isinstance(q, str) for q in asked):
+        raise TypeError("question= takes a string (questions= a list of strings) with a cache")
+    check_prompt_format(cache, tokenizer, chat_template)
+    ids = [question_ids(tokenizer, q, chat_template) for q in asked]
+    outputs = _ask(model, tokenizer, cache, ids, max_new_tokens, time.perf_counter(), own=False)
+    return outputs if questions is not None else outputs[0]
+
+
+def _ask_many(model, tokenizer, prompt, questions, cache, settings, chat_template, max_new_tokens):
+    """One context compressed once, each question through its own copy, answered as one batch."""
     if cache is not None:
-        given = {
-            "method": method,
-            "budget": budget,
-            "ratio": ratio,
-            "progressive": progressive,
-            "decode_budget": decode_budget,
-            "decode_interval": decode_interval,
-            **options,
-        }
-        extra = [name for name, value in given.items() if value is not None]
-        if extra:
-            raise ValueError(
-                f"a cache brings its own method, budget and settings; leave out {', '.join(extra)} "
-                f"(this cache: {cache.method.spec!r} at {cache.budget})"
-            )
-        settings = None
-    else:
-        resolved = resolve_method("lava" if method is None else method, **options)
-        resolved_budget = check_budget(resolved, budget, ratio)
-        decode_interval = 32 if decode_interval is None else decode_interval
-        check_decode_budget(resolved, decode_budget, decode_interval)
-        settings = dict(
-            method=resolved,
-            budget=resolved_budget,
-            progressive=progressive,
-            decode_budget=decode_budget,
-            decode_interval=decode_interval,
+        raise ValueError("questions= with a prompt builds its own caches; give a cache holding the context instead")
+    if not isinstance(prompt, str):
+        raise TypeError("questions= takes one context as a string")
+    start = time.perf_counter()
+    ids = [question_ids(tokenizer, q, chat_template) for q in _question_list(questions)]
+    built = _compress(model, tokenizer, prompt, chat_template, settings)
+    return _ask(model, tokenizer, built, ids, max_new_tokens, start, own=True)
+
+
+def _settings(cache: CompressedCache | None, given: dict) -> CacheConfig | None:
+    """The config of the caches ``generate`` builds; with a ``cache`` given, none may be set."""
+    if cache is None:
+        return CacheConfig.build(**{"method": "lava", **{k: v for k, v in given.items() if v is not None}})
+    extra = [name for name, value in given.items() if value is not None]
+    if extra:
+        raise ValueError(
+            f"a cache brings its own method, budget and settings; leave out {', '.join(extra)} "
+            f"(this cache: {cache.method.spec!r} at {cache.budget})"
         )
-    if questions is not None and question is not None:
-        raise ValueError("give either question= or questions=, not both")
-    if cache is not None and cache.batch_size > 0 and (question is not None or questions is not None):
-        if prompt is not None:
-            raise ValueError("this cache already holds the context: give the question(s) without a prompt")
-        asked = [question] if questions is None else _question_list(questions)
-        if not all(isinstance(q, str) for q in asked):
-            raise TypeError("question= takes a string (questions= a list of strings) with a cache")
-        check_prompt_format(cache, tokenizer, chat_template)
-        ids = [question_ids(tokenizer, q, chat_template) for q in asked]
-        outputs = _ask(model, tokenizer, cache, ids, max_new_tokens, time.perf_counter(), own=False)
-        return outputs if questions is not None else outputs[0]
-    if prompt is None:
-        raise ValueError("give a prompt (or a cache holding a context, with question= or questions=)")
-    if questions is not None:
-        if cache is not None:
-            raise ValueError("questions= with a prompt builds its own caches; give a cache holding the context instead")
-        if not isinstance(prompt, str):
-            raise TypeError("questions= takes one context as a string")
-        start = time.perf_counter()
-        ids = [question_ids(tokenizer, q, chat_template) for q in _question_list(questions)]
-        built = compress(model, tokenizer, prompt, chat_template=chat_template, **settings)
-        return _ask(model, tokenizer, built, ids, max_new_tokens, start, own=True)
-    prompts, is_batch = _batch(prompt)
-    if cache is not None and cache.batch_size > 0:
-        if question is not None:
-            raise ValueError("a cache that holds a conversation takes the whole history as prompt, not question=")
-        if is_batch or cache.batch_size != 1:
-            raise ValueError(
-                f"continuing goes one conversation per cache; this cache holds {cache.batch_size} sequences and got "
-                f"{len(prompts)} prompts (cache.copy() or cache.batch_select_indices([i]) gives one)"
-            )
-        return _continue(model, tokenizer, prompts[0], cache, chat_template, max_new_tokens)
+    return None
+
+
+def _continue_conversation(model, tokenizer, prompts, is_batch, cache, question, chat_template, max_new_tokens):
     if question is not None:
-        questions_per_prompt = [question] * len(prompts) if isinstance(question, str) else list(question)
-        if len(questions_per_prompt) != len(prompts):
-            raise ValueError(f"got {len(questions_per_prompt)} questions for {len(prompts)} prompts")
-        if cache is not None and len(prompts) > 1:
-            raise ValueError("a cache holds one batch: give it one context with question=, or use questions=")
-        outputs = []
-        for context, asked in zip(prompts, questions_per_prompt):
-            context_part, question_part = _split(tokenizer, context, asked, chat_template)
-            built = cache if cache is not None else CompressedCache(model, **settings)
-            outputs += _generate_ids(model, tokenizer, [context_part], [question_part], built, max_new_tokens)
-            cache = None
-    else:
-        encoded = [encode_prompt(tokenizer, p, chat_template) for p in prompts]
-        built = cache if cache is not None else CompressedCache(model, **settings)
-        outputs = _generate_ids(model, tokenizer, encoded, None, built, max_new_tokens)
-    return outputs if is_batch else outputs[0]
+        raise ValueError("a cache that holds a conversation takes the whole history as prompt, not question=")
+    if is_batch or cache.batch_size != 1:
+        raise ValueError(
+            f"continuing goes one conversation per cache; this cache holds {cache.batch_size} sequences and got "
+            f"{len(prompts)} prompts (cache.copy() or cache.batch_select_indices([i]) gives one)"
+        )
+    return _continue(model, tokenizer, prompts[0], cache, chat_template, max_new_tokens)
+
+
+def _query_agnostic(model, tokenizer, prompts, question, cache, settings, chat_template, max_new_tokens):
+    """Each context prefilled and compressed alone, then its question fed through the compressed cache."""
+    questions_per_prompt = [question] * len(prompts) if isinstance(question, str) else list(question)
+    if len(questions_per_prompt) != len(prompts):
+        raise ValueError(f"got {len(questions_per_prompt)} questions for {len(prompts)} prompts")
+    if cache is not None and len(prompts) > 1:
+        raise ValueError("a cache holds one batch: give it one context with question=, or use questions=")
+    outputs = []
+    for context, asked in zip(prompts, questions_per_prompt):
+        context_part, question_part = _split(tokenizer, context, asked, chat_template)
+        built = cache if cache is not None else CompressedCache(model, settings=settings)
+        outputs += _generate_ids(model, tokenizer, [context_part], [question_part], built, max_new_tokens)
+        cache = None
+    return outputs
 
 
 def _split(tokenizer, context, asked, chat_template) -> tuple[list[int], list[int]]:
@@ -239,7 +263,8 @@ def compress(
     chat_template: bool = True,
     progressive: bool | None = None,
     decode_budget: int | None = None,
-    decode_interval: int = 32,
+    decode_interval: int | None = None,
+    attention_path: str = "auto",
     **options,
 ) -> CompressedCache:
     """Prefill and compress a context once, for questions later (query-agnostic protocol).
@@ -250,6 +275,13 @@ def compress(
     it on disk. A text context records whether the chat template was used, and questions must
     be asked the same way.
     """
+    settings = CacheConfig.build(
+        method, budget, ratio, progressive, decode_budget, decode_interval, attention_path, **options
+    )
+    return _compress(model, tokenizer, context, chat_template, settings)
+
+
+def _compress(model, tokenizer, context: str | list[int], chat_template: bool, settings: CacheConfig):
     ids = (
         context_ids(tokenizer, context, chat_template)
         if isinstance(context, str)
@@ -257,16 +289,7 @@ def compress(
     )
     check_token_ids(ids, getattr(model.config.get_text_config(), "vocab_size", None), "the context")
     check_fits(model, len(ids), 1)
-    cache = CompressedCache(
-        model,
-        method=method,
-        budget=budget,
-        ratio=ratio,
-        progressive=progressive,
-        decode_budget=decode_budget,
-        decode_interval=decode_interval,
-        **options,
-    )
+    cache = CompressedCache(model, settings=settings)
     if isinstance(context, str):
         cache.prompt_format = prompt_format(tokenizer, chat_template)
     TokenFeed(model, cache).prefill([ids], pad_token_id(tokenizer))

@@ -18,7 +18,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .attention import hand_off, model_forward, prepare_model
-from .cache import CompressedCache
+from .cache import CacheConfig, CompressedCache
 from .methods import Budget, Method
 
 
@@ -115,7 +115,7 @@ class PrefillRecord:
         progressive: bool = False,
         reuse_scores: bool = True,
         decode_budget: int | None = None,
-        decode_interval: int = 32,
+        decode_interval: int | None = None,
         attention_path: str = "auto",
         **options,
     ) -> CompressedCache:
@@ -128,18 +128,11 @@ class PrefillRecord:
         attention (see :class:`~lavakv.CompressedCache`).
         """
         model = self._model()
-        cache = CompressedCache(
-            self.config if model is None else model,
-            method=method,
-            budget=budget,
-            ratio=ratio,
-            progressive=progressive,
-            score_memo=self.score_memo if reuse_scores else None,
-            decode_budget=decode_budget,
-            decode_interval=decode_interval,
-            attention_path=attention_path,
-            **options,
+        settings = CacheConfig.build(
+            method, budget, ratio, progressive, decode_budget, decode_interval, attention_path, **options
         )
+        memo = self.score_memo if reuse_scores else None
+        cache = CompressedCache(self.config if model is None else model, score_memo=memo, settings=settings)
         cache.observe_inputs(self.input_ids, self.input_mask)
         with torch.inference_mode():
             for layer_idx, (query, key, value, scaling) in enumerate(self.layers):

@@ -21,7 +21,6 @@ and :mod:`lavakv.cache.files` saves and loads it.
 
 from __future__ import annotations
 
-import copy as _copy
 import logging
 import os
 import weakref
@@ -30,15 +29,16 @@ import torch
 from transformers.cache_utils import Cache, get_layer_types_and_kwargs
 
 from ..attention import hand_off, prepare_model, prompt_lengths
-from ..cachefile import model_identity, weights_fingerprint
+from ..cachefile import weights_fingerprint
 from ..methods import Budget, Method
 from ..ragged import RaggedKV, Row
 from ..selection import GroupCompression, PhaseClock
+from .combine import copy_cache, stack_caches
 from .config import CacheConfig
 from .eviction import DecodeEviction
 from .files import load_cache, save_cache
 from .history import TokenHistory, check_continues
-from .layer import CompressedLayer, LayerState
+from .layer import CompressedLayer
 from .stats import CacheStats, SequenceInfo, cache_stats
 
 logger = logging.getLogger(__name__)
@@ -363,18 +363,7 @@ class CompressedCache(Cache):
 
     def copy(self) -> CompressedCache:
         """An independent cache holding the same entries and history: decoding one leaves the other unchanged."""
-        self._check_ready("copy")
-        states = [
-            (
-                None if layer.recent_queries is None else layer.recent_queries.clone(),
-                list(layer.recent_counts),
-                layer.scaling,
-                None if layer.decode_targets is None else list(layer.decode_targets),
-            )
-            for layer in self.layers
-        ]
-        storages = [layer.storage.clone() for layer in self.layers]
-        return self._derived(storages, self.infos, self.padding, self.history.known_rows(), states)
+        return copy_cache(self)
 
     @classmethod
     def stack(cls, caches: list[CompressedCache], mixed_methods: bool = False) -> CompressedCache:
@@ -390,71 +379,7 @@ class CompressedCache(Cache):
         keeps what its own method kept and reports it in ``stats().sequences``, while the stacked
         cache's ``method`` and ``budget`` are the first cache's.
         """
-        if not caches:
-            raise ValueError("stack needs at least one cache")
-        first = caches[0]
-        for cache in caches:
-            first._check_stackable(cache, mixed_methods)
-        end = max(cache.get_seq_length() for cache in caches)
-        padding = [pad + end - cache.get_seq_length() for cache in caches for pad in cache.padding]
-        storages = [RaggedKV.concat([cache.layers[i].storage for cache in caches]) for i in range(first.num_layers)]
-        rows = [cache.history.known_rows() for cache in caches]
-        history = None if any(r is None for r in rows) else [row for cache_rows in rows for row in cache_rows]
-        states = [_stacked_state([cache.layers[i] for cache in caches]) for i in range(first.num_layers)]
-        infos = [info for cache in caches for info in cache.infos]
-        stacked = first._derived(storages, infos, padding, history, states)
-        stacked.peak_prefill_bytes = max(cache.peak_prefill_bytes for cache in caches)
-        return stacked
-
-    def _check_stackable(self, cache: CompressedCache, mixed_methods: bool) -> None:
-        cache._check_ready("stack")
-        if mixed_methods and cache.decode_budget is not None:
-            raise ValueError(
-                f"caches of mixed methods are stacked to decode without further compression; this one has "
-                f"decode_budget={cache.decode_budget}"
-            )
-        theirs, ours = cache._identity(), self._identity()
-        shared = ("model", "prompt_format") if mixed_methods else tuple(ours)
-        differ = [f"{name} {theirs[name]!r} vs {ours[name]!r}" for name in shared if theirs[name] != ours[name]]
-        if differ:
-            what = (
-                "model and prompt format"
-                if mixed_methods
-                else "model, method, budget, decode settings and prompt format"
-            )
-            raise ValueError(f"caches to stack must share {what}; they differ in {', '.join(differ)}")
-
-    def _identity(self) -> dict:
-        return {
-            "model": model_identity(self.model_config, None)["config_fingerprint"][:12],
-            "method": self.method.spec,
-            "budget": self.budget,
-            "decode_budget": self.decode_budget,
-            "decode_interval": self.decode_interval,
-            "prompt_format": self.prompt_format,
-        }
-
-    def _derived(self, storages, infos, padding, history, states: list[LayerState]) -> CompressedCache:
-        """A cache with this one's settings holding ``storages`` and the given per-sequence and per-layer state."""
-        derived = CompressedCache(self.model_config, settings=self.settings)
-        for layer, storage, (recent, counts, scaling, targets) in zip(derived.layers, storages, states):
-            layer.set_storage(storage)
-            layer.recent_queries, layer.recent_counts, layer.scaling = recent, list(counts), scaling
-            layer.decode_targets = None if targets is None else list(targets)
-        derived.infos = list(infos)
-        derived.groups = []
-        derived.padding = list(padding)
-        derived.prompt_length = max(pad + info.length for pad, info in zip(padding, infos))
-        derived.peak_prefill_bytes = self.peak_prefill_bytes
-        derived.clock = _copy.deepcopy(self.clock)
-        if derived.eviction is not None:
-            derived.eviction.clock = derived.clock
-        derived.decode_evictions = self.decode_evictions
-        derived.history = TokenHistory(None if history is None else [list(row) for row in history], history is not None)
-        derived.weights_fingerprint = self.weights_fingerprint
-        derived._model = self._model
-        derived.prompt_format = self.prompt_format
-        return derived
+        return stack_caches(caches, mixed_methods)
 
     def release(self) -> None:
         """Let go of every tensor this cache holds (it cannot be used afterwards), e.g. once stacked into a batch."""
@@ -489,24 +414,3 @@ class CompressedCache(Cache):
         nothing half-loaded is returned.
         """
         return load_cache(cls, path, model)
-
-
-def _stacked_state(layers: list[CompressedLayer]) -> LayerState:
-    """One layer's decode state over the stacked batch: queries right-aligned to the longest, rows in order."""
-    queries = [layer.recent_queries for layer in layers]
-    targets = None
-    if all(layer.decode_targets is not None for layer in layers):
-        targets = [target for layer in layers for target in layer.decode_targets]
-    if any(q is None for q in queries):
-        return None, [], layers[0].scaling, targets
-    longest = max(q.shape[2] for q in queries)
-    counts = [count for layer in layers for count in layer.recent_counts]
-    return torch.cat([_left_pad(q, longest) for q in queries]), counts, layers[0].scaling, targets
-
-
-def _left_pad(queries: torch.Tensor, width: int) -> torch.Tensor:
-    """``[B, H, w, d]`` queries right-aligned in ``width`` slots (zeros before them: not counted as real)."""
-    missing = width - queries.shape[2]
-    if missing == 0:
-        return queries
-    return torch.cat([queries.new_zeros(*queries.shape[:2], missing, queries.shape[3]), queries], dim=2)

@@ -11,6 +11,7 @@ from transformers.cache_utils import Cache
 from ..cachefile import check_identity, ids_hash, model_identity, read_file, weights_fingerprint, write_file
 from ..methods import Budget
 from ..ragged import RaggedKV
+from .combine import derived_cache
 from .layer import LayerState, layer_devices
 from .stats import SequenceInfo
 
@@ -84,7 +85,7 @@ def load_cache(cls: type[Cache], path: str | os.PathLike, model) -> Cache:
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"{path}: not a valid lavakv cache file ({error})") from error
     cache.prompt_format = header["prompt_format"]
-    loaded = cache._derived(storages, infos, header["padding"], history, states)
+    loaded = derived_cache(cache, storages, infos, header["padding"], history, states)
     loaded.peak_prefill_bytes = header["peak_prefill_bytes"]
     loaded.decode_evictions = header["decode_evictions"]
     return loaded

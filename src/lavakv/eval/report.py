@@ -323,51 +323,9 @@ def markdown(
         averages = benchmark_intervals(run.rows, statistics)
         differences = paired_differences(run.rows, reference, statistics) if reference else {}
         for benchmark in sorted({c.benchmark for c in cells}):
-            subset = [c for c in cells if c.benchmark == benchmark]
-            datasets = sorted({c.dataset for c in subset})
-            methods = _methods(subset)
-            values = {(m, b): v for (bench, m, b), v in averages.items() if bench == benchmark}
-            samples: dict[str, int] = defaultdict(int)
-            for c in subset:
-                samples[c.dataset] = max(samples[c.dataset], c.samples)
-            parts.append(
-                f"### {benchmark}: average over {len(datasets)} dataset(s), score in %\n\n"
-                f"Samples per dataset: {', '.join(f'{d} {n}' for d, n in sorted(samples.items()))}.\n"
+            parts += _benchmark_section(
+                benchmark, run, cells, averages, differences, budgets, reference, statistics, plots, report_dir
             )
-            parts.append(_table("method", _method_lines(values, methods, budgets), budgets) + "\n")
-            if reference:
-                parts.append(_paired_section(benchmark, datasets, differences, reference, methods, budgets))
-            for grouped in (_category_section, _length_section):
-                section = grouped(benchmark, run.rows, methods, budgets, reference, statistics)
-                if section:
-                    parts.append(section)
-            missing = sorted({(c.method, c.budget) for c in subset} - set(values))
-            if missing:
-                parts.append(
-                    "No average (results missing on some datasets) for: "
-                    + ", ".join(f"{method_label(m)}@{b}" if b else method_label(m) for m, b in missing)
-                    + ".\n"
-                )
-            parts.append(_memory_line(subset, budgets))
-            truncated = {c.dataset: c.truncated for c in subset if c.method == "full" and c.truncated}
-            if truncated:
-                parts.append(
-                    "Prompts cut in the middle to fit the context: "
-                    + ", ".join(f"{d} {n}" for d, n in sorted(truncated.items()))
-                    + ".\n"
-                )
-            if len(datasets) > 1:
-                for dataset in datasets:
-                    in_dataset = {
-                        (c.method, c.budget): Interval(c.score, c.score_low, c.score_high)
-                        for c in subset
-                        if c.dataset == dataset
-                    }
-                    parts.append(f"#### {benchmark} / {dataset}\n")
-                    parts.append(_table("method", _method_lines(in_dataset, methods, budgets), budgets) + "\n")
-            for path in (plots or {}).get(run.name, []):
-                if path.name.startswith(benchmark):
-                    parts.append(f"![{path.stem}]({_relative(path, report_dir)})\n")
         incomplete = _incomplete(cells)
         if incomplete:
             parts.append("Cells with fewer samples than the rest of their dataset: " + ", ".join(incomplete) + ".\n")
@@ -375,6 +333,57 @@ def markdown(
     if len(runs) > 1:
         parts.append(comparison(runs, statistics))
     return "\n".join(parts)
+
+
+def _benchmark_section(benchmark, run, cells, averages, differences, budgets, reference, statistics, plots, report_dir):
+    """One benchmark of a run: its average table, paired differences, groups, notes, then each dataset."""
+    parts: list[str] = []
+    subset = [c for c in cells if c.benchmark == benchmark]
+    datasets = sorted({c.dataset for c in subset})
+    methods = _methods(subset)
+    values = {(m, b): v for (bench, m, b), v in averages.items() if bench == benchmark}
+    samples: dict[str, int] = defaultdict(int)
+    for c in subset:
+        samples[c.dataset] = max(samples[c.dataset], c.samples)
+    parts.append(
+        f"### {benchmark}: average over {len(datasets)} dataset(s), score in %\n\n"
+        f"Samples per dataset: {', '.join(f'{d} {n}' for d, n in sorted(samples.items()))}.\n"
+    )
+    parts.append(_table("method", _method_lines(values, methods, budgets), budgets) + "\n")
+    if reference:
+        parts.append(_paired_section(benchmark, datasets, differences, reference, methods, budgets))
+    for grouped in (_category_section, _length_section):
+        section = grouped(benchmark, run.rows, methods, budgets, reference, statistics)
+        if section:
+            parts.append(section)
+    missing = sorted({(c.method, c.budget) for c in subset} - set(values))
+    if missing:
+        parts.append(
+            "No average (results missing on some datasets) for: "
+            + ", ".join(f"{method_label(m)}@{b}" if b else method_label(m) for m, b in missing)
+            + ".\n"
+        )
+    parts.append(_memory_line(subset, budgets))
+    truncated = {c.dataset: c.truncated for c in subset if c.method == "full" and c.truncated}
+    if truncated:
+        parts.append(
+            "Prompts cut in the middle to fit the context: "
+            + ", ".join(f"{d} {n}" for d, n in sorted(truncated.items()))
+            + ".\n"
+        )
+    if len(datasets) > 1:
+        for dataset in datasets:
+            in_dataset = {
+                (c.method, c.budget): Interval(c.score, c.score_low, c.score_high)
+                for c in subset
+                if c.dataset == dataset
+            }
+            parts.append(f"#### {benchmark} / {dataset}\n")
+            parts.append(_table("method", _method_lines(in_dataset, methods, budgets), budgets) + "\n")
+    for path in (plots or {}).get(run.name, []):
+        if path.name.startswith(benchmark):
+            parts.append(f"![{path.stem}]({_relative(path, report_dir)})\n")
+    return parts
 
 
 def _paired_section(benchmark, datasets, differences, reference, methods, budgets) -> str:
