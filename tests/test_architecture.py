@@ -172,3 +172,32 @@ def test_the_checker_sees_lazy_imports(tmp_path):
     finally:
         PACKAGE = saved
     assert ours == {"lavakv.cli", "lavakv.cli.main", "lavakv", "lavakv.cache"}
+
+
+MAX_CLASS_LINES = 400
+MAX_FUNCTION_LINES = 80
+
+
+def _oversized(tree: ast.AST) -> list[tuple[str, int]]:
+    found = []
+    for node in ast.walk(tree):
+        limit = MAX_CLASS_LINES if isinstance(node, ast.ClassDef) else MAX_FUNCTION_LINES
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            length = node.end_lineno - node.lineno + 1
+            if length > limit:
+                found.append((node.name, length))
+    return found
+
+
+def test_no_class_over_400_lines_and_no_function_over_80():
+    offenders = [
+        f"{path.relative_to(PACKAGE)}: {name} ({length} lines)"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for name, length in _oversized(ast.parse(path.read_text()))
+    ]
+    assert not offenders, "split these: " + "; ".join(offenders)
+
+
+def test_the_size_check_sees_a_long_function():
+    source = "def long():\n" + "    x = 1\n" * MAX_FUNCTION_LINES
+    assert _oversized(ast.parse(source)) == [("long", MAX_FUNCTION_LINES + 1)]
