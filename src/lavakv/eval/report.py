@@ -226,19 +226,38 @@ def parsed_method(spec: str) -> Method | None:
         return None
 
 
+def foreign_method(spec: str) -> tuple[str, str] | None:
+    """``(engine, method)`` of a row another engine wrote (``kvpress:snapkv``), ``None`` for a lavakv spec.
+
+    An engine adapter (``benchmarks/kvpress_compare.py``) stores its methods as ``ENGINE:NAME``,
+    with a name before ``:`` that is no lavakv preset and no ``=`` after it, so that they are never
+    read as a lavakv method with overrides.
+    """
+    engine, separator, name = spec.partition(":")
+    if not separator or not engine or not name or engine in PRESETS or "=" in name:
+        return None
+    return engine, name
+
+
 def method_rank(spec: str) -> tuple[int, int, str]:
-    """Presets in their listed order, each followed by the variants derived from it."""
+    """Presets in their listed order, each followed by the variants derived from it, then other engines' same method."""
     method = parsed_method(spec)
     origin = method.origin if method is not None and method.origin in METHOD_ORDER else None
+    foreign = foreign_method(spec) if method is None else None
+    if foreign is not None and foreign[1] in METHOD_ORDER:
+        return (METHOD_ORDER.index(foreign[1]), 2, spec)
     if origin is None:
         return (len(METHOD_ORDER), 1, spec)
     return (METHOD_ORDER.index(origin), 0 if spec == origin else 1, spec)
 
 
 def method_label(spec: str) -> str:
-    """A readable label for a stored method spec."""
+    """A readable label for a stored method spec (``kvpress snapkv`` for another engine's)."""
     method = parsed_method(spec)
-    return spec if method is None else method.label
+    if method is not None:
+        return method.label
+    foreign = foreign_method(spec)
+    return spec if foreign is None else " ".join(foreign)
 
 
 def _budgets(cells: list[Cell]) -> list[int]:
@@ -670,8 +689,11 @@ def render(
 
 
 def check_reference(runs: list[Run], reference: str) -> str:
-    """``reference`` as the runs store it (its canonical spec); one no run holds is an error naming those held."""
-    spec = parse_spec(reference).spec
+    """``reference`` as the runs store it (its canonical spec); one no run holds is an error naming those held.
+
+    Another engine's method (:func:`foreign_method`) is taken as written, not parsed as a lavakv spec.
+    """
+    spec = reference if foreign_method(reference) is not None else parse_spec(reference).spec
     held = sorted({row.method for run in runs for row in scored(run.rows)}, key=method_rank)
     if spec not in held:
         raise ValueError(
