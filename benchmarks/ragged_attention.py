@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from lavakv import ragged
+from lavakv import backends
+from lavakv.backends import create_backend
 from lavakv.ragged import RaggedKV
 
 RESULTS = Path(__file__).parent / "results"
@@ -67,9 +68,9 @@ def measure(args) -> list[dict]:
             rows = storage_for(kv_heads, dim, budget, True, args.tail, 0)
             scaling = dim**-0.5
             calls = {
-                "uniform": functools.partial(uniform.attend, query, scaling, path="gather"),
-                "gather": functools.partial(rows.attend, query, scaling, path="gather"),
-                "flex": functools.partial(rows.attend, query, scaling, path="flex"),
+                "uniform": functools.partial(create_backend("gather", uniform).attend, query, scaling),
+                "gather": functools.partial(create_backend("gather", rows).attend, query, scaling),
+                "flex": functools.partial(create_backend("flex", rows).attend, query, scaling),
             }
             expected = calls["gather"]()
             torch._dynamo.reset()
@@ -86,13 +87,13 @@ def measure(args) -> list[dict]:
                     start = time.perf_counter()
                     call()
                     times[name].append(1e6 * (time.perf_counter() - start))
-            ragged.COMPILE_FLEX = False
+            backends.COMPILE_FLEX = False
             eager = []
             for _ in range(5):
                 start = time.perf_counter()
                 calls["flex"]()
                 eager.append(1e6 * (time.perf_counter() - start))
-            ragged.COMPILE_FLEX = True
+            backends.COMPILE_FLEX = True
             row = {"shape": shape, "budget": budget, "tail": args.tail, "first_flex_call_s": first_flex}
             row.update({f"{name}_us": statistics.median(values) for name, values in times.items()})
             row["flex_eager_us"] = statistics.median(eager)

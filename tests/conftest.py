@@ -20,8 +20,8 @@ from transformers import (
 )
 
 import lavakv
-from lavakv import ragged
-from lavakv.ragged import ATTENTION_PATHS
+from lavakv import backends
+from lavakv.backends import BACKENDS
 
 COMMON = dict(
     vocab_size=96,
@@ -95,6 +95,13 @@ def tokenizer():
     return TinyTokenizer()
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every test that uses the embedded model carries the ``smollm2`` marker, so ``-m "not smollm2"`` skips it."""
+    for item in items:
+        if "smollm2" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.smollm2)
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     try:
@@ -103,8 +110,8 @@ def smollm2():
         pytest.skip(f"embedded model unavailable: {error}")
 
 
-@pytest.fixture(params=ATTENTION_PATHS)
+@pytest.fixture(params=list(BACKENDS))
 def path(request, monkeypatch):
-    """Every decode attention path; FlexAttention runs uncompiled here (exact, and no compilation in CI)."""
-    monkeypatch.setattr(ragged, "COMPILE_FLEX", False)
+    """Every registered decode attention backend; FlexAttention runs uncompiled here (exact, no compiling in CI)."""
+    monkeypatch.setattr(backends, "COMPILE_FLEX", False)
     return request.param

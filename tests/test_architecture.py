@@ -20,6 +20,7 @@ LAYERS: dict[str, int] = {
     "lavakv.attention": 0,
     "lavakv.selection": 1,
     "lavakv.cachefile": 1,
+    "lavakv.backends": 1,
     "lavakv.cache": 2,
     "lavakv.prompting": 3,
     "lavakv.decoding": 3,
@@ -34,6 +35,7 @@ LAYERS: dict[str, int] = {
 }
 """Rank of each room: a module may import only modules of a lower rank, or of its own room without cycles."""
 TORCH_ONLY = ("lavakv.methods", "lavakv.ragged")
+TORCH_AND_RAGGED_ONLY = ("lavakv.backends",)
 
 
 def _module_name(path: Path) -> str:
@@ -144,6 +146,14 @@ def test_methods_and_ragged_storage_import_only_torch(room):
         ours, others = _imports(path)
         assert others - stdlib <= {"torch", "__future__"}, (module, others - stdlib)
         assert all(_room(target) == room for target in ours), (module, ours)
+
+
+@pytest.mark.parametrize("module", TORCH_AND_RAGGED_ONLY)
+def test_attention_backends_import_only_torch_and_the_ragged_storage(module):
+    path = PACKAGE / (module.rpartition(".")[2] + ".py")
+    ours, others = _imports(path)
+    assert others - set(sys.stdlib_module_names) <= {"torch", "__future__"}, others
+    assert {_resolve(target, set(_graph())) for target in ours} <= {"lavakv.ragged"}, ours
 
 
 def test_the_attention_glue_imports_no_other_lavakv_module():

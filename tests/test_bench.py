@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from conftest import random_prompt, tiny_model
@@ -83,7 +85,12 @@ def test_peak_resident_memory_sees_a_transient_allocation():
     with ResidentSampler() as sampler:
         with sampler.phase() as transient:
             block = torch.ones(64 * 2**20 // 4)
+            held_from = transient.samples
+            deadline = time.monotonic() + 10
+            while transient.samples < held_from + 2 and time.monotonic() < deadline:
+                time.sleep(0.001)
             del block
+        assert transient.samples >= held_from + 2, "the sampler took no reading in 10 s"
         with sampler.phase() as idle:
             pass
     assert transient.added >= 48 * 2**20

@@ -222,3 +222,21 @@ def test_a_non_integer_local_rank_is_named():
 
     with pytest.raises(ValueError, match=r"LOCAL_RANK='gpu0' must be an integer"):
         resolve_shard("auto", None, {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "gpu0"})
+
+
+def test_a_bug_in_a_command_surfaces_as_a_traceback_not_a_user_error(tmp_path, monkeypatch, capsys):
+    from lavakv import cli
+
+    def buggy(args):
+        return len(None)
+
+    monkeypatch.setattr(cli, "cmd_report", buggy)
+    with pytest.raises(TypeError, match="NoneType"):
+        main(["report", str(tmp_path)])
+    assert "lavakv: error" not in capsys.readouterr().err
+
+
+def test_a_bad_option_value_is_still_a_one_line_user_error(capsys, no_model):
+    assert main(["generate", "--method", "lava:alphaa=0.5", "--budget", "64", "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lavakv: error:") and "alphaa" in err

@@ -3,12 +3,15 @@ the cache says which path ran, and the greedy loop reads tokens back in blocks, 
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from conftest import random_prompt, tiny_model
 
 import lavakv
-from lavakv.cache import resolve_attention_path
+from lavakv import backends
+from lavakv.backends import resolve_backend
 from lavakv.decoding import TokenFeed
 
 
@@ -29,10 +32,12 @@ def test_every_path_decodes_a_padded_batch_to_the_same_tokens(kind, path):
     assert cache.stats(positions=False).attention_paths == [path]
 
 
-def test_auto_picks_gather_on_cpu_and_flex_elsewhere():
-    assert resolve_attention_path("auto", torch.device("cpu")) == "gather"
-    assert resolve_attention_path("auto", torch.device("meta")) == "flex"
-    assert resolve_attention_path("flex", torch.device("cpu")) == "flex"
+def test_auto_picks_gather_on_cpu_and_flex_elsewhere(monkeypatch):
+    monkeypatch.setattr(backends, "_flex_probes", {})
+    monkeypatch.setattr(backends, "flex_kernel", lambda device: lambda *args, **kwargs: None)
+    assert resolve_backend("auto", torch.device("cpu")) == "gather"
+    assert resolve_backend("auto", torch.device("meta")) == "flex"
+    assert resolve_backend("flex", torch.device("cpu")) == "flex"
     model = tiny_model("llama")
     _, cache = _batch_tokens(model, [random_prompt(80)], "auto")
     assert cache.stats(positions=False).attention_paths == ["gather"]
@@ -71,20 +76,38 @@ def test_greedy_reads_tokens_back_in_blocks_and_stops_like_a_step_by_step_loop(m
     assert len(results[4][1]) == 1 and len(results[4][0]) == 10
 
 
-def test_auto_falls_back_to_gather_when_flex_cannot_run(monkeypatch, caplog):
-    from lavakv import ragged
+def test_an_unknown_backend_name_is_refused_with_the_valid_ones():
+    with pytest.raises(
+        ValueError, match="unknown attention backend 'dense'; valid backends: auto, gather, padded, flex"
+    ):
+        resolve_backend("dense", torch.device("cpu"))
 
+
+def test_auto_resolves_to_gather_with_a_logged_cause_when_flex_cannot_run(monkeypatch, caplog):
+    calls = []
+
+    def broken(device):
+        calls.append(device)
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(backends, "_flex_probes", {})
+    monkeypatch.setattr(backends, "flex_kernel", broken)
+    with caplog.at_level(logging.WARNING, logger="lavakv.backends"):
+        assert resolve_backend("auto", torch.device("meta")) == "gather"
+        assert resolve_backend("auto", torch.device("meta")) == "gather"
+    assert len(calls) == 1, "the probe runs once per device"
+    warnings = [record for record in caplog.records if record.levelno == logging.WARNING]
+    assert warnings and "FlexAttention does not run on meta" in warnings[0].getMessage()
+    assert "no compiler here" in warnings[0].getMessage()
+    assert isinstance(warnings[0].exc_info[1], RuntimeError)
+    assert resolve_backend("flex", torch.device("meta")) == "flex"
+
+
+def test_an_explicit_flex_that_fails_raises_instead_of_falling_back(monkeypatch):
     def broken(device):
         raise RuntimeError("no compiler here")
 
-    monkeypatch.setattr(ragged, "flex_kernel", broken)
+    monkeypatch.setattr(backends, "flex_kernel", broken)
     model = tiny_model("llama")
-    expected, _ = _batch_tokens(model, [random_prompt(80)], "gather")
-    cache = lavakv.CompressedCache(model, method="ada-snapkv", budget=40)
-    feed = TokenFeed(model, cache)
-    logits = feed.prefill([random_prompt(80)], pad_id=0)
-    for layer in cache.layers:
-        layer.attention_path = "flex"
-    assert feed.greedy(logits, 6, stop_ids=set()) == expected
-    assert cache.stats(positions=False).attention_paths == ["gather"]
-    assert "FlexAttention failed" in caplog.text
+    with pytest.raises(RuntimeError, match="no compiler here"):
+        _batch_tokens(model, [random_prompt(80)], "flex")

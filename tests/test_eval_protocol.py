@@ -18,12 +18,15 @@ from lavakv.eval.report import load_runs, paired_differences, render
 from lavakv.eval.runner import (
     BUDGET_SPREAD,
     decode_groups,
+    error_row,
     evaluate_sample,
     make_pairs,
+    plan,
     prepare,
     resolve_shard,
     run,
     shard_from_launcher,
+    shard_members,
 )
 from lavakv.eval.samples import Sample, error_sample, interleave_datasets
 from lavakv.eval.stats import bootstrap_mean, paired_difference
@@ -204,6 +207,39 @@ def test_shard_from_the_launchers_variables():
     assert resolve_shard("1/2", "own", {}).store_name == "results.shard-1-of-2.sqlite"
     with pytest.raises(ValueError, match="--shard-store must be one of shared, own"):
         resolve_shard("1/2", "mine", {})
+
+
+def _niah_samples(count: int) -> list[Sample]:
+    return [
+        Sample("niah", "niah", f"len1000-depth{index}", "context", "question?", ["answer"], 8, "substring")
+        for index in range(count)
+    ]
+
+
+@pytest.mark.parametrize(("samples", "shards"), [(4, 2), (5, 3), (2, 4), (27, 8), (1, 1)])
+def test_shards_are_balanced_to_within_one_sample_and_cover_each_sample_once(samples, shards, tmp_path):
+    with ResultStore(tmp_path / "run") as store:
+        per_shard = [
+            [s.sample_id for s, _ in plan(_niah_samples(samples), PAIRS, store, shard=(index, shards))]
+            for index in range(shards)
+        ]
+    sizes = [len(ids) for ids in per_shard]
+    assert max(sizes) - min(sizes) <= 1
+    assert sorted(i for ids in per_shard for i in ids) == sorted(s.sample_id for s in _niah_samples(samples))
+
+
+def test_a_shard_keeps_its_samples_when_rows_are_already_done(tmp_path):
+    samples = _niah_samples(6)
+    members = shard_members([(s.benchmark, s.dataset, s.sample_id) for s in samples], 2)
+    with ResultStore(tmp_path / "run") as store:
+        before = [s.sample_id for s, _ in plan(samples, PAIRS, store, shard=(0, 2))]
+        finished = samples[min(members[1])]
+        for pair in PAIRS:
+            store.add(error_row(finished, pair, RuntimeError("stopped")))
+        after = [s.sample_id for s, _ in plan(samples, PAIRS, store, shard=(0, 2))]
+    assert before == after == [samples[i].sample_id for i in sorted(members[0])]
+    with pytest.raises(ValueError, match="shard count must be an integer >= 1, got 0"):
+        shard_members([("a",)], 0)
 
 
 def _reference_rows(tmp_path: Path) -> dict:

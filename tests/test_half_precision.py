@@ -9,6 +9,7 @@ import torch
 from conftest import plain_generate, random_prompt, tiny_model
 
 import lavakv
+from lavakv.backends import create_backend
 from lavakv.ragged import RaggedKV
 
 HALF = [torch.bfloat16, torch.float16]
@@ -73,7 +74,7 @@ def test_every_attention_path_in_half_precision_matches_float32_attention(dtype,
     tail = torch.randn(2, 2, 2, 2, 16, generator=generator).to(dtype)
     storage.append(tail[0], tail[1])
     query = torch.randn(2, 4, 1, 16, generator=generator).to(dtype)
-    got = storage.attend(query, 0.25, path=path)
+    got = create_backend(path, storage).attend(query, 0.25)
     assert got.dtype == dtype
     expected = torch.zeros(2, 1, 4, 16)
     for b in range(2):

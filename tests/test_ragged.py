@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from lavakv.backends import create_backend
 from lavakv.ragged import RaggedKV
 
 DIM = 8
@@ -70,7 +71,7 @@ def test_attention_over_ragged_rows_equals_the_dense_reference(lengths, q_len, g
     storage.append(appended_keys[:, :, :2], appended_values[:, :, :2])
     storage.append(appended_keys[:, :, 2:], appended_values[:, :, 2:])
     query = torch.randn(batch, kv_heads * group, q_len, DIM, generator=generator)
-    got = storage.attend(query, DIM**-0.5, path=path)
+    got = create_backend(path, storage).attend(query, DIM**-0.5)
     expected = _dense_reference(rows, appended_keys, appended_values, query, DIM**-0.5, append_start=20)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert storage.steps == q_len + 2
@@ -85,7 +86,7 @@ def test_sliding_window_hides_entries_too_far_back(q_len, path):
     appended_values = torch.randn(1, 2, q_len, DIM, generator=generator)
     storage.append(appended_keys, appended_values)
     query = torch.randn(1, 2, q_len, DIM, generator=generator)
-    got = storage.attend(query, 0.5, sliding_window=12, path=path)
+    got = create_backend(path, storage).attend(query, 0.5, sliding_window=12)
     expected = _dense_reference(rows, appended_keys, appended_values, query, 0.5, 30, sliding_window=12)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -130,8 +131,9 @@ def test_bad_layouts_are_refused():
         RaggedKV(torch.zeros(3, DIM), torch.zeros(3, DIM), positions, torch.tensor([[1, 1]]), 3)
     storage = RaggedKV.pack(_rows([[2, 5]], length=10), [0], append_start=10)
     storage.append(torch.zeros(1, 2, 2, DIM), torch.zeros(1, 2, 2, DIM))
-    with pytest.raises(RuntimeError, match="track_positions"):
-        storage.attend(torch.zeros(1, 2, 2, DIM), 1.0, sliding_window=4)
+    for name in ("gather", "padded"):
+        with pytest.raises(RuntimeError, match="track_positions"):
+            create_backend(name, storage).attend(torch.zeros(1, 2, 2, DIM), 1.0, sliding_window=4)
 
 
 def _with_tail(lengths, steps, length=20, seed=0, track=False):
@@ -189,7 +191,10 @@ def test_fold_moves_the_tail_into_the_rows_and_attention_is_unchanged(steps, pat
     folded.append(torch.zeros(2, 2, 1, DIM), torch.zeros(2, 2, 1, DIM))
     storage.append(torch.zeros(2, 2, 1, DIM), torch.zeros(2, 2, 1, DIM))
     torch.testing.assert_close(
-        folded.attend(query, 0.3, 9, path=path), storage.attend(query, 0.3, 9, path="gather"), rtol=1e-5, atol=1e-6
+        create_backend(path, folded).attend(query, 0.3, 9),
+        create_backend("gather", storage).attend(query, 0.3, 9),
+        rtol=1e-5,
+        atol=1e-6,
     )
 
 
@@ -215,7 +220,7 @@ def test_concat_aligns_timelines_and_keeps_every_row(path):
         for b, heads in enumerate(full)
     ]
     expected = _dense_reference_rows(grown, query, 0.4, 23)
-    torch.testing.assert_close(joined.attend(query, 0.4, path=path), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(create_backend(path, joined).attend(query, 0.4), expected, rtol=1e-5, atol=1e-5)
     same = RaggedKV.concat([first, first.clone()])
     assert same.steps == 2 and same.batch == 2
 
@@ -277,10 +282,11 @@ def test_a_buffer_made_in_inference_mode_takes_appends_outside_it():
 def test_flex_block_mask_is_built_once_per_query_shape(path):
     storage, full = _with_tail([[3, 7], [6, 1]], 2)
     query = torch.randn(2, 4, 1, DIM, generator=torch.Generator().manual_seed(5))
-    first = storage.attend(query, 0.3, path=path)
+    backend = create_backend(path, storage)
+    first = backend.attend(query, 0.3)
     storage.append(torch.ones(2, 2, 1, DIM), torch.ones(2, 2, 1, DIM))
-    second = storage.attend(query, 0.3, path=path)
-    assert len(storage._flex_masks) == (1 if path == "flex" else 0)
+    second = backend.attend(query, 0.3)
+    assert len(getattr(backend, "_block_masks", {})) == (1 if path == "flex" else 0)
     expected = [_dense_reference_rows(full, query, 0.3, 22)]
     full = [
         [
@@ -294,16 +300,17 @@ def test_flex_block_mask_is_built_once_per_query_shape(path):
     torch.testing.assert_close(second, expected[1], rtol=1e-5, atol=1e-5)
 
 
-def test_an_unknown_attention_path_is_refused():
+def test_an_unknown_attention_backend_is_refused():
     storage, _ = _with_tail([[3, 7]], 1)
-    with pytest.raises(ValueError, match="unknown attention path 'dense'.*gather, padded, flex"):
-        storage.attend(torch.zeros(1, 2, 1, DIM), 1.0, path="dense")
+    with pytest.raises(ValueError, match="unknown attention backend 'dense'.*gather, padded, flex"):
+        create_backend("dense", storage)
 
 
 @pytest.mark.parametrize("path", ["gather", "padded"])
 def test_ragged_rows_with_a_tail_attend_exactly_across_buffer_growth(path):
     rows = _rows([[3, 7], [6, 1]], length=12, seed=5)
     storage = RaggedKV.pack(rows, [0, 0], append_start=12)
+    backend = create_backend(path, storage)
     generator = torch.Generator().manual_seed(6)
     appended = torch.randn(2, 2, 2, 150, DIM, generator=generator)
     for step in range(150):
@@ -313,7 +320,7 @@ def test_ragged_rows_with_a_tail_attend_exactly_across_buffer_growth(path):
             expected = _dense_reference(
                 rows, appended[0, :, :, : step + 1], appended[1, :, :, : step + 1], query, 0.3, append_start=12
             )
-            torch.testing.assert_close(storage.attend(query, 0.3, path=path), expected)
+            torch.testing.assert_close(backend.attend(query, 0.3), expected)
     assert storage.appended_keys.data_ptr() == storage._tail_keys.data_ptr()
     for sequence, heads in enumerate(rows):
         for head, (positions, keys, values) in enumerate(heads):

@@ -123,6 +123,7 @@ class ResidentSampler:
             active = self._active
             if active is not None:
                 active.peak = max(active.peak, resident_bytes() or 0)
+                active.samples += 1
             time.sleep(self.interval)
 
     def __enter__(self) -> ResidentSampler:
@@ -150,6 +151,8 @@ class ResidentSampler:
 class _Phase:
     start: int
     peak: int = 0
+    samples: int = 0
+    """Readings the background thread took during the phase (how often a transient could be seen)."""
 
     @property
     def added(self) -> int:

@@ -674,7 +674,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(quiet=bool(getattr(args, "json", False) is True or getattr(args, "quiet", False)))
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError, TypeError, NotImplementedError) as error:
+    except (ValueError, FileNotFoundError, NotImplementedError) as error:  # a bad input or an unsupported request
         print(f"lavakv: error: {error}", file=sys.stderr)
         return 2
 

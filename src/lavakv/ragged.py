@@ -7,7 +7,8 @@ cache above it:
 * ``keys`` and ``values`` are ``[total, head_dim]``: every row's kept entries back to back, so the
   bytes held are exactly the bytes kept;
 * ``lengths`` is ``[batch, kv_heads]``, always on the CPU (read without a device sync); row
-  ``r = sequence * kv_heads + head`` spans ``indptr[r]:indptr[r + 1]`` (its prefix sums);
+  ``r = sequence * kv_heads + head`` spans ``indptr[r]:indptr[r + 1]`` (its prefix sums, on the
+  keys' device, built once; the same offsets are kept as Python integers for reads without a sync);
   ``positions[i]`` is entry ``i``'s token position;
 * tokens appended while decoding go to every row alike, in a dense ``[batch, kv_heads, steps,
   head_dim]`` tail, at positions ``append_start + step``. The tail is a buffer that grows
@@ -21,53 +22,18 @@ into the rows, :meth:`RaggedKV.concat` joins storages into one batch (aligning t
 :meth:`RaggedKV.repeat_interleave` and :meth:`RaggedKV.select` derive batches from one, and
 :meth:`RaggedKV.keep` keeps chosen entries of every row (eviction while decoding).
 
-Attention reads the rows as a ``[batch, kv_heads, longest, head_dim]`` view when every row has
-the same length (no copy), and otherwise gathers a padded copy with one ``index_select`` and hides
-the padding with a mask built once at packing. The result is exact attention over each row's
-entries. Torch only.
+The storage is the layout only: :meth:`RaggedKV.padded` reads the rows as a ``[batch, kv_heads,
+longest, head_dim]`` view when every row has the same length (no copy), and otherwise gathers a
+padded copy with one ``index_select`` (``gather_index``), ``valid`` marking the real slots. Decode
+attention over it is :mod:`lavakv.backends`. Torch only.
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable
-
 import torch
-import torch.nn.functional as F
-from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
 
 MIN_TAIL_SLOTS = 64
 """Decode slots the tail buffer starts with."""
-
-ATTENTION_PATHS = ("gather", "padded", "flex")
-"""Ways :meth:`RaggedKV.attend` can compute attention (see there)."""
-
-_compiled_flex: dict[str, Callable] = {}
-
-
-def flex_kernel(device: torch.device) -> Callable:
-    """FlexAttention for ``device``: compiled with torch.compile (one compiled function per device type,
-    recompiled by torch as shapes change) unless :data:`COMPILE_FLEX` is off, in which case torch's
-    unfused reference implementation runs (exact, slow: for tests).
-
-    On CPU (torch 2.13) compiled FlexAttention cannot return the log-sum-exp the tail merge needs,
-    and its dynamic-shape C++ code fails to build, which is why ``"auto"`` never picks it there.
-    """
-    if not COMPILE_FLEX:
-        return _eager_flex
-    if device.type not in _compiled_flex:
-        _compiled_flex[device.type] = torch.compile(flex_attention)
-    return _compiled_flex[device.type]
-
-
-COMPILE_FLEX = True
-"""Whether the ``"flex"`` path compiles FlexAttention (torch.compile); tests switch it off."""
-
-
-def _eager_flex(*args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        return flex_attention(*args, **kwargs)
 
 
 Row = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -97,6 +63,8 @@ class RaggedKV:
         self.lengths = lengths.cpu()
         self.batch, self.kv_heads = lengths.shape
         self._offsets = [0] + lengths.reshape(-1).cumsum(0).tolist()
+        self.indptr = torch.tensor(self._offsets, dtype=torch.long, device=keys.device)
+        """Row offsets ``[batch * kv_heads + 1]`` on the keys' device: row ``r`` spans ``indptr[r]:indptr[r + 1]``."""
         self.append_start = int(append_start)
         self.track_positions = track_positions
         self._tail_keys: torch.Tensor | None = appended_keys
@@ -111,16 +79,12 @@ class RaggedKV:
         else:
             offsets = torch.arange(self.longest)
             valid = offsets[None, None, :] < lengths[:, :, None]
-            starts = self.indptr[:-1].view(batch, kv_heads)
+            starts = torch.tensor(self._offsets[:-1], dtype=torch.long).view(batch, kv_heads)
             index = torch.where(valid, starts[:, :, None] + offsets, torch.zeros((), dtype=torch.long))
             self.gather_index = index.reshape(-1).to(device)
             self.valid = valid[:, :, None, :].to(device)
             slot_positions = positions[self.gather_index].view(batch, kv_heads, self.longest)
         self.slot_positions = slot_positions if track_positions else None
-        self._padding_bias: torch.Tensor | None = None
-        self._flex_masks: dict = {}
-        self._padded_rows: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._padded_steps = 0
 
     @classmethod
     def pack(
@@ -277,14 +241,14 @@ class RaggedKV:
         return counts
 
     @property
-    def indptr(self) -> torch.Tensor:
-        """Row offsets ``[batch * kv_heads + 1]``: row ``r`` spans ``indptr[r]:indptr[r + 1]`` (on the CPU)."""
-        return torch.tensor(self._offsets, dtype=torch.long)
-
-    @property
     def steps(self) -> int:
         """Tokens appended to every row since packing."""
         return self._steps
+
+    @property
+    def tail_capacity(self) -> int:
+        """Decode slots the tail buffer holds, used or not."""
+        return 0 if self._tail_keys is None else self._tail_keys.shape[-2]
 
     @property
     def appended_keys(self) -> torch.Tensor | None:
@@ -384,176 +348,11 @@ class RaggedKV:
             packed = packed.index_select(0, self.gather_index)
         return packed.view(self.batch, self.kv_heads, self.longest, packed.shape[-1])
 
-    def attend(
-        self, query: torch.Tensor, scaling: float, sliding_window: int | None = None, path: str = "gather"
-    ) -> torch.Tensor:
-        """Exact attention of ``query[batch, heads, q, d]`` (the last ``q`` appended tokens) over each row.
-
-        Query heads are grouped over the KV heads (GQA); returns ``[batch, q, heads, d]``. ``path``
-        is one of :data:`ATTENTION_PATHS`: ``"gather"`` reads the rows as a padded view (a copy
-        when rows differ in length) and runs SDPA with a padding mask; ``"padded"`` does the same
-        over a padded copy it keeps, with room for the tail, so that a decode step copies only the
-        new token (faster for batches of uneven rows, at the cost of holding that copy); ``"flex"`` runs
-        FlexAttention over the packed entries themselves with a block mask built once per storage
-        (no padding copy) and merges the appended tail by log-sum-exp. Both are exact.
-        """
-        if path == "flex":
-            return self._attend_flex(query, scaling, sliding_window)
-        if path not in ATTENTION_PATHS:
-            raise ValueError(f"unknown attention path {path!r}; valid paths: {', '.join(ATTENTION_PATHS)}")
-        batch, heads, q_len, dim = query.shape
-        group = heads // self.kv_heads
-        if path == "padded":
-            keys, values = self._padded_with_tail()
-        else:
-            keys, values = self.padded(self.keys), self.padded(self.values)
-            if self.appended_keys is not None:
-                keys = torch.cat([keys, self.appended_keys], dim=2)
-                values = torch.cat([values, self.appended_values], dim=2)
-        mask = self.mask(q_len, group, sliding_window)
-        grouped = query.reshape(batch, self.kv_heads, group * q_len, dim)
-        output = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scaling)
-        return output.reshape(batch, heads, q_len, dim).transpose(1, 2).contiguous()
-
-    def _padded_with_tail(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[batch, kv_heads, longest + steps, d]`` keys and values, views of a padded copy kept between steps.
-
-        The copy is made once (with room for as many appended slots as the tail buffer holds) and
-        each call writes only the slots appended since the last one.
-        """
-        steps, longest = self.steps, self.longest
-        width = longest + steps
-        rows = self._padded_rows
-        stale = rows is not None and rows[0].is_inference() and not torch.is_inference_mode_enabled()
-        if rows is None or rows[0].shape[2] < width or stale:
-            room = max(steps, MIN_TAIL_SLOTS, 0 if self._tail_keys is None else self._tail_keys.shape[-2])
-            shape = (self.batch, self.kv_heads, longest + room, self.keys.shape[-1])
-            rows = (self.keys.new_empty(shape), self.values.new_empty(shape))
-            rows[0][:, :, :longest] = self.padded(self.keys)
-            rows[1][:, :, :longest] = self.padded(self.values)
-            self._padded_rows, self._padded_steps = rows, 0
-        if self._padded_steps < steps:
-            done = self._padded_steps
-            rows[0][:, :, longest + done : width] = self.appended_keys[:, :, done:]
-            rows[1][:, :, longest + done : width] = self.appended_values[:, :, done:]
-            self._padded_steps = steps
-        return rows[0][:, :, :width], rows[1][:, :, :width]
-
-    def mask(self, q_len: int, group: int, sliding_window: int | None) -> torch.Tensor | None:
-        """Visibility for the grouped query ``[batch, kv_heads, group * q, entries]``; ``None`` when all is visible.
-
-        A single decode token gets an additive mask (0 or -inf, in the keys' dtype, built once per
-        storage), which SDPA on CPU runs faster than a boolean one; otherwise a boolean mask.
-        """
-        steps = self.steps
-        batch, kv_heads = self.batch, self.kv_heads
-        if q_len == 1 and not sliding_window:
-            if self.valid is None:
-                return None
-            if self._padding_bias is None:
-                bias = torch.zeros(self.valid.shape, dtype=self.keys.dtype, device=self.valid.device)
-                self._padding_bias = bias.masked_fill(~self.valid, float("-inf"))
-            appended = self._padding_bias.new_zeros(batch, kv_heads, 1, steps)
-            return torch.cat([self._padding_bias, appended], dim=-1)
-        device = self.keys.device
-        prefix = torch.ones(batch, kv_heads, q_len, self.longest, dtype=torch.bool, device=device)
-        if self.valid is not None:
-            prefix &= self.valid
-        step_index = torch.arange(steps, device=device)
-        query_step = torch.arange(steps - q_len, steps, device=device)
-        appended = (step_index[None, :] <= query_step[:, None]).expand(batch, kv_heads, -1, -1)
-        if sliding_window:
-            if self.slot_positions is None:
-                raise RuntimeError("a sliding-window mask needs storage packed with track_positions=True")
-            query_position = self.append_start + query_step
-            distance = query_position[None, None, :, None] - self.slot_positions[:, :, None, :].long()
-            prefix &= distance < sliding_window
-            appended = appended & ((query_step[:, None] - step_index[None, :]) < sliding_window)
-        mask = torch.cat([prefix, appended], dim=-1)
-        return mask[:, :, None].expand(-1, -1, group, -1, -1).reshape(batch, kv_heads, group * q_len, -1)
-
-    def _attend_flex(self, query: torch.Tensor, scaling: float, sliding_window: int | None) -> torch.Tensor:
-        batch, heads, q_len, dim = query.shape
-        group = heads // self.kv_heads
-        packed_query = query.reshape(1, 1, batch * heads * q_len, dim)
-        block_mask = self._flex_block_mask(q_len, group, sliding_window, query.device)
-        kernel = flex_kernel(query.device)
-        request = AuxRequest(lse=True) if self.steps else None
-        output = kernel(
-            packed_query,
-            self.keys[None, None],
-            self.values[None, None],
-            block_mask=block_mask,
-            scale=scaling,
-            return_aux=request,
-        )
-        if request is not None:
-            output, aux = output
-        output = output.view(batch, self.kv_heads, group * q_len, dim)
-        if self.steps:
-            lse = aux.lse.view(batch, self.kv_heads, group * q_len, 1)
-            output = self._merge_tail(query, output, lse.float(), scaling, sliding_window)
-        return output.reshape(batch, heads, q_len, dim).transpose(1, 2).contiguous()
-
-    def _flex_block_mask(self, q_len: int, group: int, sliding_window: int | None, device: torch.device):
-        """The block mask pairing each packed query with its own row's entries (and a sliding window's reach).
-
-        Built once per storage and query shape; a sliding window moves with every step, so its mask is rebuilt.
-        """
-        key = (q_len, group)
-        if key in self._flex_masks and not sliding_window:
-            return self._flex_masks[key]
-        per_row = group * q_len
-        rows = self.batch * self.kv_heads
-        query_row = torch.arange(rows * per_row, device=device) // per_row
-        entry_row = torch.repeat_interleave(torch.arange(rows), self.lengths.reshape(-1)).to(device)
-        total = self.keys.shape[0]
-        if sliding_window:
-            first_query = self.append_start + self.steps - q_len
-            query_position = first_query + torch.arange(rows * per_row, device=device) % q_len
-            entry_position = self.positions.to(device).long()
-
-            def visible(b, h, q_index, kv_index):
-                same_row = query_row[q_index] == entry_row[kv_index]
-                return same_row & (query_position[q_index] - entry_position[kv_index] < sliding_window)
-        else:
-
-            def visible(b, h, q_index, kv_index):
-                return query_row[q_index] == entry_row[kv_index]
-
-        block_mask = create_block_mask(visible, 1, 1, rows * per_row, total, device=device)
-        if not sliding_window:
-            self._flex_masks[key] = block_mask
-        return block_mask
-
-    def _merge_tail(
-        self, query: torch.Tensor, prefix: torch.Tensor, prefix_lse: torch.Tensor, scaling: float, window: int | None
-    ) -> torch.Tensor:
-        """Combine attention over the packed rows (``prefix``, its log-sum-exp) with attention over the tail."""
-        batch, heads, q_len, dim = query.shape
-        group = heads // self.kv_heads
-        grouped = query.reshape(batch, self.kv_heads, group * q_len, dim).float()
-        scores = grouped @ self.appended_keys.float().transpose(-1, -2) * scaling
-        steps = self.steps
-        step_index = torch.arange(steps, device=query.device)
-        query_step = torch.arange(steps - q_len, steps, device=query.device)
-        visible = step_index[None, :] <= query_step[:, None]
-        if window:
-            visible = visible & ((query_step[:, None] - step_index[None, :]) < window)
-        visible = visible[None, :, :].expand(group, -1, -1).reshape(group * q_len, steps)
-        scores = scores.masked_fill(~visible, float("-inf"))
-        tail_lse = scores.logsumexp(dim=-1, keepdim=True)
-        tail = torch.softmax(scores, dim=-1) @ self.appended_values.float()
-        top = torch.maximum(prefix_lse, tail_lse)
-        prefix_weight, tail_weight = (prefix_lse - top).exp(), (tail_lse - top).exp()
-        merged = (prefix.float() * prefix_weight + tail * tail_weight) / (prefix_weight + tail_weight)
-        return merged.to(query.dtype)
-
     def nbytes(self) -> tuple[int, int]:
         """(bytes of the key/value entries held, bytes of the index tensors held); the tail buffer's unused
         slots are apart (:meth:`reserved_bytes`)."""
         kv = sum(t.nbytes for t in (self.keys, self.values, self.appended_keys, self.appended_values) if t is not None)
-        held = (self.positions, self.lengths, self.gather_index, self.valid, self._padding_bias)
+        held = (self.positions, self.lengths, self.indptr, self.gather_index, self.valid)
         index = sum(t.nbytes for t in held if t is not None)
         if self.gather_index is not None and self.slot_positions is not None:
             index += self.slot_positions.nbytes

@@ -557,8 +557,9 @@ def plan(
 ) -> list[tuple[Sample, list[Pair]]]:
     """This shard's samples with the pairs no store file of the run directory holds yet.
 
-    A sample's shard is a hash of its key, so processes agree on it whatever else they were asked.
-    Error rows count as done unless ``retry_errors``.
+    Shards are balanced to within one sample (:func:`shard_members`) and do not depend on which
+    rows are done, so an interrupted shard resumes the same samples. Error rows count as done
+    unless ``retry_errors``.
     """
     index, count = shard
     done = run_done_keys(store.directory, errors=not retry_errors) | store.done_keys(errors=not retry_errors)
@@ -568,14 +569,31 @@ def plan(
         if key in seen:
             raise ValueError(f"two samples share the id {'/'.join(key)}; sample ids must be unique")
         seen.add(key)
+    members = shard_members(ids, count)[index]
     work = []
     for position, sample in enumerate(samples):
-        if zlib.crc32("/".join(ids[position]).encode()) % count != index:
+        if position not in members:
             continue
         pending = [p for p in pairs if (*ids[position], *p.key) not in done]
         if pending:
             work.append((sample, pending))
     return work
+
+
+def shard_members(keys: list[tuple[str, ...]], count: int) -> list[set[int]]:
+    """Per shard, the positions in ``keys`` it evaluates: every shard within one sample of the others.
+
+    Samples are ranked by a hash of their key (ties broken by the key) and dealt out in turn, so
+    every process of a run, given the same samples, computes the same split, and each shard gets
+    a mix of datasets and lengths rather than a contiguous block.
+    """
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"the shard count must be an integer >= 1, got {count!r}")
+    ranked = sorted(range(len(keys)), key=lambda i: (zlib.crc32("/".join(keys[i]).encode()), keys[i]))
+    members: list[set[int]] = [set() for _ in range(count)]
+    for rank, position in enumerate(ranked):
+        members[rank % count].add(position)
+    return members
 
 
 def _progress(total: int, description: str, enabled: bool, position: int = 1):
