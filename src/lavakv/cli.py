@@ -256,27 +256,19 @@ def _split(text: str | None, kind, name: str) -> list | None:
         raise ValueError(f"--{name} takes a comma-separated list of {kind.__name__} values, got {text!r}") from None
 
 
-def _model_identity(path: str | None) -> str:
-    from .models import DEFAULT_MODEL, MODELS
-
-    name = DEFAULT_MODEL if path is None else path
-    return name if name in MODELS else str(Path(path).resolve())
-
-
 def cmd_eval(args) -> int:
     """Evaluate methods x budgets on benchmarks, prefilling each sample once, into a resumable store."""
     import os
 
     from .eval.benchmarks import BENCHMARKS, FILE_BENCHMARKS, build_samples, check_lengths_fit
-    from .eval.metrics import SCORING
     from .eval.runner import (
         DEFAULT_DECODE_BATCH,
-        EVAL_WINDOW_IDENTITY,
         LONGBENCH_CONTEXT_MARGIN,
-        PROMPT_TOKENIZATION,
         _progress,
         check_decode_batch,
         check_protocol,
+        eval_identity,
+        eval_max_lengths,
         make_pairs,
         plan,
         resolve_shard,
@@ -357,19 +349,8 @@ def cmd_eval(args) -> int:
             f"the model's context of {context} tokens leaves no room for {', '.join(files)}'s default --max-length "
             f"(the context minus {LONGBENCH_CONTEXT_MARGIN}): give --max-length"
         )
-    max_length = args.max_length or (context - LONGBENCH_CONTEXT_MARGIN if files else context)
-    identity = {
-        "model": _model_identity(args.model),
-        "protocol": args.protocol,
-        "chat_template": args.chat_template,
-        "max_length": max_length,
-        "seed": seed,
-        "window": args.window if args.window is not None else EVAL_WINDOW_IDENTITY,
-        "scoring": SCORING,
-        "prompt_tokens": PROMPT_TOKENIZATION,
-    }
-    if args.max_length is None and files and len(files) < len(benchmarks):
-        identity["generated_max_length"] = context
+    limits, recorded = eval_max_lengths(benchmarks, args.max_length, context)
+    identity = eval_identity(args.model, args.protocol, args.chat_template, seed, args.window, recorded)
     samples = {
         name: interleave_datasets(read_from_files.get(name) or samples_of(name, tokenizer)) for name in benchmarks
     }
@@ -401,7 +382,7 @@ def cmd_eval(args) -> int:
                     store,
                     protocol=args.protocol,
                     chat_template=args.chat_template,
-                    max_length=max_length if name in FILE_BENCHMARKS or args.max_length else context,
+                    max_length=limits[name],
                     shard=shard,
                     from_scratch=args.from_scratch,
                     progress=not args.quiet,

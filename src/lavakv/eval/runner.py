@@ -14,6 +14,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -22,7 +23,8 @@ from ..decoding import TokenFeed
 from ..methods import Budget, Method, parse_spec
 from ..prompting import context_length, pad_token_id, prompt_ids, split_prompt, stop_token_ids, truncate_middle
 from ..recording import PrefillRecord
-from .metrics import score
+from .benchmarks import FILE_BENCHMARKS
+from .metrics import SCORING, score
 from .samples import Sample
 from .store import STORE_NAME, ResultRow, ResultStore, run_done_keys, shard_store_name
 
@@ -166,6 +168,55 @@ PROMPT_TOKENIZATION = "whole"
 
 LONGBENCH_CONTEXT_MARGIN = 500
 """``--max-length`` defaults to the model's context minus this, as LongBench's model table sets it (3500 for 4K)."""
+
+
+def model_identity(path: str | None) -> str:
+    """How a run's identity names its model: a model name as given, a path resolved."""
+    from ..models import DEFAULT_MODEL, MODELS
+
+    name = DEFAULT_MODEL if path is None else path
+    return name if name in MODELS else str(Path(path).resolve())
+
+
+def eval_max_lengths(
+    benchmarks: list[str], max_length: int | None, context: int
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Per benchmark the tokens its prompts are cut to, and the entries the run's identity records of them.
+
+    ``max_length`` is ``--max-length`` (``None``: not given). Without it the file benchmarks are
+    cut to the model's context minus :data:`LONGBENCH_CONTEXT_MARGIN` and the generated ones, built
+    to fit, to the context; a run holding both records the latter as ``generated_max_length``.
+    Every engine writing into a run directory computes them here, so that its rows and identity
+    agree with ``lavakv eval``'s.
+    """
+    if max_length is not None:
+        return {name: max_length for name in benchmarks}, {"max_length": max_length}
+    files = [name for name in benchmarks if name in FILE_BENCHMARKS]
+    recorded = {"max_length": context - LONGBENCH_CONTEXT_MARGIN if files else context}
+    if files and len(files) < len(benchmarks):
+        recorded["generated_max_length"] = context
+    return {name: recorded["max_length"] if name in FILE_BENCHMARKS else context for name in benchmarks}, recorded
+
+
+def eval_identity(
+    model: str | None, protocol: str, chat_template: str, seed: int, window: int | None, max_lengths: dict[str, int]
+) -> dict[str, object]:
+    """The identity a run directory records (see :meth:`ResultStore.claim_identity`).
+
+    ``max_lengths`` is the second value of :func:`eval_max_lengths`; ``window`` is ``--window``
+    (``None``: the ``half`` policy).
+    """
+    return {
+        "model": model_identity(model),
+        "protocol": protocol,
+        "chat_template": chat_template,
+        "seed": seed,
+        "window": window if window is not None else EVAL_WINDOW_IDENTITY,
+        "scoring": SCORING,
+        "prompt_tokens": PROMPT_TOKENIZATION,
+        **max_lengths,
+    }
+
 
 DEFAULT_DECODE_BATCH = 32
 """Rows decoded together by default: a sample's ``(method, budget)`` pairs of comparable budgets."""
