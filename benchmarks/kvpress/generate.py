@@ -1,4 +1,4 @@
-"""kvpress's presses over token ids that ``benchmarks/kvpress_compare.py`` prepared; runs in the kvpress venv.
+"""kvpress's presses over token ids that ``benchmarks/kvpress/engine.py`` prepared; runs in the kvpress venv.
 
     benchmarks/kvpress/.venv/bin/python benchmarks/kvpress/generate.py MODEL_DIR REQUESTS.jsonl GENERATIONS.jsonl
 
@@ -9,9 +9,10 @@ pair the press compresses the prefill (``with press(model): model(...)``, as kvp
 prefills); then the question, if any, and greedy tokens go through the compressed cache with
 positions that continue the uncompressed prompt, as the pipeline decodes. One line per pair is
 appended to GENERATIONS (flushed, so a stopped run keeps what it finished): the generated token
-ids, the kept entries and bytes of the compressed cache, and timings; or the error and where it
-was raised. Scoring and result rows are the lavakv side's. Only torch, transformers and kvpress are
-imported here (kvpress pins a transformers that lavakv does not import under).
+ids, the kept entries and bytes of the compressed cache (in all and per layer), its observation
+window, and timings; or the error and where it was raised. Scoring and result rows are the lavakv
+side's. Only torch, transformers and kvpress are imported here (kvpress pins a transformers that
+lavakv does not import under).
 """
 
 from __future__ import annotations
@@ -56,16 +57,20 @@ def window_of(press) -> int | None:
     return getattr(inner, "window_size", None)
 
 
-def cache_entries(model, cache: DynamicCache, press) -> tuple[int, int]:
-    """Key/value bytes held and prompt entries kept over layers and KV heads (AdaKV: those it did not mask)."""
+def cache_entries(model, cache: DynamicCache, press) -> tuple[int, int, list[float]]:
+    """Key/value bytes held, prompt entries kept over layers and KV heads, and per layer the mean kept per head.
+
+    AdaKV keeps every entry in memory and masks the ones it evicts; only those it did not mask count.
+    """
     layers = cache.layers
     kv_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in layers)
-    kept = sum(layer.keys.shape[1] * layer.keys.shape[2] for layer in layers)
+    per_layer = [layer.keys.shape[1] * layer.keys.shape[2] for layer in layers]
     if isinstance(press, kvpress.AdaKVPress):
-        for decoder_layer in model.model.layers:
+        for index, decoder_layer in enumerate(model.model.layers):
             masked = getattr(decoder_layer.self_attn, "masked_key_indices", None)
-            kept -= 0 if masked is None else len(masked[0])
-    return kv_bytes, kept
+            per_layer[index] -= 0 if masked is None else len(masked[0])
+    heads = [layer.keys.shape[1] for layer in layers]
+    return kv_bytes, sum(per_layer), [kept / count for kept, count in zip(per_layer, heads)]
 
 
 class Generator:
@@ -95,7 +100,7 @@ class Generator:
         with press(self.model) if press is not None else contextlib.nullcontext():
             logits = self.forward(prefill, cache, 0)
         prefilled = time.perf_counter()
-        kv_bytes, kept = cache_entries(self.model, cache, press)
+        kv_bytes, kept, layer_budgets = cache_entries(self.model, cache, press)
         if after:
             logits = self.forward(after, cache, len(prefill))
         position, tokens = len(prefill) + len(after), []
@@ -110,6 +115,7 @@ class Generator:
             "kv_bytes": kv_bytes,
             "kept_entries": kept,
             "full_entries": self.entries_per_token * len(prefill),
+            "layer_budgets": layer_budgets,
             "window": window_of(press),
             "prefill_seconds": prefilled - start,
             "decode_seconds": time.perf_counter() - prefilled,
@@ -147,7 +153,9 @@ def main() -> int:
                 out.flush()
                 status = result.get("error") or repr(generator.tokenizer.decode(result["tokens"])[:40])
                 elapsed = time.perf_counter() - began
-                print(f"[kvpress {elapsed:5.0f}s] {'/'.join(request['key'])} {name}@{budget}: {status}", file=sys.stderr)
+                print(
+                    f"[kvpress {elapsed:5.0f}s] {'/'.join(request['key'])} {name}@{budget}: {status}", file=sys.stderr
+                )
     return 0
 
 
