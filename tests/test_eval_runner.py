@@ -441,3 +441,27 @@ def test_report_labels_another_engines_methods_and_takes_them_as_reference(tmp_p
     markdown = render(runs, "md", reference="snapkv")
     assert "| kvpress snapkv | 50.0 [" in markdown
     assert "| kvpress snapkv | -50.0 [" in markdown and "0/2/2 |" in markdown
+
+
+def test_another_engines_full_cache_is_shown_and_compared_at_every_budget_like_lavakvs(tmp_path):
+    from lavakv.eval.report import keeps_all
+
+    assert keeps_all("full") and keeps_all("kvpress:full")
+    assert not keeps_all("kvpress:snapkv") and not keeps_all("snapkv")
+    with ResultStore(tmp_path) as store:
+        for index in range(4):
+            store.add(_fake_row(f"s{index}", "full", 0, 1.0, {}))
+            store.add(_fake_row(f"s{index}", "kvpress:full", 0, float(index != 0), {}))
+            for budget in (32, 64):
+                store.add(_fake_row(f"s{index}", "kvpress:snapkv", budget, float(index % 2), {}))
+    runs = load_runs([tmp_path])
+    markdown = render(runs, "md")
+    # No budget-0 "score" column: both full caches fill every budget's column.
+    assert "| method | B=32 | B=64 |" in markdown and "| score |" not in markdown
+    assert "| full cache | 100.0 [100.0, 100.0] | 100.0 [100.0, 100.0] |" in markdown
+    assert "| kvpress full | 75.0 [" in markdown and "B=0" not in markdown
+    against_kvpress_full = render(runs, "md", reference="kvpress:full")
+    assert "Paired difference to kvpress full" in against_kvpress_full
+    assert "| full cache | +25.0 [" in against_kvpress_full and "1/3/0 |" in against_kvpress_full
+    # kvpress snapkv at each budget against kvpress's full cache: s1 and s3 tie, s2 loses, s0 ties at 0.
+    assert against_kvpress_full.count("-25.0 [") == 2
