@@ -28,6 +28,7 @@ from pathlib import Path
 import kvpress
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers.utils import logging as hf_logging
 
 PRESSES = ("full", "snapkv", "pyramidkv", "ada-snapkv")
 
@@ -138,6 +139,7 @@ def main() -> int:
     parser.add_argument("requests", type=Path)
     parser.add_argument("generations", type=Path)
     args = parser.parse_args()
+    hf_logging.disable_progress_bar()  # a bar per load would drown the per-pair lines the engine passes on
     generator = Generator(args.model_dir)
     requests = [json.loads(line) for line in args.requests.read_text().splitlines() if line.strip()]
     began = time.perf_counter()
