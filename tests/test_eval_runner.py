@@ -463,5 +463,5 @@ def test_another_engines_full_cache_is_shown_and_compared_at_every_budget_like_l
     against_kvpress_full = render(runs, "md", reference="kvpress:full")
     assert "Paired difference to kvpress full" in against_kvpress_full
     assert "| full cache | +25.0 [" in against_kvpress_full and "1/3/0 |" in against_kvpress_full
-    # kvpress snapkv at each budget against kvpress's full cache: s1 and s3 tie, s2 loses, s0 ties at 0.
+    # kvpress snapkv against kvpress's full cache, at each budget: s2 loses, the others tie.
     assert against_kvpress_full.count("-25.0 [") == 2
