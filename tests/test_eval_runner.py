@@ -417,3 +417,52 @@ def test_generated_benchmarks_report_each_prompt_length_and_file_benchmarks_do_n
     assert "| lava | 0.0 [0.0, 0.0] |" in at_4000
     # LongBench's `length` is a record's word count, not a length the run was built to.
     assert "longbench: by prompt length" not in markdown
+
+
+def test_report_labels_another_engines_methods_and_takes_them_as_reference(tmp_path):
+    from lavakv.eval.report import check_reference, foreign_method, method_label, method_rank
+
+    assert foreign_method("kvpress:snapkv") == ("kvpress", "snapkv")
+    assert foreign_method("lava:heads=uniform") is None and foreign_method("snapkv") is None
+    assert method_label("kvpress:ada-snapkv") == "kvpress ada-snapkv"
+    assert sorted(["kvpress:snapkv", "pyramidkv", "snapkv:window=8", "snapkv"], key=method_rank) == [
+        "snapkv",
+        "snapkv:window=8",
+        "kvpress:snapkv",
+        "pyramidkv",
+    ]
+    with ResultStore(tmp_path) as store:
+        for index in range(4):
+            store.add(_fake_row(f"s{index}", "snapkv", 32, 1.0, {}))
+            store.add(_fake_row(f"s{index}", "kvpress:snapkv", 32, float(index % 2), {}))
+    runs = load_runs([tmp_path])
+    assert check_reference(runs, "kvpress:snapkv") == "kvpress:snapkv"
+    with pytest.raises(ValueError, match="kvpress:pyramidkv.*no results.*methods held: snapkv, kvpress:snapkv"):
+        check_reference(runs, "kvpress:pyramidkv")
+    markdown = render(runs, "md", reference="snapkv")
+    assert "| kvpress snapkv | 50.0 [" in markdown
+    assert "| kvpress snapkv | -50.0 [" in markdown and "0/2/2 |" in markdown
+
+
+def test_another_engines_full_cache_is_shown_and_compared_at_every_budget_like_lavakvs(tmp_path):
+    from lavakv.eval.report import keeps_all
+
+    assert keeps_all("full") and keeps_all("kvpress:full")
+    assert not keeps_all("kvpress:snapkv") and not keeps_all("snapkv")
+    with ResultStore(tmp_path) as store:
+        for index in range(4):
+            store.add(_fake_row(f"s{index}", "full", 0, 1.0, {}))
+            store.add(_fake_row(f"s{index}", "kvpress:full", 0, float(index != 0), {}))
+            for budget in (32, 64):
+                store.add(_fake_row(f"s{index}", "kvpress:snapkv", budget, float(index % 2), {}))
+    runs = load_runs([tmp_path])
+    markdown = render(runs, "md")
+    # No budget-0 "score" column: both full caches fill every budget's column.
+    assert "| method | B=32 | B=64 |" in markdown and "| score |" not in markdown
+    assert "| full cache | 100.0 [100.0, 100.0] | 100.0 [100.0, 100.0] |" in markdown
+    assert "| kvpress full | 75.0 [" in markdown and "B=0" not in markdown
+    against_kvpress_full = render(runs, "md", reference="kvpress:full")
+    assert "Paired difference to kvpress full" in against_kvpress_full
+    assert "| full cache | +25.0 [" in against_kvpress_full and "1/3/0 |" in against_kvpress_full
+    # kvpress snapkv against kvpress's full cache, at each budget: s2 loses, the others tie.
+    assert against_kvpress_full.count("-25.0 [") == 2

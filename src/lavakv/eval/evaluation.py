@@ -119,8 +119,8 @@ class EvalResult:
 
 
 @dataclass(frozen=True)
-class _Lengths:
-    """The prompt length policy of a run, settled against the model's context."""
+class PromptLengths:
+    """The prompt length policy of a run, settled against the model's context (:func:`settle_lengths`)."""
 
     max_length: int
     context: int
@@ -153,7 +153,7 @@ def evaluate(config: EvalConfig, model=None, tokenizer=None, environ: Mapping[st
         model, tokenizer = load_model(config.model, device=eval_device(config.device, placement.local_rank))
     if config.chat_template == "on" and not getattr(tokenizer, "chat_template", None):
         raise ValueError("--chat-template on: the model's tokenizer has no chat template; use auto or off")
-    lengths = _settle_lengths(config, model)
+    lengths = settle_lengths(config, model)
     samples = {
         b.name: interleave_datasets(from_files.get(b.name) or _samples(b, tokenizer, config)) for b in config.benchmarks
     }
@@ -172,7 +172,7 @@ def _samples(benchmark: Benchmark, tokenizer, config: EvalConfig) -> list[Sample
     return samples
 
 
-def _settle_lengths(config: EvalConfig, model) -> _Lengths:
+def settle_lengths(config: EvalConfig, model) -> PromptLengths:
     """``--max-length`` against the model's context: refused when it exceeds it or leaves no room."""
     from ..prompting import context_length
 
@@ -192,7 +192,7 @@ def _settle_lengths(config: EvalConfig, model) -> _Lengths:
         )
     max_length = config.max_length or (context - LONGBENCH_CONTEXT_MARGIN if files else context)
     mixed = config.max_length is None and files and len(files) < len(config.benchmarks)
-    return _Lengths(max_length, context if context is not None else max_length, context if mixed else None)
+    return PromptLengths(max_length, context if context is not None else max_length, context if mixed else None)
 
 
 def run_identity(config: EvalConfig, max_length: int, generated_max_length: int | None = None) -> dict[str, object]:
@@ -212,12 +212,12 @@ def run_identity(config: EvalConfig, max_length: int, generated_max_length: int 
     return identity
 
 
-def _run_all(config, model, tokenizer, pairs, samples: dict[str, list[Sample]], lengths: _Lengths, placement: Shard):
+def _run_all(config, model, tokenizer, pairs, samples: dict[str, list[Sample]], lengths: PromptLengths, placement: Shard):
     shard = placement.part
     written = 0
     with ResultStore(config.out, name=placement.store_name) as store:
         store.claim_identity(run_identity(config, lengths.max_length, lengths.generated_max_length))
-        store.log_invocation(config.command or " ".join(sys.argv), _logged(config))
+        store.log_invocation(config.command or " ".join(sys.argv), logged_config(config))
         pending = {
             name: sum(len(p) for _, p in plan(samples[name], pairs, store, shard, config.retry_errors))
             for name in samples
@@ -257,13 +257,37 @@ def _run_all(config, model, tokenizer, pairs, samples: dict[str, list[Sample]], 
     return written
 
 
-def _logged(config: EvalConfig) -> dict:
-    """The config as the store's invocation log keeps it (JSON)."""
+def logged_config(config: EvalConfig) -> dict:
+    """The config as the store's invocation log keeps it (JSON); :func:`recorded_config` reads it back."""
     return {
         "benchmarks": [{"name": b.name, **vars(b)} for b in config.benchmarks],
         **{key: value for key, value in vars(config).items() if key not in ("benchmarks", "methods", "command")},
-        "methods": [str(method) for method in config.methods],
+        "methods": [getattr(method, "spec", method) for method in config.methods],
     }
+
+
+def recorded_config(directory: str | Path) -> EvalConfig | None:
+    """The config of the latest ``evaluate`` call logged in a run directory (``None`` for a fresh one).
+
+    Another engine joining the run (``benchmarks/kvpress/engine.py``) builds the same samples and
+    identity from it.
+    """
+    from .benchmarks import create_benchmark
+    from .store import store_paths
+
+    latest: tuple[float, dict] | None = None
+    for path in store_paths(Path(directory)):
+        with ResultStore(directory, create=False, name=path.name) as store:
+            for started, _, logged in store.invocations():
+                if "benchmarks" in logged and "engine" not in logged and (latest is None or started > latest[0]):
+                    latest = (started, logged)
+    if latest is None:
+        return None
+    logged = dict(latest[1])
+    benchmarks = tuple(create_benchmark(**options) for options in logged.pop("benchmarks"))
+    names = {f for f in EvalConfig.__dataclass_fields__ if f not in ("benchmarks", "out", "command")}
+    values = {key: tuple(value) if isinstance(value, list) else value for key, value in logged.items() if key in names}
+    return EvalConfig(benchmarks=benchmarks, out=str(directory), **values)
 
 
 def model_identity(path: str | None) -> str:

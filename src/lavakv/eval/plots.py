@@ -19,9 +19,11 @@ from .report import (  # noqa: E402
     aggregate,
     benchmark_intervals,
     benchmark_kind,
+    keeps_all,
     method_label,
     method_rank,
     parsed_method,
+    row_label,
 )
 from .stats import Interval  # noqa: E402
 from .store import ResultRow  # noqa: E402
@@ -47,10 +49,11 @@ def score_vs_budget(
     figure, axes = plt.subplots(figsize=(6.5, 4.2))
     for method in sorted(per_method, key=method_rank):
         values = per_method[method]
-        if method == "full":
-            axes.axhline(mean(values[0]), color="black", linestyle="--", label="full cache")
-            if ("full", 0) in bands:
-                axes.axhspan(bands[("full", 0)].low, bands[("full", 0)].high, color="gray", alpha=0.15)
+        if keeps_all(method):
+            style = "--" if method == "full" else ":"
+            axes.axhline(mean(values[0]), color="black", linestyle=style, label=row_label(method))
+            if (method, 0) in bands:
+                axes.axhspan(bands[(method, 0)].low, bands[(method, 0)].high, color="gray", alpha=0.15)
             continue
         budgets = sorted(values)
         (line,) = axes.plot(budgets, [mean(values[b]) for b in budgets], marker="o", label=method_label(method))
@@ -63,7 +66,7 @@ def score_vs_budget(
                 color=line.get_color(),
                 alpha=0.12,
             )
-    budgets = sorted({c.budget for c in cells if c.method != "full"})
+    budgets = sorted({c.budget for c in cells if not keeps_all(c.method)})
     if budgets:
         axes.set_xscale("log", base=2)
         axes.set_xticks(budgets, [str(b) for b in budgets])
@@ -85,13 +88,12 @@ def needle_heatmaps(rows: list[ResultRow], out_dir: Path) -> list[Path]:
         scores[(row.method, row.budget)][(float(row.extra["depth"]), int(row.extra["length"]))].append(row.score)
     depths = sorted({d for grid in scores.values() for d, _ in grid})
     lengths = sorted({n for grid in scores.values() for _, n in grid})
-    budgets = sorted({b for m, b in scores if m != "full"})
-    methods = sorted({m for m, _ in scores if m != "full"}, key=method_rank)
+    budgets = sorted({b for m, b in scores if not keeps_all(m)})
+    full = sorted({m for m, _ in scores if keeps_all(m)}, key=method_rank)
+    methods = sorted({m for m, _ in scores if not keeps_all(m)}, key=method_rank)
     paths = []
     for budget in budgets or [0]:
-        panels = ([("full", 0)] if ("full", 0) in scores else []) + [
-            (m, budget) for m in methods if (m, budget) in scores
-        ]
+        panels = [(m, 0) for m in full] + [(m, budget) for m in methods if (m, budget) in scores]
         columns = min(len(panels), 5)
         rows_count = -(-len(panels) // columns)
         figure, axes = plt.subplots(rows_count, columns, figsize=(2.8 * columns, 2.7 * rows_count), squeeze=False)
@@ -104,7 +106,7 @@ def needle_heatmaps(rows: list[ResultRow], out_dir: Path) -> list[Path]:
             values = [[100 * mean(grid[(d, n)]) if (d, n) in grid else float("nan") for n in lengths] for d in depths]
             axis.set_visible(True)
             image = axis.imshow(values, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
-            axis.set_title("full cache" if method == "full" else method_label(method), fontsize=9)
+            axis.set_title(row_label(method), fontsize=9)
             axis.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
             axis.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
             if index + columns >= len(panels):

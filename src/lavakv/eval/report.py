@@ -189,7 +189,7 @@ def paired_differences(
     Keys are ``(benchmark, dataset, method, budget)`` and ``(benchmark, "", method, budget)`` for
     the benchmark average (mean over datasets of the mean differences, resampled within each
     dataset; only where the method has paired samples on every dataset). A compressing
-    reference is compared at each method's budget; the full cache (``full``) at every budget.
+    reference is compared at each method's budget; a full cache (:func:`keeps_all`) at every budget.
     """
     table = _scores_by_dataset(rows)
     datasets: dict[str, set[str]] = defaultdict(set)
@@ -199,7 +199,7 @@ def paired_differences(
     for (benchmark, method, budget), by_dataset in table.items():
         if method == reference:
             continue
-        theirs = table.get((benchmark, reference, 0 if reference == "full" else budget))
+        theirs = table.get((benchmark, reference, 0 if keeps_all(reference) else budget))
         if theirs is None:
             continue
         groups = {}
@@ -225,23 +225,57 @@ def parsed_method(spec: str) -> Method | None:
         return None
 
 
+def foreign_method(spec: str) -> tuple[str, str] | None:
+    """``(engine, method)`` of a row another engine wrote (``kvpress:snapkv``), ``None`` for a lavakv spec.
+
+    An engine adapter (``benchmarks/kvpress/engine.py``) stores its methods as ``ENGINE:NAME``,
+    with a name before ``:`` that is no lavakv preset and no ``=`` after it, so that they are never
+    read as a lavakv method with overrides.
+    """
+    engine, separator, name = spec.partition(":")
+    if not separator or not engine or not name or engine in PRESETS or "=" in name:
+        return None
+    return engine, name
+
+
+def keeps_all(spec: str) -> bool:
+    """Whether the method keeps the whole prompt: lavakv's ``full``, or another engine's (``kvpress:full``).
+
+    Its rows have budget 0; tables show them at every budget, and other methods are compared
+    against them at every budget.
+    """
+    foreign = foreign_method(spec)
+    return spec == "full" or (foreign is not None and foreign[1] == "full")
+
+
+def row_label(spec: str) -> str:
+    """:func:`method_label`, with lavakv's ``full`` written as "full cache"."""
+    return "full cache" if spec == "full" else method_label(spec)
+
+
 def method_rank(spec: str) -> tuple[int, int, str]:
-    """Presets in their listed order, each followed by the variants derived from it."""
+    """Presets in their listed order, each followed by the variants derived from it, then other engines' same method."""
     method = parsed_method(spec)
     origin = method.origin if method is not None and method.origin in METHOD_ORDER else None
+    foreign = foreign_method(spec) if method is None else None
+    if foreign is not None and foreign[1] in METHOD_ORDER:
+        return (METHOD_ORDER.index(foreign[1]), 2, spec)
     if origin is None:
         return (len(METHOD_ORDER), 1, spec)
     return (METHOD_ORDER.index(origin), 0 if spec == origin else 1, spec)
 
 
 def method_label(spec: str) -> str:
-    """A readable label for a stored method spec."""
+    """A readable label for a stored method spec (``kvpress snapkv`` for another engine's)."""
     method = parsed_method(spec)
-    return spec if method is None else method.label
+    if method is not None:
+        return method.label
+    foreign = foreign_method(spec)
+    return spec if foreign is None else " ".join(foreign)
 
 
 def _budgets(cells: list[Cell]) -> list[int]:
-    return sorted({c.budget for c in cells if c.method != "full"})
+    return sorted({c.budget for c in cells if not keeps_all(c.method)})
 
 
 def _methods(cells: list[Cell]) -> list[str]:
@@ -271,9 +305,9 @@ def _fmt(value: float | Interval | PairedDifference | None) -> str:
 def _method_lines(values: dict[tuple[str, int], float], methods: list[str], budgets: list[int]):
     lines = []
     for method in methods:
-        if method == "full":
-            full = values.get(("full", 0))
-            lines.append(("full cache", {b: full for b in budgets} if full is not None else {}))
+        if keeps_all(method):
+            full = values.get((method, 0))
+            lines.append((row_label(method), {b: full for b in budgets} if full is not None else {}))
         else:
             lines.append((method_label(method), {b: values[(method, b)] for b in budgets if (method, b) in values}))
     return lines
@@ -364,7 +398,7 @@ def _benchmark_section(benchmark, run, cells, averages, differences, budgets, re
             + ".\n"
         )
     parts.append(_memory_line(subset, budgets))
-    truncated = {c.dataset: c.truncated for c in subset if c.method == "full" and c.truncated}
+    truncated = {c.dataset: c.truncated for c in subset if keeps_all(c.method) and c.truncated}
     if truncated:
         parts.append(
             "Prompts cut in the middle to fit the context: "
@@ -398,16 +432,16 @@ def _paired_section(benchmark, datasets, differences, reference, methods, budget
                 for b in budgets
                 if (benchmark, dataset, method, b) in differences
             }
-            if method == "full" and (benchmark, dataset, "full", 0) in differences:
-                values = {b: differences[(benchmark, dataset, "full", 0)] for b in budgets}
+            if keeps_all(method) and (benchmark, dataset, method, 0) in differences:
+                values = {b: differences[(benchmark, dataset, method, 0)] for b in budgets}
             if values:
-                out.append((method_label(method) if method != "full" else "full cache", values))
+                out.append((row_label(method), values))
         return out
 
-    label = "full cache" if reference == "full" else method_label(reference)
+    label = row_label(reference)
     text = [
         f"Paired difference to {label} on the same samples, in points: mean [95% interval] wins/ties/losses"
-        + (" (against the full cache at every budget)" if reference == "full" else " (at the same budget)")
+        + (" (against the full cache at every budget)" if keeps_all(reference) else " (at the same budget)")
         + ".\n",
         _table("method", lines(""), budgets) + "\n",
     ]
@@ -492,10 +526,10 @@ def _grouped_section(benchmark, summary, groups, methods, budgets, reference, st
             differences = paired_differences(inside, reference, statistics)
             lines = []
             for method in methods:
-                keys = {b: (benchmark, "", method, 0 if method == "full" else b) for b in budgets}
+                keys = {b: (benchmark, "", method, 0 if keeps_all(method) else b) for b in budgets}
                 found = {b: differences[key] for b, key in keys.items() if key in differences}
                 if found:
-                    lines.append((method_label(method) if method != "full" else "full cache", found))
+                    lines.append((row_label(method), found))
             text.append(
                 f"\n{name}: paired difference to {method_label(reference)}, in points\n\n"
                 + _table("method", lines, budgets)
@@ -533,10 +567,10 @@ def _identity_line(run: Run) -> str:
 
 
 def _memory_line(cells: list[Cell], budgets: list[int]) -> str:
-    full = [c for c in cells if c.method == "full"]
+    full = [c for c in cells if keeps_all(c.method)]
     lines = []
     for budget in budgets:
-        kept = [c.kept_fraction for c in cells if c.budget == budget and c.method != "full"]
+        kept = [c.kept_fraction for c in cells if c.budget == budget and not keeps_all(c.method)]
         if kept:
             lines.append(f"B={budget}: {100 * mean(kept):.1f}%")
     parts = []
@@ -561,7 +595,7 @@ def _incomplete(cells: list[Cell]) -> list[str]:
 def comparison(runs: list[Run], statistics: Statistics = DEFAULT_STATISTICS) -> str:
     """Benchmark averages of several runs side by side, with their intervals: one line per (run, method)."""
     all_intervals = {run.name: benchmark_intervals(run.rows, statistics) for run in runs}
-    budgets = sorted({b for found in all_intervals.values() for (_, m, b) in found if m != "full"}) or [0]
+    budgets = sorted({b for found in all_intervals.values() for (_, m, b) in found if not keeps_all(m)}) or [0]
     parts = ["## Comparison of runs\n"]
     benchmarks = sorted({bench for found in all_intervals.values() for (bench, _, _) in found})
     for benchmark in benchmarks:
@@ -676,8 +710,11 @@ def render(
 
 
 def check_reference(runs: list[Run], reference: str) -> str:
-    """``reference`` as the runs store it (its canonical spec); one no run holds is an error naming those held."""
-    spec = parse_spec(reference).spec
+    """``reference`` as the runs store it (its canonical spec); one no run holds is an error naming those held.
+
+    Another engine's method (:func:`foreign_method`) is taken as written, not parsed as a lavakv spec.
+    """
+    spec = reference if foreign_method(reference) is not None else parse_spec(reference).spec
     held = sorted({row.method for run in runs for row in scored(run.rows)}, key=method_rank)
     if spec not in held:
         raise ValueError(

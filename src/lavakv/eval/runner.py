@@ -167,6 +167,7 @@ PROMPT_TOKENIZATION = "whole"
 LONGBENCH_CONTEXT_MARGIN = 500
 """``--max-length`` defaults to the model's context minus this, as LongBench's model table sets it (3500 for 4K)."""
 
+
 DEFAULT_DECODE_BATCH = 32
 """Rows decoded together by default: a sample's ``(method, budget)`` pairs of comparable budgets."""
 BUDGET_SPREAD = 4

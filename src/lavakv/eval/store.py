@@ -219,6 +219,13 @@ class ResultStore:
             "INSERT INTO invocations VALUES (?, ?, ?)", (time.time(), command, json.dumps(config, sort_keys=True))
         )
 
+    def invocations(self) -> list[tuple[float, str, dict]]:
+        """Every logged ``(start time, command, config)``, oldest first."""
+        if self._empty:
+            return []
+        found = self.connection.execute("SELECT started, command, config FROM invocations ORDER BY started")
+        return [(started, command, json.loads(config)) for started, command, config in found]
+
     def done_keys(self, errors: bool = True) -> set[tuple[str, str, str, str, int]]:
         """Keys of the rows held; ``errors=False`` leaves out error rows (to run them again)."""
         if self._empty:
