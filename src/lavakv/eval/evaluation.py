@@ -34,7 +34,7 @@ from .runner import (
     run,
 )
 from .samples import Sample, interleave_datasets
-from .shards import Shard, resolve_shard
+from .shards import resolve_shard
 from .store import ResultRow, ResultStore, read_run
 
 logger = logging.getLogger(__name__)
@@ -212,7 +212,7 @@ def run_identity(config: EvalConfig, max_length: int, generated_max_length: int 
     return identity
 
 
-def _run_all(config, model, tokenizer, pairs, samples: dict[str, list[Sample]], lengths: PromptLengths, placement: Shard):
+def _run_all(config, model, tokenizer, pairs, samples: dict[str, list[Sample]], lengths: PromptLengths, placement):
     shard = placement.part
     written = 0
     with ResultStore(config.out, name=placement.store_name) as store:
