@@ -44,7 +44,7 @@ from lavakv.cli import build_parser as lavakv_parser
 from lavakv.cli import eval_config
 from lavakv.eval.evaluation import EvalConfig, logged_config, recorded_config, run_identity, settle_lengths
 from lavakv.eval.metrics import score
-from lavakv.eval.runner import check_protocol, error_row, first_line, plan, prepare
+from lavakv.eval.runner import error_row, first_line, plan, prepare, protocol_ids
 from lavakv.eval.samples import Sample, interleave_datasets
 from lavakv.eval.store import ResultRow, ResultStore
 
@@ -121,16 +121,11 @@ def request_of(prepared, pairs: list[PressPair], protocol: str, stop_ids: set[in
     whose question the middle cut reached into, as it does).
     """
     sample = prepared.sample
-    aware = check_protocol(protocol) == "query-aware"
-    if not aware and not prepared.question_whole:
-        raise ValueError(
-            f"the middle cut to max_length reached into the question ({len(sample.question)} characters), which the "
-            "query-agnostic protocol feeds after compression; give a larger --max-length or use --protocol query-aware"
-        )
+    prefill_ids, after_prefill_ids = protocol_ids(prepared, protocol)
     return {
         "key": list(sample_key(sample)),
-        "prefill_ids": prepared.prompt if aware else prepared.context,
-        "after_prefill_ids": [] if aware else prepared.question,
+        "prefill_ids": prefill_ids,
+        "after_prefill_ids": after_prefill_ids,
         "stop_ids": sorted(stop_ids),
         "max_new_tokens": sample.max_new_tokens,
         "stop_at_newline": sample.stop_at_newline,

@@ -234,14 +234,7 @@ def evaluate_sample(
     the failing pair is lost.
     """
     sample = prepared.sample
-    aware = check_protocol(protocol) == "query-aware"
-    if not aware and not prepared.question_whole:
-        raise ValueError(
-            f"the middle cut to max_length reached into the question ({len(sample.question)} characters), which the "
-            "query-agnostic protocol feeds after compression; give a larger --max-length or use --protocol query-aware"
-        )
-    prefilled = prepared.prompt if aware else prepared.context
-    after_prefill = [] if aware else prepared.question
+    prefilled, after_prefill = protocol_ids(prepared, protocol)
     decoder = _Decoder(model, tokenizer, sample, len(prefilled), after_prefill)
     record = None if from_scratch else PrefillRecord(model, torch.tensor([prefilled], device=model.device))
     for group in decode_groups(pairs, decode_batch):
@@ -252,6 +245,23 @@ def evaluate_sample(
             except Exception as error:  # noqa: BLE001 - one pair's failure is recorded, the run goes on
                 yield error_row(sample, pair, error, prepared)
         yield from decoder.rows(built, prepared)
+
+
+def protocol_ids(prepared: Prepared, protocol: str) -> tuple[list[int], list[int]]:
+    """``(ids prefilled and compressed, ids fed after compression)`` of a sample under ``protocol``.
+
+    Query-aware: the whole prompt, then nothing; query-agnostic: the context, then the question,
+    refused when the middle cut reached into the question.
+    """
+    if check_protocol(protocol) == "query-aware":
+        return prepared.prompt, []
+    if not prepared.question_whole:
+        raise ValueError(
+            f"the middle cut to max_length reached into the question ({len(prepared.sample.question)} characters), "
+            "which the query-agnostic protocol feeds after compression; give a larger --max-length or use "
+            "--protocol query-aware"
+        )
+    return prepared.context, prepared.question
 
 
 def decode_attention_path(model) -> str:
