@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from lavakv.backends import create_backend
+from lavakv import backends
+from lavakv.backends import create_backend, width_buckets
 from lavakv.ragged import RaggedKV
 
 DIM = 8
@@ -306,8 +307,9 @@ def test_an_unknown_attention_backend_is_refused():
         create_backend("dense", storage)
 
 
-@pytest.mark.parametrize("path", ["gather", "padded"])
-def test_ragged_rows_with_a_tail_attend_exactly_across_buffer_growth(path):
+@pytest.mark.parametrize("path", ["gather", "padded", "bucketed"])
+def test_ragged_rows_with_a_tail_attend_exactly_across_buffer_growth(path, monkeypatch):
+    monkeypatch.setattr(backends, "BUCKET_CALL_ENTRIES", 1)
     rows = _rows([[3, 7], [6, 1]], length=12, seed=5)
     storage = RaggedKV.pack(rows, [0, 0], append_start=12)
     backend = create_backend(path, storage)
@@ -329,3 +331,31 @@ def test_ragged_rows_with_a_tail_attend_exactly_across_buffer_growth(path):
             assert torch.equal(held_keys, keys) and torch.equal(held_values, values)
     used, _ = storage.nbytes()
     assert used == (17 + 4 * 150) * 2 * DIM * 4
+
+
+def test_width_buckets_group_rows_of_similar_length_and_cover_every_row_once():
+    lengths = [900, 100, 120, 880, 110, 95]
+    groups = width_buckets(lengths, call_entries=200)
+    assert groups == [[1, 2, 4, 5], [0, 3]]
+    assert width_buckets(lengths, call_entries=10**6) == [list(range(6))]
+    assert sorted(u for g in width_buckets(lengths, call_entries=0) for u in g) == list(range(6))
+
+
+def test_bucketed_attention_counts_its_copies_and_serves_prompt_queries(monkeypatch):
+    monkeypatch.setattr(backends, "BUCKET_CALL_ENTRIES", 1)
+    rows = _rows([[2, 9], [9, 3]], length=12, seed=8)
+    storage = RaggedKV.pack(rows, [0, 0], append_start=12)
+    backend = create_backend("bucketed", storage)
+    generator = torch.Generator().manual_seed(9)
+    appended = torch.randn(2, 2, 2, 4, DIM, generator=generator)
+    storage.append(appended[0, :, :, :3], appended[1, :, :, :3])
+    query = torch.randn(2, 2, 3, DIM, generator=generator)
+    expected = _dense_reference(rows, appended[0, :, :, :3], appended[1, :, :, :3], query, 0.4, append_start=12)
+    torch.testing.assert_close(backend.attend(query, 0.4), expected)
+    assert backend.nbytes() == 0
+    storage.append(appended[0, :, :, 3:], appended[1, :, :, 3:])
+    query = torch.randn(2, 2, 1, DIM, generator=generator)
+    expected = _dense_reference(rows, appended[0], appended[1], query, 0.4, append_start=12)
+    torch.testing.assert_close(backend.attend(query, 0.4), expected)
+    assert len(backend._buckets) == 2
+    assert backend.nbytes() >= 2 * (2 * 3 + 2 * 9) * DIM * 4

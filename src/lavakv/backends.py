@@ -11,7 +11,9 @@ masks), so that state never outlives the layout it was computed from, and report
 * ``"padded"``: SDPA over a padded copy the backend keeps, with room for the tail, so that a
   decode step writes only the new tokens (holds a copy of the rows);
 * ``"flex"``: FlexAttention over the packed entries themselves (no padding) with a block mask
-  built once, and the tail merged by log-sum-exp.
+  built once, and the tail merged by log-sum-exp;
+* ``"bucketed"``: like ``"padded"``, but rows of similar length are padded together, one SDPA
+  call per group, so that short rows do not pay for the longest (batches of mixed budgets).
 
 :func:`resolve_backend` turns ``"auto"`` into one of them for a device. Torch only.
 """
@@ -345,3 +347,119 @@ class FlexBackend(AttentionBackend):
             for tensor in mask.as_tuple()[2:]
             if isinstance(tensor, torch.Tensor)
         )
+
+
+BUCKET_CALL_ENTRIES = 2048
+"""What one more attention call costs, in row entries attended: the saving a width bucket must buy."""
+
+
+def width_buckets(lengths: list[int], call_entries: int | None = None) -> list[list[int]]:
+    """Rows (indices into ``lengths``) in groups of similar length, shortest first, for padded attention.
+
+    A group costs ``len(group) * longest + call_entries``: every row pays for the longest one and
+    each group is one more call. The grouping minimises the total over contiguous runs of the
+    rows sorted by length (dynamic programming, exact for that cost); each group lists its rows
+    in index order. ``call_entries`` defaults to :data:`BUCKET_CALL_ENTRIES`.
+    """
+    call_entries = BUCKET_CALL_ENTRIES if call_entries is None else call_entries
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    best = [0] + [float("inf")] * len(order)
+    cut = [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):
+        widest = lengths[order[end - 1]]
+        for start in range(end):
+            cost = best[start] + (end - start) * widest + call_entries
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    groups, end = [], len(order)
+    while end:
+        groups.append(sorted(order[cut[end] : end]))
+        end = cut[end]
+    return groups[::-1]
+
+
+class _WidthBucket:
+    """Some rows of a storage padded to their own longest row, with room for the tail, and the padding's bias."""
+
+    def __init__(self, storage: RaggedKV, units: list[int]):
+        lengths = storage.lengths.reshape(-1)[units]
+        self.width = int(lengths.max())
+        self.count = len(units)
+        device = storage.keys.device
+        self.units = torch.tensor(units, dtype=torch.long, device=device)
+        self.in_order = units == list(range(storage.batch * storage.kv_heads))
+        slots = torch.arange(self.width)
+        valid = slots[None, :] < lengths[:, None]
+        starts = torch.tensor([storage._offsets[u] for u in units], dtype=torch.long)
+        self._gather = torch.where(valid, starts[:, None] + slots, torch.zeros((), dtype=torch.long)).reshape(-1)
+        self._gather = self._gather.to(device)
+        self._valid = valid.to(device)
+        self.keys = self.values = self.bias = None
+        self.written = 0
+
+    def rows(self, storage: RaggedKV) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys, values ``[count, 1, width + steps, d]`` and bias ``[count, 1, 1, width + steps]``, tail written."""
+        steps, width = storage.steps, self.width
+        stale = self.keys is not None and self.keys.is_inference() and not torch.is_inference_mode_enabled()
+        if self.keys is None or self.keys.shape[2] < width + steps or stale:
+            room = max(steps, MIN_TAIL_SLOTS, storage.tail_capacity)
+            dim = storage.keys.shape[-1]
+            self.keys = storage.keys.new_empty(self.count, 1, width + room, dim)
+            self.values = storage.values.new_empty(self.count, 1, width + room, dim)
+            self.keys[:, 0, :width] = storage.keys.index_select(0, self._gather).view(self.count, width, dim)
+            self.values[:, 0, :width] = storage.values.index_select(0, self._gather).view(self.count, width, dim)
+            bias = torch.zeros(self.count, 1, 1, width + room, dtype=storage.keys.dtype, device=storage.keys.device)
+            bias[:, 0, 0, :width].masked_fill_(~self._valid, float("-inf"))
+            self.bias, self.written = bias, 0
+        if self.written < steps:
+            for target, source in ((self.keys, storage.appended_keys), (self.values, storage.appended_values)):
+                new = source[:, :, self.written :].reshape(-1, 1, steps - self.written, source.shape[-1])
+                target[:, :, width + self.written : width + steps] = new if self.in_order else new[self.units]
+            self.written = steps
+        end = width + steps
+        return self.keys[:, :, :end], self.values[:, :, :end], self.bias[..., :end]
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (self.keys, self.values, self.bias) if t is not None)
+
+
+@register_backend("bucketed")
+class BucketedBackend(AttentionBackend):
+    """Rows grouped by length (:func:`width_buckets`), each group a padded copy kept between steps.
+
+    One padded batch makes every row pay for the longest: a batch of caches of different methods
+    and budgets, or per-head budgets, can be several times wider than its average row. Grouping
+    rows of similar length costs one attention call per group and holds a copy of the rows (which
+    :meth:`nbytes` counts), like ``"padded"``. Prompt-sized queries and sliding windows go through
+    ``"gather"``.
+    """
+
+    def __init__(self, storage: RaggedKV):
+        super().__init__(storage)
+        self._buckets: list[_WidthBucket] | None = None
+        self._general = GatherBackend(storage)
+
+    def attend(self, query: torch.Tensor, scaling: float, sliding_window: int | None = None) -> torch.Tensor:
+        storage = self.storage
+        batch, heads, q_len, dim = query.shape
+        if q_len != 1 or sliding_window:
+            return self._general.attend(query, scaling, sliding_window)
+        if self._buckets is None:
+            lengths = storage.lengths.reshape(-1).tolist()
+            self._buckets = [_WidthBucket(storage, units) for units in width_buckets(lengths)]
+        group = heads // storage.kv_heads
+        grouped = query.reshape(batch * storage.kv_heads, 1, group, dim)
+        output = torch.empty_like(grouped) if len(self._buckets) > 1 else None
+        for bucket in self._buckets:
+            keys, values, bias = bucket.rows(storage)
+            part = grouped if bucket.in_order else grouped.index_select(0, bucket.units)
+            attended = F.scaled_dot_product_attention(part, keys, values, attn_mask=bias, scale=scaling)
+            if output is None:
+                output = attended
+            else:
+                output.index_copy_(0, bucket.units, attended)
+        return output.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous()
+
+    def nbytes(self) -> int:
+        held = 0 if self._buckets is None else sum(bucket.nbytes() for bucket in self._buckets)
+        return held + self._general.nbytes()

@@ -265,13 +265,14 @@ def protocol_ids(prepared: Prepared, protocol: str) -> tuple[list[int], list[int
 
 
 def decode_attention_path(model) -> str:
-    """The decode attention of evaluation caches: ``"padded"`` on CPU, ``"auto"`` (FlexAttention) elsewhere.
+    """The decode attention of evaluation caches: ``"bucketed"`` on CPU, ``"auto"`` (FlexAttention) elsewhere.
 
-    A batch of pairs holds rows of very different lengths; the ``"gather"`` path would copy them
-    into a padded view at every step of every layer, which on CPU costs more than the model itself.
-    ``"padded"`` copies them once per batch and holds the copy while the batch decodes.
+    A batch of pairs holds rows of very different lengths (a budget of 128 beside a CAKE layer of
+    1,600): ``"gather"`` would copy them into a padded view at every step of every layer, and one
+    padded copy would make every row attend as far as the longest. ``"bucketed"`` copies them once
+    per batch into groups of similar length and holds the copies while the batch decodes.
     """
-    return "padded" if model.device.type == "cpu" else "auto"
+    return "bucketed" if model.device.type == "cpu" else "auto"
 
 
 def _build(model, tokenizer, pair: Pair, record: PrefillRecord | None, prefilled: list[int]) -> _Built:
