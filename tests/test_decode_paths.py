@@ -45,7 +45,9 @@ def test_auto_picks_gather_on_cpu_and_flex_elsewhere(monkeypatch):
 
 
 def test_a_bad_attention_path_is_refused_with_the_valid_ones():
-    with pytest.raises(ValueError, match="attention_path must be 'auto' or one of gather, padded, flex, bucketed, got 'dense'"):
+    with pytest.raises(
+        ValueError, match="attention_path must be 'auto' or one of gather, padded, flex, bucketed, got 'dense'"
+    ):
         lavakv.CompressedCache(tiny_model("llama"), budget=32, attention_path="dense")
 
 

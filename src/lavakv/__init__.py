@@ -4,6 +4,7 @@ from .attention import CompressingCache, prepare_model, register_attention
 from .cache import CacheStats, CompressedCache, ContinuationError, SequenceStats
 from .generate import GenerationOutput, GenerationStats, compress, generate
 from .methods import (
+    PAPER_METHODS,
     PRESETS,
     Budget,
     HeadAllocation,
@@ -13,14 +14,17 @@ from .methods import (
     parse_spec,
     register_head_allocation,
     register_layer_allocation,
+    register_preset,
     register_score,
 )
 from .models import load_model
 
-METHODS = tuple(PRESETS)
+METHODS = PAPER_METHODS
+"""The LAVa paper's methods; :data:`PRESETS` holds every preset, these and the later ones."""
 
 __all__ = [
     "METHODS",
+    "PRESETS",
     "Budget",
     "CacheStats",
     "CompressedCache",
@@ -41,6 +45,7 @@ __all__ = [
     "register_attention",
     "register_head_allocation",
     "register_layer_allocation",
+    "register_preset",
     "register_score",
 ]
 __version__ = "0.1.0"

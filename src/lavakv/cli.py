@@ -15,7 +15,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from .cache import DEFAULT_DECODE_INTERVAL, CacheConfig
-from .methods import PRESETS, Method, parse_spec, split_specs
+from .methods import PAPER_METHODS, PRESETS, Method, parse_spec, split_specs
 from .methods.method import apply_overrides, declared_options
 
 logger = logging.getLogger("lavakv")
@@ -497,7 +497,12 @@ def _add_eval_command(commands) -> None:
     from .eval.benchmarks import BENCHMARKS
 
     ev.add_argument("--benchmark", required=True, help=f"{', '.join(BENCHMARKS)} (comma-separated)")
-    ev.add_argument("--methods", default=",".join(PRESETS), help=f"comma-separated; each {SPEC_HELP} (default: all)")
+    ev.add_argument(
+        "--methods",
+        default=",".join(PAPER_METHODS),
+        help=f"comma-separated; each {SPEC_HELP} (default: the LAVa paper's {', '.join(PAPER_METHODS)}; "
+        f"every preset: {', '.join(PRESETS)})",
+    )
     ev.add_argument(
         "--budgets", help=f"comma-separated tokens per KV head per layer (default {_shown(DEFAULT_EVAL_BUDGETS)})"
     )

@@ -262,7 +262,7 @@ class GroupCompression:
             return
         observed = min(self.observed, visible)
         if self.method.score.window_queries_only:
-            query = query[:, :, -observed:]
+            query = query[:, :, query.shape[2] - observed :]
         parts = self._score_inputs(query, key, value, scaling, observed, prefix)
         with self.clock.phase("score"):
             scores = self._score(layer, parts, observed, prefix)

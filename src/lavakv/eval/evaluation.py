@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..methods import PRESETS, Method
+from ..methods import PAPER_METHODS, Method
 from .benchmarks import Benchmark
 from .metrics import SCORING
 from .runner import (
@@ -55,7 +55,7 @@ class EvalConfig:
 
     benchmarks: tuple[Benchmark, ...]
     out: str
-    methods: tuple[str | Method, ...] = tuple(PRESETS)
+    methods: tuple[str | Method, ...] = PAPER_METHODS
     budgets: tuple[int, ...] | None = None
     window: int | None = None
     model: str | None = None

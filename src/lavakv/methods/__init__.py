@@ -3,9 +3,11 @@
 Tensor code on plain tensors: this package imports torch and nothing of transformers.
 """
 
-from . import heads, layers, scores  # noqa: F401  (registers the built-in parts)
+from . import heads, layers, scores  # noqa: F401, I001  (registers the built-in parts)
+from . import keydiff, knorm, tova  # noqa: F401, I001  (methods beyond the LAVa paper's, one file each)
 from .budget import WINDOW_POLICIES, Budget
-from .method import PART_KINDS, PRESETS, Method, parse_spec, resolve_method, split_specs
+from .method import PAPER_METHODS, PART_KINDS, PRESETS, Method, parse_spec, register_preset, resolve_method, split_specs
+from .plugins import ENTRY_POINT_GROUP, load_plugins
 from .registry import (
     HEAD_ALLOCATIONS,
     LAYER_ALLOCATIONS,
@@ -24,6 +26,8 @@ from .registry import (
 __all__ = [
     "HEAD_ALLOCATIONS",
     "LAYER_ALLOCATIONS",
+    "ENTRY_POINT_GROUP",
+    "PAPER_METHODS",
     "PART_KINDS",
     "PRESETS",
     "SCORES",
@@ -36,9 +40,11 @@ __all__ = [
     "OptionError",
     "Part",
     "Score",
+    "load_plugins",
     "parse_spec",
     "register_head_allocation",
     "register_layer_allocation",
+    "register_preset",
     "register_score",
     "resolve_method",
     "split_specs",

@@ -76,14 +76,14 @@ class Budget:
 
     def window_for(self, window: int, tokens: int) -> int:
         """The observation window a method with ``window`` uses at a budget of ``tokens``."""
-        if self.window_policy == "half":
+        if self.window_policy == "half" and window > 0:
             return max(1, min(window, tokens // 2))
         return window
 
     @staticmethod
     def kept_window(window: int, tokens: int) -> int:
-        """Window tokens kept at a budget of ``tokens``: the window, but at most ``tokens - 1``."""
-        return min(window, tokens - 1)
+        """Window tokens kept at a budget of ``tokens``: the window, but at most ``tokens - 1`` (never below 0)."""
+        return max(0, min(window, tokens - 1))
 
     @property
     def label(self) -> str:

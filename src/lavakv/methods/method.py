@@ -19,7 +19,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
+from . import heads, layers, scores  # noqa: F401  (the built-in parts the presets below name)
 from .budget import Budget
+from .plugins import load_plugins
 from .registry import (
     REGISTRIES,
     HeadAllocation,
@@ -75,8 +77,13 @@ class Method:
         present = [getattr(self, kind) is not None for kind in PART_KINDS]
         if any(present) and not all(present):
             raise ValueError("a method has a score, a head allocation and a layer allocation, or none (keep all)")
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
-            raise ValueError(f"window must be an integer >= 1, got {self.window!r}")
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
+            raise ValueError(f"window must be an integer >= 0, got {self.window!r}")
+        if self.window == 0 and self.score is not None and self.score.reads_queries:
+            raise ValueError(
+                f"window must be >= 1 for the {self.score.name} score, which scores entries by the window's "
+                "queries; window=0 (no observation window) suits scores of keys or values alone (knorm, keydiff)"
+            )
         if options:
             routed = self.with_options(**options)
             for kind in PART_KINDS:
@@ -85,6 +92,8 @@ class Method:
     @classmethod
     def preset_named(cls, name: str) -> Method:
         key = name.lower() if isinstance(name, str) else name
+        if key not in PRESETS:
+            load_plugins()
         if key not in PRESETS:
             raise ValueError(
                 f"unknown method {name!r}; valid presets: {', '.join(PRESETS)} "
@@ -256,6 +265,27 @@ PRESETS: dict[str, Method] = {
     "cake": Method(score="cake", layers="cake"),
     "lava": Method(score="lava", heads="ada", layers="lava"),
 }
+
+
+PAPER_METHODS = ("full", "streamingllm", "h2o", "snapkv", "pyramidkv", "ada-snapkv", "ada-pyramidkv", "cake", "lava")
+"""The presets of the LAVa paper's comparison: what ``lavakv eval`` runs unless told otherwise."""
+
+
+def register_preset(name: str, method: Method) -> Method:
+    """Make ``method`` available by ``name`` as a preset (a method spec, ``lavakv eval --methods``...).
+
+    A name already taken by another method is refused; registering the same method again is a no-op.
+    """
+    if not isinstance(name, str) or not name or name != name.lower() or any(c in name for c in ",:= "):
+        raise ValueError(
+            f"a preset name must be a non-empty lower-case string without ',', ':', '=' or spaces, got {name!r}"
+        )
+    if not isinstance(method, Method):
+        raise TypeError(f"a preset is a Method, got {method!r}")
+    if name in PRESETS and PRESETS[name] != method:
+        raise ValueError(f"preset {name!r} is already registered as {PRESETS[name].spec!r}")
+    PRESETS[name] = method
+    return method
 
 
 def parse_value(part: type[Part], name: str, text: str, spec: str):

@@ -97,11 +97,14 @@ class Score(Part):
     call with the batch folded into the head dimension. A score that compares heads leaves it
     off and is called once per sequence. ``window_queries_only`` declares that it reads only the
     observation window's queries (``query[:, -observed:]``), so the prefill hands it just those.
+    ``reads_queries`` off declares a score of keys or values alone, which may run without an
+    observation window (``window=0``: every prompt entry competes, none is kept for free).
     """
 
     kind: ClassVar[str] = "score"
     rows_independent: ClassVar[bool] = False
     window_queries_only: ClassVar[bool] = False
+    reads_queries: ClassVar[bool] = True
 
     def __call__(self, layer: LayerInput) -> torch.Tensor:
         raise NotImplementedError
@@ -222,6 +225,10 @@ def register_layer_allocation(name: str) -> Callable[[PartT], PartT]:
 def part_class(kind: str, name: str) -> type[Part]:
     """The registered part ``name`` of ``kind`` (``score``, ``heads`` or ``layers``), or a clear error."""
     registry = REGISTRIES[kind]
+    if name not in registry:
+        from .plugins import load_plugins
+
+        load_plugins()
     if name not in registry:
         raise ValueError(f"unknown {kind} {name!r}; valid: {', '.join(sorted(registry))}")
     return registry[name]
