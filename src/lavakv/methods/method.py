@@ -19,7 +19,6 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
-from . import heads, layers, scores  # noqa: F401  (the built-in parts the presets below name)
 from .budget import Budget
 from .plugins import load_plugins
 from .registry import (
