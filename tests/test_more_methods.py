@@ -108,16 +108,21 @@ register_preset("earliest-test", Method(score="earliest-test", window=4))
 """
 
 
+def _install(directory, monkeypatch, distribution: str, entry: str) -> None:
+    """A distribution's metadata in ``directory`` (put on sys.path) with one ``lavakv.methods`` entry point."""
+    info = directory / f"{distribution}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {distribution}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[lavakv.methods]\n{entry}\n")
+    monkeypatch.syspath_prepend(str(directory))
+    monkeypatch.setattr(plugins, "_loaded", set())
+
+
 @pytest.fixture
 def plugin_package(tmp_path, monkeypatch):
     """An installed distribution (on sys.path) whose ``lavakv.methods`` entry point registers a score and a preset."""
     (tmp_path / "earliest_parts.py").write_text(textwrap.dedent(PLUGIN))
-    info = tmp_path / "earliest_parts-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: earliest-parts\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[lavakv.methods]\nearliest = earliest_parts\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(plugins, "_loaded", set())
+    _install(tmp_path, monkeypatch, "earliest_parts", "earliest = earliest_parts")
     yield
     SCORES.pop("earliest-test", None)
     PRESETS.pop("earliest-test", None)
@@ -139,11 +144,6 @@ def test_a_plugin_package_registers_parts_used_by_specs_and_lavakv_eval(plugin_p
 
 
 def test_a_plugin_that_fails_to_load_is_named(tmp_path, monkeypatch):
-    info = tmp_path / "broken_parts-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-parts\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[lavakv.methods]\nbroken = no_such_module_here\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(plugins, "_loaded", set())
+    _install(tmp_path, monkeypatch, "broken_parts", "broken = no_such_module_here")
     with pytest.raises(RuntimeError, match="entry point 'broken' \\(no_such_module_here\\) failed to load"):
         parse_spec("no-such-method")
