@@ -203,15 +203,68 @@ class _PaddedSDPA(AttentionBackend):
 
 @register_backend("gather")
 class GatherBackend(_PaddedSDPA):
-    """The rows as a padded view (no copy when they are equal in length, one gather otherwise), then the tail."""
+    """The rows and the tail copied into one transient padded buffer per step; nothing is held between steps.
+
+    Equal rows are a view of the storage joined to the tail by one concatenation. Uneven rows are
+    scattered straight to their slots of the buffer, the tail written after them and only the
+    padding slots zeroed, so each entry is copied once per step (a gather followed by a
+    concatenation would copy it twice).
+    """
+
+    def __init__(self, storage: RaggedKV):
+        super().__init__(storage)
+        self._entry_row: torch.Tensor | None = None
+        self._entry_column: torch.Tensor | None = None
+        self._padding_row: torch.Tensor | None = None
+        self._padding_column: torch.Tensor | None = None
 
     def padded_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         storage = self.storage
-        keys, values = storage.padded(storage.keys), storage.padded(storage.values)
-        if storage.appended_keys is not None:
-            keys = torch.cat([keys, storage.appended_keys], dim=2)
-            values = torch.cat([values, storage.appended_values], dim=2)
-        return keys, values
+        if storage.gather_index is None:
+            keys, values = storage.padded(storage.keys), storage.padded(storage.values)
+            if storage.appended_keys is not None:
+                keys = torch.cat([keys, storage.appended_keys], dim=2)
+                values = torch.cat([values, storage.appended_values], dim=2)
+            return keys, values
+        if self._entry_row is None:
+            self._index_slots()
+        width = storage.longest + storage.steps
+        entries = self._entry_row * width + self._entry_column
+        padding = self._padding_row * width + self._padding_column
+        return self._scattered(storage.keys, storage.appended_keys, entries, padding, width), self._scattered(
+            storage.values, storage.appended_values, entries, padding, width
+        )
+
+    def _index_slots(self) -> None:
+        """Each packed entry's and each padding slot's (row, column) in the padded layout."""
+        storage = self.storage
+        valid = storage.valid.reshape(-1, storage.longest)
+        rows = torch.arange(valid.shape[0], device=valid.device)[:, None].expand_as(valid)
+        columns = torch.arange(storage.longest, device=valid.device).expand_as(valid)
+        self._entry_row, self._entry_column = rows[valid], columns[valid]
+        self._padding_row, self._padding_column = rows[~valid], columns[~valid]
+
+    def _scattered(
+        self,
+        packed: torch.Tensor,
+        tail: torch.Tensor | None,
+        entries: torch.Tensor,
+        padding: torch.Tensor,
+        width: int,
+    ) -> torch.Tensor:
+        storage = self.storage
+        dim = packed.shape[-1]
+        out = packed.new_empty(storage.batch * storage.kv_heads, width, dim)
+        flat = out.view(-1, dim)
+        flat.index_copy_(0, entries, packed)
+        flat.index_fill_(0, padding, 0)
+        if tail is not None:
+            out[:, storage.longest :] = tail.reshape(-1, tail.shape[-2], dim)
+        return out.view(storage.batch, storage.kv_heads, width, dim)
+
+    def nbytes(self) -> int:
+        index = (self._entry_row, self._entry_column, self._padding_row, self._padding_column)
+        return super().nbytes() + sum(t.nbytes for t in index if t is not None)
 
 
 @register_backend("padded")
