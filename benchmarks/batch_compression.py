@@ -46,8 +46,10 @@ def compress_row(record: PrefillRecord, row: int, method: str, budget: int):
     cache = CompressedCache(record.config, method=method, budget=budget, progressive=parse_spec(method).progressive)
     cache.observe_inputs(record.input_ids[row : row + 1])
     with torch.inference_mode():
-        for layer, (query, key, value, scaling) in enumerate(record.layers):
-            cache.compress_layer(layer, query[row : row + 1], key[row : row + 1], value[row : row + 1], None, scaling)
+        for layer, (query, key, value, scaling, weights) in enumerate(record.layers):
+            cache.compress_layer(
+                layer, query[row : row + 1], key[row : row + 1], value[row : row + 1], None, scaling, weights
+            )
     return cache
 
 

@@ -126,10 +126,14 @@ class ProbeCache(Cache):
         self.calls.append(("is_prefilling", layer_idx))
         return layer_idx not in self.prefilled
 
-    def compress_layer(self, layer_idx, query, key, value, attention_mask, scaling):
+    def compress_layer(self, layer_idx, query, key, value, attention_mask, scaling, weights):
         self.calls.append(("compress_layer", layer_idx))
         self.prefilled.add(layer_idx)
         assert query.shape[2] == key.shape[2] == value.shape[2]
+        output, rotary = weights
+        assert output.shape[1] == query.shape[1] * query.shape[3]
+        cos, sin = rotary(torch.arange(3))
+        assert cos.shape == sin.shape == (3, query.shape[3])
 
     def attend(self, layer_idx, query, scaling, sliding_window):
         self.calls.append(("attend", layer_idx))

@@ -26,8 +26,10 @@ def _alone(record: PrefillRecord, row: int, method: str, budget: int, progressiv
     input_mask = None if record.input_mask is None else record.input_mask[row : row + 1]
     cache.observe_inputs(record.input_ids[row : row + 1], input_mask)
     with torch.inference_mode():
-        for layer, (query, key, value, scaling) in enumerate(record.layers):
-            cache.compress_layer(layer, query[row : row + 1], key[row : row + 1], value[row : row + 1], mask, scaling)
+        for layer, (query, key, value, scaling, weights) in enumerate(record.layers):
+            cache.compress_layer(
+                layer, query[row : row + 1], key[row : row + 1], value[row : row + 1], mask, scaling, weights
+            )
     return cache
 
 

@@ -18,8 +18,8 @@ HALF = [torch.bfloat16, torch.float16]
 class UpcastCache(lavakv.CompressedCache):
     """A cache that scores float32 copies of exactly the half-precision tensors it is given."""
 
-    def compress_layer(self, layer_idx, query, key, value, attention_mask, scaling):
-        super().compress_layer(layer_idx, query.float(), key.float(), value.float(), attention_mask, scaling)
+    def compress_layer(self, layer_idx, query, key, value, attention_mask, scaling, weights=None):
+        super().compress_layer(layer_idx, query.float(), key.float(), value.float(), attention_mask, scaling, weights)
 
 
 @pytest.mark.parametrize("dtype", HALF)

@@ -42,7 +42,9 @@ hold yet, so :func:`prepare_model` also wraps this model's ``prepare_inputs_for_
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
+import weakref
 from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Protocol, runtime_checkable
@@ -78,8 +80,12 @@ class CompressingCache(Protocol):
         value: torch.Tensor,
         attention_mask: torch.Tensor | None,
         scaling: float,
+        weights: LayerParts | None = None,
     ) -> None:
-        """Take the layer's prefill: ``query [B, H, n, d]``, ``key``/``value [B, H_kv, n, d]`` after RoPE."""
+        """Take the layer's prefill: ``query [B, H, n, d]``, ``key``/``value [B, H_kv, n, d]`` after RoPE.
+
+        ``weights`` is what scores may read of the layer itself (see :func:`layer_weights`).
+        """
         ...
 
     def attend(self, layer_idx: int, query: torch.Tensor, scaling: float, sliding_window: int | None) -> torch.Tensor:
@@ -149,9 +155,50 @@ def lavakv_attention(
         scaling = query.shape[-1] ** -0.5
     if cache.is_prefilling(layer_idx):
         output = original(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-        cache.compress_layer(layer_idx, query, key, value, attention_mask, scaling)
+        cache.compress_layer(layer_idx, query, key, value, attention_mask, scaling, layer_weights(module))
         return output
     return cache.attend(layer_idx, query, scaling, kwargs.get("sliding_window")), None
+
+
+_ROTARY_OF_LAYER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""Each prepared attention module's ``positions -> (cos, sin)``, read from its model's rotary embedding."""
+
+
+LayerParts = tuple[torch.Tensor | None, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None]
+"""``(output projection weight [hidden, H * d], positions -> (cos, sin))``, either ``None`` where absent."""
+
+
+def layer_weights(module: torch.nn.Module) -> LayerParts:
+    """The layer's output projection weight and rotary embedding, as a plain tensor and a function."""
+    projection = getattr(module, "o_proj", None)
+    output = projection.weight if isinstance(getattr(projection, "weight", None), torch.Tensor) else None
+    return output, _ROTARY_OF_LAYER.get(module)
+
+
+def _record_rotary(model) -> None:
+    """Map every attention module of ``model`` to its rotary embedding (the layer type's, where it has one)."""
+    rotary = next(
+        (m.rotary_emb for m in model.modules() if isinstance(getattr(m, "rotary_emb", None), torch.nn.Module)), None
+    )
+    if rotary is None:
+        return
+    takes_layer_type = "layer_type" in inspect.signature(rotary.forward).parameters
+    layer_types = getattr(model.config.get_text_config(), "layer_types", None)
+    for module in model.modules():
+        layer_idx = getattr(module, "layer_idx", None)
+        if layer_idx is None or not hasattr(module, "o_proj"):
+            continue
+        layer_type = layer_types[layer_idx] if takes_layer_type and layer_types else None
+        _ROTARY_OF_LAYER[module] = functools.partial(_cos_sin, rotary, layer_type)
+
+
+def _cos_sin(
+    rotary: torch.nn.Module, layer_type: str | None, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    probe = torch.empty(0, dtype=torch.float32, device=positions.device)
+    extra = () if layer_type is None else (layer_type,)
+    cos, sin = rotary(probe, positions[None].long(), *extra)
+    return cos[0].float(), sin[0].float()
 
 
 def register_attention() -> None:
@@ -202,6 +249,7 @@ def prepare_model(model):
 
 
 def _observe(model):
+    _record_rotary(model)
     if not getattr(model, "_lavakv_observes_inputs", False):
         model.register_forward_pre_hook(_observe_inputs, with_kwargs=True)
         original = getattr(model, "prepare_inputs_for_generation", None)

@@ -61,11 +61,11 @@ class _RecordingCache(Cache):
     def is_prefilling(self, layer_idx: int) -> bool:
         return self._prefilling == layer_idx
 
-    def compress_layer(self, layer_idx, query, key, value, attention_mask, scaling) -> None:
+    def compress_layer(self, layer_idx, query, key, value, attention_mask, scaling, weights=None) -> None:
         self._prefilling = None
         if layer_idx == 0:
             self.prefill_mask = attention_mask
-        self.recorded.append((query, key, value, scaling))
+        self.recorded.append((query, key, value, scaling, weights))
 
     def attend(self, layer_idx, query, scaling, sliding_window) -> torch.Tensor:
         raise RuntimeError("a recording cache only records a prefill; decode through a cache from record.compress()")
@@ -135,6 +135,6 @@ class PrefillRecord:
         cache = CompressedCache(self.config if model is None else model, score_memo=memo, settings=settings)
         cache.observe_inputs(self.input_ids, self.input_mask)
         with torch.inference_mode():
-            for layer_idx, (query, key, value, scaling) in enumerate(self.layers):
-                cache.compress_layer(layer_idx, query, key, value, self.attention_mask, scaling)
+            for layer_idx, (query, key, value, scaling, weights) in enumerate(self.layers):
+                cache.compress_layer(layer_idx, query, key, value, self.attention_mask, scaling, weights)
         return cache

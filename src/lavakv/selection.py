@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .methods import Budget, LayerInput, Method
+from .methods import Budget, LayerInput, LayerWeights, Method
 from .methods.registry import stable_rank
 
 Row = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -232,6 +232,7 @@ class GroupCompression:
             )
         self.progressive = progressive
         self.layers: list = [None] * self.num_layers
+        self.second_stage: dict[int, torch.Tensor] = {}
         self.summaries: list[list[float | None]] = []
         self.layer_slots: list[list[int]] | None = None
         if self.compresses:
@@ -241,12 +242,19 @@ class GroupCompression:
                 self.layer_slots = [static] * size
 
     def add_layer(
-        self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
+        self,
+        layer: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scaling: float,
+        weights: LayerWeights | None = None,
     ) -> None:
         """Score and (provisionally) compress ``layer`` for every sequence of the group.
 
         ``query`` is ``[size, H, v, d]``, ``key`` and ``value`` ``[size, H_kv, v, d]``: the ``v``
         positions the layer's last query can see (the whole prompt, or a sliding window's worth).
+        ``weights`` is what the model hands over of the layer, for scores that read it.
         Candidates stay views of these tensors until a selection copies the entries it keeps.
         """
         size, kv_heads, visible, _ = key.shape
@@ -263,9 +271,11 @@ class GroupCompression:
         observed = min(self.observed, visible)
         if self.method.score.window_queries_only:
             query = query[:, :, query.shape[2] - observed :]
-        parts = self._score_inputs(query, key, value, scaling, observed, prefix)
+        parts = self._score_inputs(query, key, value, scaling, observed, prefix, weights)
         with self.clock.phase("score"):
             scores = self._score(layer, parts, observed, prefix)
+            if self.method.score.two_stage:
+                self.second_stage[layer] = self._second_stage(layer, parts, scores, observed, prefix)
         with self.clock.phase("allocate"):
             self.summaries.append(self._summarize(parts, scores.view(size, kv_heads, prefix)))
         candidates = Candidates(positions[:prefix], key[:, :, :prefix], value[:, :, :prefix], counts, scores)
@@ -291,7 +301,7 @@ class GroupCompression:
             entries.prefix = entries.prefix.owned()
         self._after_layer(layer)
 
-    def _score_inputs(self, query, key, value, scaling, observed, prefix) -> list[tuple[int, LayerInput]]:
+    def _score_inputs(self, query, key, value, scaling, observed, prefix, weights) -> list[tuple[int, LayerInput]]:
         """``(sequences, input)`` parts covering the group, each with its sequences folded into the heads.
 
         One part for the whole group where the score treats heads independently; on a CPU, parts
@@ -307,9 +317,11 @@ class GroupCompression:
                 one = query.shape[1] * observed * key.shape[2] * 4
                 per_part = max(1, min(size, CPU_SCORE_PART_BYTES // max(one, 1)))
         parts = []
+        first_position = self.length - key.shape[2]
         for first in range(0, size, per_part):
             q, k, v = (t[first : first + per_part].flatten(0, 1) for t in (query, key, value))
-            parts.append((q.shape[0] // query.shape[1], LayerInput(q, k, v, scaling, observed, prefix)))
+            part = LayerInput(q, k, v, scaling, observed, prefix, first_position=first_position, layer_weights=weights)
+            parts.append((q.shape[0] // query.shape[1], part))
         return parts
 
     def _score(self, layer: int, parts: list[tuple[int, LayerInput]], observed: int, prefix: int) -> torch.Tensor:
@@ -322,6 +334,24 @@ class GroupCompression:
         if self.score_memo is not None:
             self.score_memo[key] = scores
         return scores
+
+    def _second_stage(
+        self, layer: int, parts: list[tuple[int, LayerInput]], scores: torch.Tensor, observed: int, prefix: int
+    ) -> torch.Tensor:
+        """A two-stage score's second ranking ``[size * H_kv, m]``, memoized like the first."""
+        score = self.method.score
+        key = (layer, prefix, observed, score, "second stage")
+        if self.score_memo is not None and key in self.score_memo:
+            return self.score_memo[key]
+        second, first = [], 0
+        for _, part in parts:
+            rows = part.key.shape[0]
+            second.append(score.second_stage(part, scores[first : first + rows]).float())
+            first += rows
+        second = torch.cat(second) if len(second) > 1 else second[0]
+        if self.score_memo is not None:
+            self.score_memo[key] = second
+        return second
 
     def _summarize(self, parts: list[tuple[int, LayerInput]], scores: torch.Tensor) -> list[float | None]:
         summaries, first = [], 0
@@ -359,9 +389,21 @@ class GroupCompression:
                 f"internal error: layer {layer} needs {caps.tolist()} entries per head, but its heads retained "
                 f"{counts.tolist()}"
             )
-        taken = entries.prefix.take(caps, scores.flatten(0, 1))
+        ranking = scores.flatten(0, 1)
+        if self.method.score.two_stage:
+            ranking = self._two_stage_ranking(layer, ranking, caps)
+        taken = entries.prefix.take(caps, ranking)
         entries.prefix = Candidates(taken.positions, taken.keys, taken.values, taken.counts)
         entries.final = True
+
+    def _two_stage_ranking(self, layer: int, scores: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
+        """Each row's first-stage entries (its best by ``scores``) first, then the rest by the second stage."""
+        first = self.method.score.first_stage_slots(caps).to(scores.device)
+        order = stable_rank(scores)
+        rank = torch.empty_like(order)
+        rank.scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
+        second = self.second_stage.pop(layer).to(scores.device)
+        return torch.where(rank < first[:, None], math.inf, second)
 
     def _retain(self, layer: int, slots: list[int]) -> None:
         """Provisional shrink: keep enough candidates per head for any later, smaller budget.

@@ -30,7 +30,7 @@ from transformers.cache_utils import Cache, get_layer_types_and_kwargs
 
 from ..attention import hand_off, prepare_model, prompt_lengths
 from ..cachefile import weights_fingerprint
-from ..methods import Budget, Method
+from ..methods import Budget, LayerWeights, Method
 from ..ragged import RaggedKV, Row
 from ..selection import GroupCompression, PhaseClock
 from .combine import copy_cache, stack_caches
@@ -226,13 +226,18 @@ class CompressedCache(Cache):
         value: torch.Tensor,
         attention_mask: torch.Tensor | None,
         scaling: float,
+        weights: tuple | None = None,
     ) -> None:
-        """Hand one layer's prefill to each sequence's compression and store what is final."""
-        self._prefilling = None
-        with self.clock.phase("total"):
-            self._compress_layer(layer_idx, query, key, value, attention_mask, scaling)
+        """Hand one layer's prefill to each sequence's compression and store what is final.
 
-    def _compress_layer(self, layer_idx, query, key, value, attention_mask, scaling) -> None:
+        ``weights`` is the attention's ``(output projection weight, rotary)`` of the layer.
+        """
+        self._prefilling = None
+        weights = None if weights is None else LayerWeights(*weights)
+        with self.clock.phase("total"):
+            self._compress_layer(layer_idx, query, key, value, attention_mask, scaling, weights)
+
+    def _compress_layer(self, layer_idx, query, key, value, attention_mask, scaling, weights) -> None:
         batch, _, length, _ = key.shape
         layer = self.layers[layer_idx]
         if layer_idx == 0:
@@ -249,7 +254,9 @@ class CompressedCache(Cache):
         for group in self.groups:
             rows = slice(first, first + group.size)
             start = max(self.padding[first], visible_from)
-            group.add_layer(layer_idx, query[rows, :, start:], key[rows, :, start:], value[rows, :, start:], scaling)
+            group.add_layer(
+                layer_idx, query[rows, :, start:], key[rows, :, start:], value[rows, :, start:], scaling, weights
+            )
             first += group.size
         held = self.kv_bytes() + sum(g.nbytes for g in self.groups) + key.nbytes + value.nbytes
         self.peak_prefill_bytes = max(self.peak_prefill_bytes, held)

@@ -87,6 +87,17 @@ def check_decode_budget(method: Method, decode_budget: int | None, decode_interv
             f"method {method.spec!r} keeps every entry and has no score to evict with; a decode_budget needs a "
             "compressing method"
         )
+    score = method.score
+    if score.needs_layer_weights or score.two_stage:
+        reason = (
+            "reads the layer's weights, handed over at prefill only"
+            if score.needs_layer_weights
+            else ("ranks entries by budget in two stages")
+        )
+        raise ValueError(
+            f"method {method.spec!r} cannot evict while decoding: its {score.name} score {reason}; use no "
+            "decode_budget, or a method that scores by window attention (snapkv, lava, ...)"
+        )
     if isinstance(decode_budget, bool) or not isinstance(decode_budget, int) or decode_budget <= method.window:
         raise ValueError(
             f"decode_budget must be an integer greater than the method's window ({method.window}) in tokens per KV "

@@ -26,7 +26,7 @@ class KeyDiffScore(Score):
 
     rows_independent: ClassVar[bool] = True
     window_queries_only: ClassVar[bool] = True
-    reads_queries: ClassVar[bool] = False
+    needs_window: ClassVar[bool] = False
 
     def __call__(self, layer: LayerInput) -> torch.Tensor:
         keys = layer.key.float()

@@ -24,7 +24,7 @@ class KeyNormScore(Score):
 
     rows_independent: ClassVar[bool] = True
     window_queries_only: ClassVar[bool] = True
-    reads_queries: ClassVar[bool] = False
+    needs_window: ClassVar[bool] = False
 
     def __call__(self, layer: LayerInput) -> torch.Tensor:
         return -torch.linalg.vector_norm(layer.key[:, : layer.prefix_length].float(), dim=-1)

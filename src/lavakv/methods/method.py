@@ -78,10 +78,16 @@ class Method:
             raise ValueError("a method has a score, a head allocation and a layer allocation, or none (keep all)")
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
             raise ValueError(f"window must be an integer >= 0, got {self.window!r}")
-        if self.window == 0 and self.score is not None and self.score.reads_queries:
+        if self.window == 0 and self.score is not None and self.score.needs_window:
             raise ValueError(
                 f"window must be >= 1 for the {self.score.name} score, which scores entries by the window's "
-                "queries; window=0 (no observation window) suits scores of keys or values alone (knorm, keydiff)"
+                "queries; window=0 (no observation window) suits scores that do not (knorm, keydiff, "
+                "expected-attention)"
+            )
+        if self.score is not None and self.score.two_stage and self.layers.dynamic:
+            raise ValueError(
+                f"the {self.score.name} score ranks entries by budget (two stages), so it takes a static layer "
+                f"allocation (uniform, pyramid), not {self.layers.name!r}"
             )
         if options:
             routed = self.with_options(**options)
@@ -290,6 +296,11 @@ def register_preset(name: str, method: Method) -> Method:
 def parse_value(part: type[Part], name: str, text: str, spec: str):
     """``text`` converted to the type of ``part``'s option ``name``; a bad value names the spec."""
     kind = part.option_types()[name]
+    if kind is bool:
+        words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+        if text.strip().lower() not in words:
+            raise OptionError(f"{name} of {part.name} {part.kind} takes true or false, got {text!r} in {spec!r}")
+        return words[text.strip().lower()]
     try:
         if kind is int:
             return int(text)

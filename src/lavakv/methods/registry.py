@@ -40,7 +40,7 @@ class Part:
 
     @classmethod
     def option_types(cls) -> dict[str, type]:
-        """Each option's Python type (``int``, ``float`` or ``str``), read from the annotations."""
+        """Each option's Python type (``int``, ``float``, ``bool`` or ``str``), read from the annotations."""
         hints = typing.get_type_hints(cls)
         return {name: hints[name] for name in cls.option_names()}
 
@@ -75,6 +75,11 @@ class Part:
             bound = f"> {low:g}" if low_open else (f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]")
             self.fail(f"{option} must be a number {bound}, got {value!r}")
 
+    def check_bool(self, option: str) -> None:
+        value = getattr(self, option)
+        if not isinstance(value, bool):
+            self.fail(f"{option} must be true or false, got {value!r}")
+
     def check_choice(self, option: str, choices: tuple[str, ...]) -> None:
         value = getattr(self, option)
         if value not in choices:
@@ -97,17 +102,35 @@ class Score(Part):
     call with the batch folded into the head dimension. A score that compares heads leaves it
     off and is called once per sequence. ``window_queries_only`` declares that it reads only the
     observation window's queries (``query[:, -observed:]``), so the prefill hands it just those.
-    ``reads_queries`` off declares a score of keys or values alone, which may run without an
-    observation window (``window=0``: every prompt entry competes, none is kept for free).
+    ``needs_window`` off declares a score that does not rank entries by the window's queries (keys
+    or values alone, or statistics of every query), which may run without an observation window
+    (``window=0``: every prompt entry competes, none is kept for free). ``needs_layer_weights``
+    declares a score that reads :attr:`LayerInput.weights` (the layer's output projection, its
+    rotary embedding), which the model hands over at prefill only.
+
+    A *two-stage* score (``two_stage``) ranks by budget: each head first keeps its
+    :meth:`first_stage_slots` best entries by the score itself, then fills the rest of its slots
+    by :meth:`second_stage`. Its ranking changes with the budget, so it takes static layer
+    allocations only (progressive shrinking needs rankings that hold at every budget).
     """
 
     kind: ClassVar[str] = "score"
     rows_independent: ClassVar[bool] = False
     window_queries_only: ClassVar[bool] = False
-    reads_queries: ClassVar[bool] = True
+    needs_window: ClassVar[bool] = True
+    needs_layer_weights: ClassVar[bool] = False
+    two_stage: ClassVar[bool] = False
 
     def __call__(self, layer: LayerInput) -> torch.Tensor:
         raise NotImplementedError
+
+    def second_stage(self, layer: LayerInput, scores: torch.Tensor) -> torch.Tensor:
+        """A two-stage score's second ranking ``[H_kv, m]`` (higher kept first), given its first, ``scores``."""
+        raise NotImplementedError(f"{self.label} is not a two-stage score")
+
+    def first_stage_slots(self, slots: torch.Tensor) -> torch.Tensor:
+        """How many of each head's ``slots`` a two-stage score fills by its first ranking."""
+        raise NotImplementedError(f"{self.label} is not a two-stage score")
 
 
 @dataclass(frozen=True)
@@ -234,6 +257,20 @@ def part_class(kind: str, name: str) -> type[Part]:
     return registry[name]
 
 
+@dataclass(frozen=True)
+class LayerWeights:
+    """What a score may read of the layer itself, as plain tensors and a function (handed over at prefill).
+
+    ``output`` is the output projection's weight ``[hidden, H * d]`` (``None`` when the layer has
+    none); ``rotary(positions)`` returns the ``(cos, sin)`` ``[len(positions), d]`` that the
+    model's rotary embedding applies at those positions (rotate-half convention, attention
+    scaling included), ``None`` for a model without one.
+    """
+
+    output: torch.Tensor | None = None
+    rotary: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
 @dataclass
 class LayerInput:
     """One sequence's prefill tensors for one layer, with the window attention computed once, lazily.
@@ -243,6 +280,8 @@ class LayerInput:
     (keys after RoPE);
     ``observed`` is the number of last queries that score the prefix (the window), ``prefix_length``
     the number ``m`` of leading entries that compete for slots (the rest is the kept window).
+    ``first_position`` is the position of ``key[:, 0]`` in its sequence, and ``layer_weights``
+    what the model handed over of the layer (read through :attr:`weights`).
     """
 
     query: torch.Tensor
@@ -252,6 +291,18 @@ class LayerInput:
     observed: int
     prefix_length: int
     _window_attention: torch.Tensor | None = field(default=None, repr=False)
+    first_position: int = 0
+    layer_weights: LayerWeights | None = field(default=None, repr=False)
+
+    @property
+    def weights(self) -> LayerWeights:
+        """The layer's weights, or a clear error where none were handed over (a decode budget's evictions)."""
+        if self.layer_weights is None:
+            raise ValueError(
+                "this score reads the layer's weights, which the model hands over at prefill only; "
+                "they are not available here"
+            )
+        return self.layer_weights
 
     @property
     def num_kv_heads(self) -> int:
@@ -290,6 +341,8 @@ class LayerInput:
                 self.observed,
                 self.prefix_length,
                 None if attention is None else attention[b * heads : (b + 1) * heads],
+                self.first_position,
+                self.layer_weights,
             )
             for b in range(batch)
         ]
