@@ -32,21 +32,21 @@ def test_every_path_decodes_a_padded_batch_to_the_same_tokens(kind, path):
     assert cache.stats(positions=False).attention_paths == [path]
 
 
-def test_auto_picks_gather_on_cpu_and_flex_elsewhere(monkeypatch):
+def test_auto_picks_packed_on_cpu_and_flex_elsewhere(monkeypatch):
     monkeypatch.setattr(backends, "_flex_probes", {})
     monkeypatch.setattr(backends, "flex_kernel", lambda device: lambda *args, **kwargs: None)
-    assert resolve_backend("auto", torch.device("cpu")) == "gather"
+    assert resolve_backend("auto", torch.device("cpu")) == "packed"
     assert resolve_backend("auto", torch.device("meta")) == "flex"
     assert resolve_backend("flex", torch.device("cpu")) == "flex"
     model = tiny_model("llama")
     _, cache = _batch_tokens(model, [random_prompt(80)], "auto")
-    assert cache.stats(positions=False).attention_paths == ["gather"]
-    assert cache.copy().stats(positions=False).attention_paths == ["gather"]
+    assert cache.stats(positions=False).attention_paths == ["packed"]
+    assert cache.copy().stats(positions=False).attention_paths == ["packed"]
 
 
 def test_a_bad_attention_path_is_refused_with_the_valid_ones():
     with pytest.raises(
-        ValueError, match="attention_path must be 'auto' or one of gather, padded, flex, bucketed, got 'dense'"
+        ValueError, match="attention_path must be 'auto' or one of gather, packed, padded, flex, bucketed, got 'dense'"
     ):
         lavakv.CompressedCache(tiny_model("llama"), budget=32, attention_path="dense")
 
@@ -80,7 +80,7 @@ def test_greedy_reads_tokens_back_in_blocks_and_stops_like_a_step_by_step_loop(m
 
 def test_an_unknown_backend_name_is_refused_with_the_valid_ones():
     with pytest.raises(
-        ValueError, match="unknown attention backend 'dense'; valid backends: auto, gather, padded, flex"
+        ValueError, match="unknown attention backend 'dense'; valid backends: auto, gather, packed, padded, flex"
     ):
         resolve_backend("dense", torch.device("cpu"))
 

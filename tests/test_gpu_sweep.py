@@ -34,7 +34,7 @@ def test_the_tiny_sweep_measures_every_configuration_and_writes_its_page(tmp_pat
         if method != "full":
             assert 0 < row["kv_bytes"] < by_key[(length, "full", None)]["kv_bytes"]
             assert 0 < row["compression_share"] < 1
-            assert row["attention_paths"] == ["gather"]
+            assert row["attention_paths"] == ["packed"]
     page = out.with_suffix(".md").read_text()
     assert "Not measured on a GPU yet" in page and "| 512 | lava | 96 | 1 |" in page
     assert out.with_suffix(".png").stat().st_size > 0

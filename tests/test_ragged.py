@@ -132,7 +132,7 @@ def test_bad_layouts_are_refused():
         RaggedKV(torch.zeros(3, DIM), torch.zeros(3, DIM), positions, torch.tensor([[1, 1]]), 3)
     storage = RaggedKV.pack(_rows([[2, 5]], length=10), [0], append_start=10)
     storage.append(torch.zeros(1, 2, 2, DIM), torch.zeros(1, 2, 2, DIM))
-    for name in ("gather", "padded"):
+    for name in ("gather", "packed", "padded"):
         with pytest.raises(RuntimeError, match="track_positions"):
             create_backend(name, storage).attend(torch.zeros(1, 2, 2, DIM), 1.0, sliding_window=4)
 
@@ -303,11 +303,11 @@ def test_flex_block_mask_is_built_once_per_query_shape(path):
 
 def test_an_unknown_attention_backend_is_refused():
     storage, _ = _with_tail([[3, 7]], 1)
-    with pytest.raises(ValueError, match="unknown attention backend 'dense'.*gather, padded, flex"):
+    with pytest.raises(ValueError, match="unknown attention backend 'dense'.*gather, packed, padded, flex"):
         create_backend("dense", storage)
 
 
-@pytest.mark.parametrize("path", ["gather", "padded", "bucketed"])
+@pytest.mark.parametrize("path", ["gather", "packed", "padded", "bucketed"])
 def test_ragged_rows_with_a_tail_attend_exactly_across_buffer_growth(path, monkeypatch):
     monkeypatch.setattr(backends, "BUCKET_CALL_ENTRIES", 1)
     rows = _rows([[3, 7], [6, 1]], length=12, seed=5)
@@ -360,3 +360,21 @@ def test_bucketed_attention_counts_its_copies_and_serves_prompt_queries(monkeypa
     torch.testing.assert_close(backend.attend(query, 0.4), expected)
     assert len(backend._buckets) == 2
     assert backend.nbytes() >= 2 * (2 * 3 + 2 * 9) * DIM * 4
+
+
+def test_packed_reads_one_sequences_uneven_rows_in_place_and_matches_attention_exactly():
+    rows = _rows([[2, 9, 5]], length=12, seed=8)
+    storage = RaggedKV.pack(rows, [0], append_start=12)
+    backend = create_backend("packed", storage)
+    generator = torch.Generator().manual_seed(9)
+    appended = torch.randn(2, 1, 3, 40, DIM, generator=generator)
+    keys_before = storage.keys.data_ptr()
+    for step in range(40):
+        storage.append(appended[0, :, :, step : step + 1], appended[1, :, :, step : step + 1])
+        query = torch.randn(1, 6, 1, DIM, generator=generator)
+        expected = _dense_reference(
+            rows, appended[0, :, :, : step + 1], appended[1, :, :, : step + 1], query, 0.3, append_start=12
+        )
+        torch.testing.assert_close(backend.attend(query, 0.3), expected)
+    assert storage.keys.data_ptr() == keys_before
+    assert backend.nbytes() == 6 * 16 * 4

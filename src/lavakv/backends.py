@@ -66,9 +66,9 @@ def create_backend(name: str, storage: RaggedKV) -> AttentionBackend:
 def resolve_backend(requested: str, device: torch.device | str) -> str:
     """The concrete backend ``requested`` names on ``device``: itself, or for ``"auto"`` the one measured fastest.
 
-    On CPU ``"auto"`` is ``"gather"``: compiled FlexAttention there takes 1.5-2.9x as long per call
-    at decode shapes (``benchmarks/ragged_attention.py``) and cannot return the log-sum-exp the tail
-    merge needs. On accelerators it is ``"flex"``, which reads the packed entries in place, provided
+    On CPU ``"auto"`` is ``"packed"`` (``"gather"`` wherever it does not apply): compiled
+    FlexAttention there takes 1.5-2.9x as long per call at decode shapes
+    (``benchmarks/ragged_attention.py``) and cannot return the log-sum-exp the tail merge needs. On accelerators it is ``"flex"``, which reads the packed entries in place, provided
     a tiny FlexAttention call compiles and runs on that device (tried once per device); if it does
     not, a warning gives the cause and ``"gather"`` runs. An explicit ``"flex"`` is never probed:
     its failure is raised where it happens.
@@ -79,7 +79,7 @@ def resolve_backend(requested: str, device: torch.device | str) -> str:
         return requested
     device = torch.device(device)
     if device.type == "cpu":
-        return "gather"
+        return "packed"
     failure = probe_flex(device)
     if failure is None:
         return "flex"
@@ -203,68 +203,68 @@ class _PaddedSDPA(AttentionBackend):
 
 @register_backend("gather")
 class GatherBackend(_PaddedSDPA):
-    """The rows and the tail copied into one transient padded buffer per step; nothing is held between steps.
+    """The rows as a padded view (no copy when they are equal in length, one gather otherwise), then the tail."""
 
-    Equal rows are a view of the storage joined to the tail by one concatenation. Uneven rows are
-    scattered straight to their slots of the buffer, the tail written after them and only the
-    padding slots zeroed, so each entry is copied once per step (a gather followed by a
-    concatenation would copy it twice).
+    def padded_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        storage = self.storage
+        keys, values = storage.padded(storage.keys), storage.padded(storage.values)
+        if storage.appended_keys is not None:
+            keys = torch.cat([keys, storage.appended_keys], dim=2)
+            values = torch.cat([values, storage.appended_values], dim=2)
+        return keys, values
+
+
+@register_backend("packed")
+class PackedBackend(GatherBackend):
+    """One sequence's uneven rows read in place: each query head scores every packed entry, other heads' masked.
+
+    Per-head budgets make rows uneven, and padding them costs a copy of every entry per step
+    (``"gather"``) or a padded copy held between steps (``"padded"``). For a single decode query
+    of one sequence it is cheaper to let every query head score all ``N`` packed entries (``H x N``
+    dot products, ``kv_heads`` times those of reading each row alone, all in one matrix product on
+    the storage itself) and mask out the other heads' entries with an additive bias built once. The
+    tail of generated tokens is scored per KV head and joins the same softmax. Anything else (equal
+    rows, several sequences, several query tokens, a sliding window) goes the ``"gather"`` way.
     """
 
     def __init__(self, storage: RaggedKV):
         super().__init__(storage)
-        self._entry_row: torch.Tensor | None = None
-        self._entry_column: torch.Tensor | None = None
-        self._padding_row: torch.Tensor | None = None
-        self._padding_column: torch.Tensor | None = None
+        self._head_bias: torch.Tensor | None = None
 
-    def padded_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def attend(self, query: torch.Tensor, scaling: float, sliding_window: int | None = None) -> torch.Tensor:
         storage = self.storage
-        if storage.gather_index is None:
-            keys, values = storage.padded(storage.keys), storage.padded(storage.values)
-            if storage.appended_keys is not None:
-                keys = torch.cat([keys, storage.appended_keys], dim=2)
-                values = torch.cat([values, storage.appended_values], dim=2)
-            return keys, values
-        if self._entry_row is None:
-            self._index_slots()
-        width = storage.longest + storage.steps
-        entries = self._entry_row * width + self._entry_column
-        padding = self._padding_row * width + self._padding_column
-        return self._scattered(storage.keys, storage.appended_keys, entries, padding, width), self._scattered(
-            storage.values, storage.appended_values, entries, padding, width
-        )
+        if storage.valid is None or storage.batch != 1 or query.shape[2] != 1 or sliding_window:
+            return super().attend(query, scaling, sliding_window)
+        _, heads, _, dim = query.shape
+        kv_heads = storage.kv_heads
+        group = heads // kv_heads
+        flat = query.reshape(heads, dim)
+        scores = (flat @ storage.keys.T).float() * scaling + self._bias(group)
+        entries = scores.shape[1]
+        tail_keys = storage.appended_keys
+        if tail_keys is not None:
+            tail = flat.view(kv_heads, group, dim) @ tail_keys[0].transpose(1, 2)
+            scores = torch.cat([scores, tail.float().reshape(heads, -1) * scaling], dim=1)
+        weights = scores.softmax(dim=-1).to(storage.values.dtype)
+        output = weights[:, :entries] @ storage.values
+        if tail_keys is not None:
+            tail_weights = weights[:, entries:].reshape(kv_heads, group, -1)
+            output = output + (tail_weights @ storage.appended_values[0]).reshape(heads, dim)
+        return output.view(1, 1, heads, dim)
 
-    def _index_slots(self) -> None:
-        """Each packed entry's and each padding slot's (row, column) in the padded layout."""
-        storage = self.storage
-        valid = storage.valid.reshape(-1, storage.longest)
-        rows = torch.arange(valid.shape[0], device=valid.device)[:, None].expand_as(valid)
-        columns = torch.arange(storage.longest, device=valid.device).expand_as(valid)
-        self._entry_row, self._entry_column = rows[valid], columns[valid]
-        self._padding_row, self._padding_column = rows[~valid], columns[~valid]
-
-    def _scattered(
-        self,
-        packed: torch.Tensor,
-        tail: torch.Tensor | None,
-        entries: torch.Tensor,
-        padding: torch.Tensor,
-        width: int,
-    ) -> torch.Tensor:
-        storage = self.storage
-        dim = packed.shape[-1]
-        out = packed.new_empty(storage.batch * storage.kv_heads, width, dim)
-        flat = out.view(-1, dim)
-        flat.index_copy_(0, entries, packed)
-        flat.index_fill_(0, padding, 0)
-        if tail is not None:
-            out[:, storage.longest :] = tail.reshape(-1, tail.shape[-2], dim)
-        return out.view(storage.batch, storage.kv_heads, width, dim)
+    def _bias(self, group: int) -> torch.Tensor:
+        """``[H, N]``: 0 where the entry belongs to the query head's KV head, ``-inf`` elsewhere (built once)."""
+        if self._head_bias is None:
+            storage = self.storage
+            lengths = storage.lengths.reshape(-1).to(storage.keys.device)
+            head_of_entry = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
+            kv_head_of_query = torch.arange(len(lengths) * group, device=lengths.device) // group
+            other = kv_head_of_query[:, None] != head_of_entry[None, :]
+            self._head_bias = torch.zeros(other.shape, device=lengths.device).masked_fill(other, float("-inf"))
+        return self._head_bias
 
     def nbytes(self) -> int:
-        index = (self._entry_row, self._entry_column, self._padding_row, self._padding_column)
-        return super().nbytes() + sum(t.nbytes for t in index if t is not None)
+        return super().nbytes() + (0 if self._head_bias is None else self._head_bias.nbytes)
 
 
 @register_backend("padded")
