@@ -68,8 +68,9 @@ def resolve_backend(requested: str, device: torch.device | str) -> str:
 
     On CPU ``"auto"`` is ``"packed"`` (``"gather"`` wherever it does not apply): compiled
     FlexAttention there takes 1.5-2.9x as long per call at decode shapes
-    (``benchmarks/ragged_attention.py``) and cannot return the log-sum-exp the tail merge needs. On accelerators it is ``"flex"``, which reads the packed entries in place, provided
-    a tiny FlexAttention call compiles and runs on that device (tried once per device); if it does
+    (``benchmarks/ragged_attention.py``) and cannot return the log-sum-exp the tail merge needs.
+    On accelerators it is ``"flex"``, which reads the packed entries in place, provided a tiny
+    FlexAttention call compiles and runs on that device (tried once per device); if it does
     not, a warning gives the cause and ``"gather"`` runs. An explicit ``"flex"`` is never probed:
     its failure is raised where it happens.
     """
