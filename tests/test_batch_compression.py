@@ -17,6 +17,7 @@ from lavakv.recording import PrefillRecord
 
 WINDOW = 8
 METHODS = ["snapkv", "pyramidkv", "ada-snapkv", "ada-pyramidkv", "cake", "lava", "h2o", "streamingllm"]
+METHODS += ["expected-attention", "criticalkv", "critical-adakv", "defensivekv", "layer-defensivekv"]
 
 
 def _alone(record: PrefillRecord, row: int, method: str, budget: int, progressive: bool) -> lavakv.CompressedCache:
@@ -63,7 +64,7 @@ def test_batches_of_other_layouts_and_sliding_windows_match_sequence_by_sequence
     _assert_rows_match(batched, record, method, 40, True)
 
 
-@pytest.mark.parametrize("method", ["lava", "snapkv", "ada-pyramidkv"])
+@pytest.mark.parametrize("method", ["lava", "snapkv", "ada-pyramidkv", "expected-attention", "critical-adakv"])
 def test_a_padded_batch_is_compressed_in_runs_of_equal_lengths(method):
     model = tiny_model("llama")
     lengths = [150, 150, 110, 150]

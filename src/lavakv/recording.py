@@ -87,10 +87,18 @@ class PrefillRecord:
         self.config = model.config
         num_layers = model.config.get_text_config().num_hidden_layers
         recording = _RecordingCache(num_layers)
+        positions = None
+        if attention_mask is not None and bool((attention_mask == 0).any()):
+            positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
         start = time.perf_counter()
         with torch.inference_mode():
             output = model_forward(
-                model, recording, input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1
+                model,
+                recording,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=positions,
+                logits_to_keep=1,
             )
         self.seconds = time.perf_counter() - start
         if len(recording.recorded) != num_layers:
