@@ -30,6 +30,7 @@ LAYERS: dict[str, int] = {
     "lavakv.recording": 4,
     "lavakv.eval": 5,
     "lavakv.bench": 5,
+    "lavakv.calibration": 5.5,
     "lavakv.cli": 6,
     "lavakv.__main__": 7,
 }

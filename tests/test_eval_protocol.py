@@ -32,7 +32,12 @@ from lavakv.eval.store import ResultStore, read_run, run_done_keys, store_paths
 from lavakv.methods import PRESETS
 
 WORKER = Path(__file__).resolve().parent / "eval_worker.py"
-ALL_PAIRS = make_pairs(list(PRESETS) + ["lava:heads=uniform", "ada-snapkv:layers=lava"], [24, 48])
+ALL_PAIRS = make_pairs(
+    [name for name, method in PRESETS.items() if not method.reads_profile]
+    + ["lava:heads=uniform", "ada-snapkv:layers=lava"],
+    [24, 48],
+)
+"""Every preset that runs without a profile file (those are tested with one in test_profiles.py)."""
 
 
 def _sample(length: int = 150, question: str = " 7 8 9", new_tokens: int = 6, seed: int = 3) -> Sample:

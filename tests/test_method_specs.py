@@ -38,8 +38,10 @@ COMPOSITIONS = [
     (score, heads, layers)
     for score, heads, layers in itertools.product(sorted(SCORES), sorted(HEAD_ALLOCATIONS), sorted(LAYER_ALLOCATIONS))
     if not (SCORES[score].two_stage and LAYER_ALLOCATIONS[layers].dynamic)
+    and not any(part.reads_profile for part in (SCORES[score], HEAD_ALLOCATIONS[heads], LAYER_ALLOCATIONS[layers]))
 ]
-"""Every composition a Method accepts (two-stage scores take static layer allocations only)."""
+"""Every composition a Method accepts without a profile file (two-stage scores take static layer allocations only;
+the parts that read a per-head profile are tested with one in test_profiles.py)."""
 
 
 @pytest.mark.parametrize(("score", "heads", "layers"), COMPOSITIONS)
@@ -116,7 +118,7 @@ def test_labels_are_readable():
     ("spec", "message"),
     [
         ("lavva", r"unknown method 'lavva'; valid presets: full, .*lava"),
-        ("lava:heads=greedy", r"unknown heads 'greedy' in method spec 'lava:heads=greedy'; valid: ada, uniform"),
+        ("lava:heads=greedy", r"unknown heads 'greedy' in method spec 'lava:heads=greedy'; valid: ada, headkv"),
         ("lava:layers=", r"bad override 'layers=' .* expected name=value"),
         ("lava:alpha", r"bad override 'alpha'"),
         ("lava:", r"nothing after ':'"),
@@ -128,7 +130,7 @@ def test_labels_are_readable():
         ("lava:alpha=0.1,alpha=0.2", r"'alpha' is given twice"),
         ("full:window=8", r"keeps everything and takes no overrides"),
         ("heads=ada", r"names no score"),
-        ("score=magic", r"unknown score 'magic'.*valid: cake, criticalkv, defensivekv, expected-attention, h2o"),
+        ("score=magic", r"unknown score 'magic'.*valid: cake, criticalkv, defensivekv, duo-attention"),
         ("", r"non-empty"),
     ],
 )

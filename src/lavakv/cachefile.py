@@ -70,6 +70,23 @@ def weights_fingerprint(model) -> str:
     return digest.hexdigest()
 
 
+def head_identity(model_or_config) -> dict:
+    """What a per-head profile is checked against: the model's name, its layer and KV-head counts, its weights.
+
+    ``fingerprint`` is :func:`weights_fingerprint` for a model and ``None`` for a bare config.
+    """
+    config = getattr(model_or_config, "config", model_or_config)
+    text = config.get_text_config()
+    name = getattr(config, "_name_or_path", "") or type(config).__name__
+    fingerprint = weights_fingerprint(model_or_config) if hasattr(model_or_config, "named_parameters") else None
+    return {
+        "name": os.path.basename(str(name).rstrip("/")) or str(name),
+        "num_layers": text.num_hidden_layers,
+        "num_kv_heads": getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+        "fingerprint": fingerprint,
+    }
+
+
 def model_identity(config, weights: str | None) -> dict:
     """What a compressed context depends on: the text config's :data:`IDENTITY_FIELDS`, their hash, the weights'."""
     text = config.get_text_config()

@@ -417,6 +417,24 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    """Measure per-head profiles (HeadKV importance, DuoAttention gates) on the model and write them to a file."""
+    from .calibration import calibrate
+    from .models import load_model
+
+    lengths = _split(args.lengths, int, "lengths")
+    depths = _split(args.depths, float, "depths")
+    model, tokenizer = load_model(args.model)
+    profile = calibrate(model, tokenizer, args.out, lengths, depths, args.needles)
+    procedure = profile["procedure"]
+    print(
+        f"wrote {args.out}: headkv and duo profiles of {profile['model']['name']} "
+        f"({profile['model']['num_layers']} layers x {profile['model']['num_kv_heads']} KV heads) from "
+        f"{procedure['prompts']} prompts in {procedure['seconds']} s; use e.g. --methods headkv:profile={args.out}"
+    )
+    return 0
+
+
 def _take_dash_values(parser: argparse.ArgumentParser) -> None:
     """Let option values such as ``--shard -1/2`` start with a dash and a digit.
 
@@ -437,7 +455,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_command(commands)
     _add_report_command(commands)
     _add_bench_command(commands)
+    _add_calibrate_command(commands)
     return parser
+
+
+def _add_calibrate_command(commands) -> None:
+    cal = commands.add_parser(
+        "calibrate", help="measure per-head profiles (headkv, duo-attention) on a model from needle prompts"
+    )
+    cal.add_argument("--out", required=True, help="the profile file to write (JSON); name it in a method spec")
+    cal.add_argument("--model", help="smollm2 (default), a transformers directory or a .gguf")
+    cal.add_argument("--lengths", default="1000,2000", help="prompt lengths in tokens (default 1000,2000)")
+    cal.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", help="needle depths in [0, 1]")
+    cal.add_argument("--needles", type=int, default=4, help="how many of the shipped needles (default 4)")
+    cal.set_defaults(handler=cmd_calibrate)
 
 
 def _add_generate_command(commands) -> None:

@@ -271,7 +271,7 @@ class GroupCompression:
         observed = min(self.observed, visible)
         if self.method.score.window_queries_only:
             query = query[:, :, query.shape[2] - observed :]
-        parts = self._score_inputs(query, key, value, scaling, observed, prefix, weights)
+        parts = self._score_inputs(layer, query, key, value, scaling, observed, prefix, weights)
         with self.clock.phase("score"):
             scores = self._score(layer, parts, observed, prefix)
             if self.method.score.two_stage:
@@ -301,7 +301,9 @@ class GroupCompression:
             entries.prefix = entries.prefix.owned()
         self._after_layer(layer)
 
-    def _score_inputs(self, query, key, value, scaling, observed, prefix, weights) -> list[tuple[int, LayerInput]]:
+    def _score_inputs(
+        self, layer, query, key, value, scaling, observed, prefix, weights
+    ) -> list[tuple[int, LayerInput]]:
         """``(sequences, input)`` parts covering the group, each with its sequences folded into the heads.
 
         One part for the whole group where the score treats heads independently; on a CPU, parts
@@ -320,7 +322,17 @@ class GroupCompression:
         first_position = self.length - key.shape[2]
         for first in range(0, size, per_part):
             q, k, v = (t[first : first + per_part].flatten(0, 1) for t in (query, key, value))
-            part = LayerInput(q, k, v, scaling, observed, prefix, first_position=first_position, layer_weights=weights)
+            part = LayerInput(
+                q,
+                k,
+                v,
+                scaling,
+                observed,
+                prefix,
+                first_position=first_position,
+                layer_weights=weights,
+                layer_index=layer,
+            )
             parts.append((q.shape[0] // query.shape[1], part))
         return parts
 
@@ -382,7 +394,8 @@ class GroupCompression:
         entries = self.layers[layer]
         scores = self._row_scores(layer)
         with self.clock.phase("allocate"):
-            caps = self.method.heads.allocate_batch(scores, slots).reshape(-1)
+            heads = self.method.heads.at_layer(layer, self.num_layers, self.slots)
+            caps = heads.allocate_batch(scores, slots).reshape(-1)
         counts = entries.prefix.counts.cpu()
         if bool((caps > counts).any()):
             raise RuntimeError(
@@ -417,7 +430,8 @@ class GroupCompression:
         entries = self.layers[layer]
         scores = self._row_scores(layer)
         with self.clock.phase("allocate"):
-            needed = self.method.heads.retain_batch(scores, slots).reshape(-1)
+            heads = self.method.heads.at_layer(layer, self.num_layers, self.slots)
+            needed = heads.retain_batch(scores, slots).reshape(-1)
         needs = needed + scores.shape[1] + 2
         counts = entries.prefix.counts.cpu()
         if bool((counts <= 2 * needs).all()):

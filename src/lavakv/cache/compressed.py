@@ -29,7 +29,7 @@ import torch
 from transformers.cache_utils import Cache, get_layer_types_and_kwargs
 
 from ..attention import hand_off, prepare_model, prompt_lengths
-from ..cachefile import weights_fingerprint
+from ..cachefile import head_identity, weights_fingerprint
 from ..methods import Budget, LayerWeights, Method
 from ..ragged import RaggedKV, Row
 from ..selection import GroupCompression, PhaseClock
@@ -90,6 +90,8 @@ class CompressedCache(Cache):
             prepare_model(model_or_config)
             self._model = weakref.ref(model_or_config)
         self.model_config = config
+        if settings.method.reads_profile:
+            settings.method.check_model(head_identity(model_or_config))
         config = config.get_text_config()
         self.num_layers = config.num_hidden_layers
         _, layer_kwargs = get_layer_types_and_kwargs(config)

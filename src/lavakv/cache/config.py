@@ -88,6 +88,11 @@ def check_decode_budget(method: Method, decode_budget: int | None, decode_interv
             "compressing method"
         )
     score = method.score
+    if method.reads_profile:
+        raise ValueError(
+            f"method {method.spec!r} cannot evict while decoding: its budgets come from a per-head profile of the "
+            "prefill's layers; use no decode_budget, or a method without a profile"
+        )
     if score.needs_layer_weights or score.two_stage:
         reason = (
             "reads the layer's weights, handed over at prefill only"

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..cachefile import head_identity
 from ..methods import PAPER_METHODS, Method
 from .benchmarks import Benchmark
 from .metrics import SCORING
@@ -153,6 +154,11 @@ def evaluate(config: EvalConfig, model=None, tokenizer=None, environ: Mapping[st
         model, tokenizer = load_model(config.model, device=eval_device(config.device, placement.local_rank))
     if config.chat_template == "on" and not getattr(tokenizer, "chat_template", None):
         raise ValueError("--chat-template on: the model's tokenizer has no chat template; use auto or off")
+    profiled = [pair.method for pair in pairs if pair.method.reads_profile]
+    if profiled:
+        identity = head_identity(model)
+        for method in profiled:
+            method.check_model(identity)
     lengths = settle_lengths(config, model)
     samples = {
         b.name: interleave_datasets(from_files.get(b.name) or _samples(b, tokenizer, config)) for b in config.benchmarks

@@ -108,6 +108,22 @@ SCHEMA = (
 )
 
 
+def _when_unlocked(statement, seconds: float = 60.0):
+    """Run ``statement``, retrying while another process holds a lock SQLite does not wait for itself.
+
+    Switching a new file to write-ahead logging needs it alone; a second shard opening the file at
+    that moment gets "database is locked" at once, whatever the busy timeout.
+    """
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return statement()
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class ResultStore:
     """Rows of one store file of a run directory (``<dir>/results.sqlite`` unless ``name`` says otherwise)."""
 
@@ -129,10 +145,14 @@ class ResultStore:
             self.connection = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
             self.connection.execute("PRAGMA busy_timeout = 60000")
             self._check_schema(writable=True)
-            self.connection.execute("PRAGMA journal_mode = WAL")
+            _when_unlocked(lambda: self.connection.execute("PRAGMA journal_mode = WAL"))
             self.connection.execute("PRAGMA synchronous = FULL")
-            # One transaction: a shard reading the directory sees no tables or all of them.
-            self.connection.executescript(f"BEGIN;\n{SCHEMA}PRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;\n")
+            # One transaction: a shard reading the directory sees no tables or all of them. IMMEDIATE takes
+            # the write lock first, under the busy timeout: a deferred one that reads, then writes after
+            # another shard committed, fails at once with "database is locked".
+            self.connection.executescript(
+                f"BEGIN IMMEDIATE;\n{SCHEMA}PRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;\n"
+            )
         except sqlite3.DatabaseError as error:
             raise ValueError(f"{self.path} is not a lavakv results store ({error})") from None
 

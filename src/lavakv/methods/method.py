@@ -155,6 +155,17 @@ class Method:
             return []
         return ["window"] + [name for part in self.parts.values() for name in part.option_names()]
 
+    @property
+    def reads_profile(self) -> bool:
+        """Whether a part reads a per-head profile measured on one model."""
+        return any(part.reads_profile for part in self.parts.values()) if self.compresses else False
+
+    def check_model(self, identity: dict) -> None:
+        """Refuse a model a part cannot serve (a profile measured on another model), naming both."""
+        if self.compresses:
+            for part in self.parts.values():
+                part.check_model(identity)
+
     def with_options(self, **options) -> Method:
         """A copy with options changed, each routed to the part that declares it (validated again).
 
@@ -238,7 +249,7 @@ class Method:
         reference_window = base.window if base is not None else DEFAULT_WINDOW
         if self.window != reference_window:
             out.append(f"window={self.window}")
-        return out
+        return list(dict.fromkeys(out))
 
     def __str__(self) -> str:
         return self.spec

@@ -33,6 +33,8 @@ class Part:
 
     kind: ClassVar[str] = "part"
     name: ClassVar[str] = ""
+    reads_profile: ClassVar[bool] = False
+    """Whether the part reads a per-head profile measured on one model (see :meth:`check_model`)."""
 
     @classmethod
     def option_names(cls) -> tuple[str, ...]:
@@ -84,6 +86,10 @@ class Part:
         value = getattr(self, option)
         if value not in choices:
             self.fail(f"unknown {option} {value!r}; valid: {', '.join(choices)}")
+
+    def check_model(self, identity: dict) -> None:
+        """Refuse a model this part cannot serve; ``identity`` has ``name``, ``num_layers``, ``num_kv_heads``
+        and ``fingerprint`` (of the weights; ``None`` when only the config is known). Nothing by default."""
 
     def check_slots(self, slots: int, budget: int, window: int) -> None:
         """Refuse a budget too small for this part's options (nothing is too small by default).
@@ -145,6 +151,11 @@ class HeadAllocation(Part):
 
     def allocate(self, scores: torch.Tensor, slots_per_head: int) -> list[int]:
         raise NotImplementedError
+
+    def at_layer(self, layer: int, num_layers: int, slots: int) -> HeadAllocation:
+        """The allocation for layer ``layer`` of ``num_layers`` (``slots`` per head on average over the model):
+        itself, unless it differs by layer (profiles)."""
+        return self
 
     def retain(self, scores: torch.Tensor, slots_per_head: int) -> list[int]:
         """Candidates each head must keep so that a later, slightly different budget can still be served.
@@ -280,8 +291,9 @@ class LayerInput:
     (keys after RoPE);
     ``observed`` is the number of last queries that score the prefix (the window), ``prefix_length``
     the number ``m`` of leading entries that compete for slots (the rest is the kept window).
-    ``first_position`` is the position of ``key[:, 0]`` in its sequence, and ``layer_weights``
-    what the model handed over of the layer (read through :attr:`weights`).
+    ``first_position`` is the position of ``key[:, 0]`` in its sequence, ``layer_weights``
+    what the model handed over of the layer (read through :attr:`weights`), ``layer_index`` the
+    layer's index in the model.
     """
 
     query: torch.Tensor
@@ -293,6 +305,7 @@ class LayerInput:
     _window_attention: torch.Tensor | None = field(default=None, repr=False)
     first_position: int = 0
     layer_weights: LayerWeights | None = field(default=None, repr=False)
+    layer_index: int = 0
 
     @property
     def weights(self) -> LayerWeights:
@@ -343,6 +356,7 @@ class LayerInput:
                 None if attention is None else attention[b * heads : (b + 1) * heads],
                 self.first_position,
                 self.layer_weights,
+                self.layer_index,
             )
             for b in range(batch)
         ]
