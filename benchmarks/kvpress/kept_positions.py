@@ -162,6 +162,21 @@ def write_page(path: Path, rows: list[dict], args, versions: dict) -> None:
             f"| {row['method']} | `{row['lavakv_spec']}` | {row['budget']} | {row['entries_equal_share']:.4f} | "
             f"{row['heads_identical_share']:.3f} |"
         )
+    lines += [
+        "",
+        "Where the shares are below 1:",
+        "",
+        "- **knorm**: the two engines' keys differ by float rounding (their prefills run different attention code;",
+        "  `max_key_distance` in the JSON), and a key-norm score has near-ties that this rounding reorders.",
+        "- **critical-adakv**: the head budgets differ by design. lavakv gives each head",
+        "  `(1 - alpha) * winners + alpha * slots` of the layer's slots (Ada-KV's floor, with exact totals); kvpress",
+        "  forces each head's `alpha * n_kept` best entries into a flattened top-k. The heads then keep different",
+        "  counts, so rows are rarely identical while almost every kept entry is shared.",
+        "",
+        "The lavakv specs are set to kvpress's conventions: SnapKV's base with window 64 and average pooling of 5,",
+        "and CriticalKV's first stage given kvpress's count (kvpress counts its window inside",
+        "`first_stage_ratio * budget`, lavakv takes the ratio of the slots after the window).",
+    ]
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import sys
 import traceback
+from importlib import metadata
 
 import kvpress
 import torch
@@ -98,7 +99,7 @@ def main() -> int:
             results.append(row)
             status = "error" if "error" in row else "ok"
             print(f"[kvpress] prompt {prompt_index} {name}@{budget}: {status}", file=sys.stderr)
-    versions = {"kvpress": kvpress.__version__ if hasattr(kvpress, "__version__") else "?", "torch": torch.__version__}
+    versions = {name: metadata.version(name) for name in ("kvpress", "transformers", "torch")}
     with open(out_path, "w") as out:
         json.dump({"versions": versions, "results": results}, out)
     return 0
