@@ -156,3 +156,13 @@ def test_lavakv_eval_refuses_a_profiled_method_without_its_profile_before_any_sa
         )
         == 2
     )
+
+
+def test_lavakv_eval_runs_the_profiled_methods_from_their_profile(digits, tmp_path):  # noqa: F811
+    profile = _write_profile(tmp_path / "p.json", digits)
+    methods = (f"headkv:profile={profile}", f"duo-attention:profile={profile}")
+    config = EvalConfig(
+        benchmarks=(Digits(),), out=str(tmp_path / "run"), methods=methods, budgets=(48,), progress=False
+    )
+    result = evaluate(config)
+    assert result.errors == 0 and {row.method for row in result.rows} == set(methods)
