@@ -1,7 +1,8 @@
 """``lavakv calibrate``: measure per-head profiles on the loaded model from synthetic retrieval prompts.
 
-The prompts are needle-in-a-haystack prompts built from the shipped essays (no downloads): each
-hides one needle sentence at a depth and asks for it, and the needle's answer is appended, so one
+The prompts are needle-in-a-haystack prompts built from the shipped essays (no downloads), with
+needles other than the one ``lavakv eval``'s NIAH asks for by default: each hides one needle
+sentence at a depth and asks for it, and the needle's answer is appended, so one
 prefill gives the queries that produce every answer token (teacher forcing). For each layer and
 query head, over the answer tokens of every prompt:
 
@@ -47,11 +48,15 @@ STREAMING_RECENT = 64
 
 
 def calibration_prompts(tokenizer, lengths, depths, needles: int) -> list[tuple[list[int], list[int], range]]:
-    """``(prompt ids, answer ids, needle token positions)`` for each length, depth and needle."""
+    """``(prompt ids, answer ids, needle token positions)`` for each length, depth and needle.
+
+    The needles are the last ``needles`` of the shipped ones, so that a profile is not measured on
+    the needle that ``lavakv eval``'s NIAH asks for by default (the first, ``seed=0``).
+    """
     if isinstance(needles, bool) or not isinstance(needles, int) or not 1 <= needles <= len(NEEDLES):
         raise ValueError(f"needles must be an integer from 1 to {len(NEEDLES)}, got {needles!r}")
     prompts = []
-    for seed in range(needles):
+    for seed in range(len(NEEDLES) - needles, len(NEEDLES)):
         for sample in niah_samples(tokenizer, list(lengths), list(depths), seed=seed):
             ids = (
                 tokenizer(sample.context)["input_ids"]
