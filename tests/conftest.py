@@ -71,7 +71,8 @@ class TinyTokenizer:
         return " ".join(str(i) for i in ids)
 
     def __call__(self, text, add_special_tokens=True):
-        return {"input_ids": [int(t) % 96 for t in text.split()]}
+        """Numbers are their own ids; any other word gets a fixed id from its letters."""
+        return {"input_ids": [int(t) % 96 if t.isdigit() else sum(map(ord, t)) % 95 + 1 for t in text.split()]}
 
 
 def random_prompt(length: int, seed: int = 1) -> list[int]:

@@ -39,9 +39,11 @@ COMPOSITIONS = [
     for score, heads, layers in itertools.product(sorted(SCORES), sorted(HEAD_ALLOCATIONS), sorted(LAYER_ALLOCATIONS))
     if not (SCORES[score].two_stage and LAYER_ALLOCATIONS[layers].dynamic)
     and not any(part.reads_profile for part in (SCORES[score], HEAD_ALLOCATIONS[heads], LAYER_ALLOCATIONS[layers]))
+    and SCORES[score].scoring_pass is None
 ]
 """Every composition a Method accepts without a profile file (two-stage scores take static layer allocations only;
-the parts that read a per-head profile are tested with one in test_profiles.py)."""
+the parts that read a per-head profile are tested with one in test_profiles.py, scores that read a scoring pass in
+test_kvzip.py)."""
 
 
 @pytest.mark.parametrize(("score", "heads", "layers"), COMPOSITIONS)

@@ -30,6 +30,7 @@ from .prompting import (
     stop_token_ids,
     uses_chat_template,
 )
+from .recording import PrefillRecord
 
 LOGITS_SETTINGS = (
     "repetition_penalty",
@@ -379,6 +380,14 @@ def _generate_ids(
     max_new_tokens: int,
 ) -> list[GenerationOutput]:
     """Prefill ``encoded`` (then feed ``questions`` through the compressed cache) and decode greedily."""
+    if cache.method.needs_scoring_pass and cache.batch_size <= 0:
+        return [
+            output
+            for row, ids in enumerate(encoded)
+            for output in _generate_reconstructed(
+                model, tokenizer, ids, None if questions is None else questions[row], cache.settings, max_new_tokens
+            )
+        ]
     vocab_size = getattr(model.config.get_text_config(), "vocab_size", None)
     for row, ids in enumerate(encoded):
         check_token_ids(ids, vocab_size, "the prompt" if len(encoded) == 1 else f"prompt {row} of the batch")
@@ -392,6 +401,29 @@ def _generate_ids(
         logits = feed.extend(questions)
     prompts = [ids + (questions[row] if questions is not None else []) for row, ids in enumerate(encoded)]
     return _decode(model, tokenizer, feed, cache, logits, prompts, max_new_tokens, start)
+
+
+def _generate_reconstructed(model, tokenizer, ids, question, settings, max_new_tokens) -> list[GenerationOutput]:
+    """One prompt through a method that scores from a reconstruction pass (KVzip): recorded, read again, compressed."""
+    vocab_size = getattr(model.config.get_text_config(), "vocab_size", None)
+    check_token_ids(ids, vocab_size, "the prompt")
+    asked = question or []
+    check_token_ids(asked, vocab_size, "the question")
+    check_fits(model, 2 * len(ids) + len(asked), max_new_tokens)
+    start = time.perf_counter()
+    record = PrefillRecord(model, torch.tensor([ids], device=model.device))
+    record.reconstruct(tokenizer)
+    cache = record.compress(
+        settings.method,
+        budget=settings.budget,
+        progressive=settings.progressive,
+        decode_budget=settings.decode_budget,
+        decode_interval=settings.decode_interval,
+        attention_path=settings.attention_path,
+    )
+    feed = TokenFeed(model, cache, lengths=[len(ids)])
+    logits = record.logits if question is None else feed.extend([asked])
+    return _decode(model, tokenizer, feed, cache, logits, [ids + asked], max_new_tokens, start)
 
 
 def _decode(model, tokenizer, feed, cache, logits, prompts, max_new_tokens, start) -> list[GenerationOutput]:

@@ -249,12 +249,15 @@ class GroupCompression:
         value: torch.Tensor,
         scaling: float,
         weights: LayerWeights | None = None,
+        scoring_pass: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         """Score and (provisionally) compress ``layer`` for every sequence of the group.
 
         ``query`` is ``[size, H, v, d]``, ``key`` and ``value`` ``[size, H_kv, v, d]``: the ``v``
         positions the layer's last query can see (the whole prompt, or a sliding window's worth).
-        ``weights`` is what the model hands over of the layer, for scores that read it.
+        ``weights`` is what the model hands over of the layer, for scores that read it, and
+        ``scoring_pass`` the ``(queries [size, H, r, d], keys [size, H_kv, r, d])`` of a pass over
+        the prompt, for scores that read one.
         Candidates stay views of these tensors until a selection copies the entries it keeps.
         """
         size, kv_heads, visible, _ = key.shape
@@ -271,7 +274,7 @@ class GroupCompression:
         observed = min(self.observed, visible)
         if self.method.score.window_queries_only:
             query = query[:, :, query.shape[2] - observed :]
-        parts = self._score_inputs(layer, query, key, value, scaling, observed, prefix, weights)
+        parts = self._score_inputs(layer, query, key, value, scaling, observed, prefix, weights, scoring_pass)
         with self.clock.phase("score"):
             scores = self._score(layer, parts, observed, prefix)
             if self.method.score.two_stage:
@@ -302,7 +305,7 @@ class GroupCompression:
         self._after_layer(layer)
 
     def _score_inputs(
-        self, layer, query, key, value, scaling, observed, prefix, weights
+        self, layer, query, key, value, scaling, observed, prefix, weights, scoring_pass
     ) -> list[tuple[int, LayerInput]]:
         """``(sequences, input)`` parts covering the group, each with its sequences folded into the heads.
 
@@ -322,6 +325,11 @@ class GroupCompression:
         first_position = self.length - key.shape[2]
         for first in range(0, size, per_part):
             q, k, v = (t[first : first + per_part].flatten(0, 1) for t in (query, key, value))
+            pass_query, pass_key = (
+                (None, None)
+                if scoring_pass is None
+                else (t[first : first + per_part].flatten(0, 1) for t in scoring_pass)
+            )
             part = LayerInput(
                 q,
                 k,
@@ -332,6 +340,8 @@ class GroupCompression:
                 first_position=first_position,
                 layer_weights=weights,
                 layer_index=layer,
+                pass_query=pass_query,
+                pass_key=pass_key,
             )
             parts.append((q.shape[0] // query.shape[1], part))
         return parts

@@ -229,17 +229,25 @@ class CompressedCache(Cache):
         attention_mask: torch.Tensor | None,
         scaling: float,
         weights: tuple | None = None,
+        scoring_pass: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         """Hand one layer's prefill to each sequence's compression and store what is final.
 
-        ``weights`` is the attention's ``(output projection weight, rotary)`` of the layer.
+        ``weights`` is the attention's ``(output projection weight, rotary)`` of the layer;
+        ``scoring_pass`` the layer's ``(queries, keys)`` of a scoring pass over the prompt, for
+        scores that read one (see :meth:`lavakv.recording.PrefillRecord.reconstruct`).
         """
         self._prefilling = None
+        if self.method.needs_scoring_pass and scoring_pass is None:
+            raise ValueError(
+                f"method {self.method.spec!r} scores from a reconstruction pass over the prompt, which a "
+                "compressing prefill cannot run; use lavakv.generate, lavakv eval or PrefillRecord.reconstruct"
+            )
         weights = None if weights is None else LayerWeights(*weights)
         with self.clock.phase("total"):
-            self._compress_layer(layer_idx, query, key, value, attention_mask, scaling, weights)
+            self._compress_layer(layer_idx, query, key, value, attention_mask, scaling, weights, scoring_pass)
 
-    def _compress_layer(self, layer_idx, query, key, value, attention_mask, scaling, weights) -> None:
+    def _compress_layer(self, layer_idx, query, key, value, attention_mask, scaling, weights, scoring_pass) -> None:
         batch, _, length, _ = key.shape
         layer = self.layers[layer_idx]
         if layer_idx == 0:
@@ -256,8 +264,15 @@ class CompressedCache(Cache):
         for group in self.groups:
             rows = slice(first, first + group.size)
             start = max(self.padding[first], visible_from)
+            passed = None if scoring_pass is None else tuple(t[rows] for t in scoring_pass)
             group.add_layer(
-                layer_idx, query[rows, :, start:], key[rows, :, start:], value[rows, :, start:], scaling, weights
+                layer_idx,
+                query[rows, :, start:],
+                key[rows, :, start:],
+                value[rows, :, start:],
+                scaling,
+                weights,
+                passed,
             )
             first += group.size
         held = self.kv_bytes() + sum(g.nbytes for g in self.groups) + key.nbytes + value.nbytes

@@ -88,6 +88,11 @@ def check_decode_budget(method: Method, decode_budget: int | None, decode_interv
             "compressing method"
         )
     score = method.score
+    if method.needs_scoring_pass:
+        raise ValueError(
+            f"method {method.spec!r} cannot evict while decoding: its {score.name} score reads a reconstruction "
+            "pass over the prompt; use no decode_budget, or a method that scores by window attention"
+        )
     if method.reads_profile:
         raise ValueError(
             f"method {method.spec!r} cannot evict while decoding: its budgets come from a per-head profile of the "

@@ -278,6 +278,11 @@ def decode_attention_path(model) -> str:
 def _build(model, tokenizer, pair: Pair, record: PrefillRecord | None, prefilled: list[int]) -> _Built:
     start = _now(model)
     path = decode_attention_path(model)
+    if pair.method.needs_scoring_pass:
+        if record is None:
+            record = PrefillRecord(model, torch.tensor([prefilled], device=model.device))
+        record.reconstruct(tokenizer)
+        start = _now(model) - record.scoring_pass_seconds
     if record is None:
         cache = CompressedCache(model, method=pair.method, budget=pair.budget, attention_path=path)
         logits = TokenFeed(model, cache).prefill([prefilled], pad_token_id(tokenizer))

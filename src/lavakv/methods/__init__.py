@@ -4,7 +4,7 @@ Tensor code on plain tensors: this package imports torch and nothing of transfor
 """
 
 from . import heads, layers, scores  # noqa: F401, I001  (registers the built-in parts)
-from . import criticalkv, defensivekv, duo_attention, expected_attention, headkv, keydiff, knorm, tova  # noqa: F401, I001
+from . import criticalkv, defensivekv, duo_attention, expected_attention, headkv, keydiff, knorm, kvzip, tova  # noqa: F401, I001
 from .budget import WINDOW_POLICIES, Budget
 from .method import PAPER_METHODS, PART_KINDS, PRESETS, Method, parse_spec, register_preset, resolve_method, split_specs
 from .plugins import ENTRY_POINT_GROUP, load_plugins

@@ -156,6 +156,11 @@ class Method:
         return ["window"] + [name for part in self.parts.values() for name in part.option_names()]
 
     @property
+    def needs_scoring_pass(self) -> bool:
+        """Whether the score reads a separate forward pass over the prompt (a reconstruction, for KVzip)."""
+        return self.compresses and self.score.scoring_pass is not None
+
+    @property
     def reads_profile(self) -> bool:
         """Whether a part reads a per-head profile measured on one model."""
         return any(part.reads_profile for part in self.parts.values()) if self.compresses else False

@@ -114,6 +114,10 @@ class Score(Part):
     declares a score that reads :attr:`LayerInput.weights` (the layer's output projection, its
     rotary embedding), which the model hands over at prefill only.
 
+    ``scoring_pass`` names a separate forward pass the score reads (``"reconstruction"``: the model
+    reads the prompt again; :attr:`LayerInput.pass_query`, :attr:`LayerInput.pass_key`), which
+    :meth:`lavakv.recording.PrefillRecord.reconstruct` runs once per prompt.
+
     A *two-stage* score (``two_stage``) ranks by budget: each head first keeps its
     :meth:`first_stage_slots` best entries by the score itself, then fills the rest of its slots
     by :meth:`second_stage`. Its ranking changes with the budget, so it takes static layer
@@ -126,6 +130,7 @@ class Score(Part):
     needs_window: ClassVar[bool] = True
     needs_layer_weights: ClassVar[bool] = False
     two_stage: ClassVar[bool] = False
+    scoring_pass: ClassVar[str | None] = None
 
     def __call__(self, layer: LayerInput) -> torch.Tensor:
         raise NotImplementedError
@@ -293,7 +298,8 @@ class LayerInput:
     the number ``m`` of leading entries that compete for slots (the rest is the kept window).
     ``first_position`` is the position of ``key[:, 0]`` in its sequence, ``layer_weights``
     what the model handed over of the layer (read through :attr:`weights`), ``layer_index`` the
-    layer's index in the model.
+    layer's index in the model; ``pass_query`` ``[H, r, d]`` and ``pass_key`` ``[H_kv, r, d]`` the
+    queries and keys of a scoring pass's ``r`` tokens, which follow the prompt.
     """
 
     query: torch.Tensor
@@ -306,6 +312,8 @@ class LayerInput:
     first_position: int = 0
     layer_weights: LayerWeights | None = field(default=None, repr=False)
     layer_index: int = 0
+    pass_query: torch.Tensor | None = field(default=None, repr=False)
+    pass_key: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def weights(self) -> LayerWeights:
@@ -357,6 +365,8 @@ class LayerInput:
                 self.first_position,
                 self.layer_weights,
                 self.layer_index,
+                None if self.pass_query is None else self.pass_query[b * heads : (b + 1) * heads],
+                None if self.pass_key is None else self.pass_key[b * kv_heads : (b + 1) * kv_heads],
             )
             for b in range(batch)
         ]
