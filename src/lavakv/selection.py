@@ -172,12 +172,13 @@ class PhaseClock:
 
     ``score`` is computing the scores, ``allocate`` the layer and head allocations, and ``total``
     everything compression adds to a prefill (selection, copies and packing included), ``decode``
-    the evictions of a decode budget while generating. Used by
+    the evictions of a decode budget while generating, ``pass`` a scoring pass over the prompt
+    (KVzip's reconstruction). Used by
     ``lavakv bench`` to show what compression costs on top of the model's own prefill.
     """
 
     seconds: dict[str, float] = field(
-        default_factory=lambda: {"score": 0.0, "allocate": 0.0, "total": 0.0, "decode": 0.0}
+        default_factory=lambda: {"score": 0.0, "allocate": 0.0, "total": 0.0, "decode": 0.0, "pass": 0.0}
     )
 
     @contextmanager

@@ -96,11 +96,7 @@ class ExpectedAttentionScore(Score):
 
 def _rotate_half_matrix(dim: int, device: torch.device) -> torch.Tensor:
     """``P`` with ``P @ x == rotate_half(x)``."""
-    half = dim // 2
-    matrix = torch.zeros(dim, dim, device=device)
-    matrix[half:, :half] = torch.eye(half, device=device)
-    matrix[:half, half:] = -torch.eye(half, device=device)
-    return matrix
+    return rotate_half(torch.eye(dim, device=device)).T
 
 
 register_preset("expected-attention", Method(score="expected-attention", window=0))
