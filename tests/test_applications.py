@@ -116,14 +116,18 @@ def test_num_return_sequences_with_sampling_matches_plain_transformers():
     ids = torch.tensor([random_prompt(60, seed=9)])
     torch.manual_seed(0)
     ours = model.generate(
-        ids, cache=CompressedCache(model, method="full"), max_new_tokens=6, do_sample=True, num_return_sequences=3
+        ids,
+        **lavakv.cache_argument(model, CompressedCache(model, method="full")),
+        max_new_tokens=6,
+        do_sample=True,
+        num_return_sequences=3,
     )
     torch.manual_seed(0)
     plain = model.generate(ids, max_new_tokens=6, do_sample=True, num_return_sequences=3)
     assert torch.equal(ours, plain)
     assert len({tuple(row) for row in ours[:, -6:].tolist()}) > 1
     cache = CompressedCache(model, method="snapkv", budget=40)
-    model.generate(ids, cache=cache, max_new_tokens=4, do_sample=True, num_return_sequences=2)
+    model.generate(ids, **lavakv.cache_argument(model, cache), max_new_tokens=4, do_sample=True, num_return_sequences=2)
     first, second = cache.stats().sequences
     assert first.kept_positions == second.kept_positions
 
@@ -221,11 +225,13 @@ def test_full_method_conversation_equals_plain_transformers():
     ids = torch.tensor([random_prompt(70, seed=13)])
     ours, plain = CompressedCache(model, method="full"), DynamicCache(config=model.config)
     turn = torch.tensor([[30, 31, 32]])
-    a = model.generate(ids, cache=ours, max_new_tokens=5, do_sample=False)
-    b = model.generate(ids, cache=plain, max_new_tokens=5, do_sample=False)
+    a = model.generate(ids, **lavakv.cache_argument(model, ours), max_new_tokens=5, do_sample=False)
+    b = model.generate(ids, **lavakv.cache_argument(model, plain), max_new_tokens=5, do_sample=False)
     assert torch.equal(a, b)
-    a = model.generate(torch.cat([a, turn], 1), cache=ours, max_new_tokens=5, do_sample=False)
-    b = model.generate(torch.cat([b, turn], 1), cache=plain, max_new_tokens=5, do_sample=False)
+    a = model.generate(torch.cat([a, turn], 1), **lavakv.cache_argument(model, ours), max_new_tokens=5, do_sample=False)
+    b = model.generate(
+        torch.cat([b, turn], 1), **lavakv.cache_argument(model, plain), max_new_tokens=5, do_sample=False
+    )
     assert torch.equal(a, b)
     assert ours.token_ids() == a[0, :-1].tolist()
 
@@ -237,7 +243,12 @@ def test_another_prompt_is_refused_with_how_to_start_fresh(tokenizer):
     with pytest.raises(ContinuationError, match="holds another prompt.*new CompressedCache"):
         lavakv.generate(model, tokenizer, random_prompt(120, seed=15), cache=cache, max_new_tokens=4)
     with pytest.raises(ContinuationError, match="not longer than"):
-        model.generate(torch.tensor([random_prompt(40, seed=16)]), cache=cache, max_new_tokens=3, do_sample=False)
+        model.generate(
+            torch.tensor([random_prompt(40, seed=16)]),
+            **lavakv.cache_argument(model, cache),
+            max_new_tokens=3,
+            do_sample=False,
+        )
     with pytest.raises(ValueError, match="brings its own method"):
         lavakv.generate(model, tokenizer, [1, 2], cache=cache, method="lava")
 
@@ -378,12 +389,16 @@ def test_history_checks_for_model_generate_and_old_keyword():
     model = tiny_model("llama")
     prompt = random_prompt(80, seed=22)
     cache = CompressedCache(model, method="snapkv", budget=40)
-    first = model.generate(torch.tensor([prompt]), cache=cache, max_new_tokens=3, do_sample=False)
+    first = model.generate(
+        torch.tensor([prompt]), **lavakv.cache_argument(model, cache), max_new_tokens=3, do_sample=False
+    )
     longer = torch.cat([torch.tensor([random_prompt(83, seed=23)]), torch.tensor([[4, 5]])], dim=1)
     with pytest.raises(ContinuationError, match="holds another prompt"):
-        model.generate(longer, cache=cache, max_new_tokens=3, do_sample=False)
+        model.generate(longer, **lavakv.cache_argument(model, cache), max_new_tokens=3, do_sample=False)
     with pytest.raises(ContinuationError, match="hold 2 sequences, but this CompressedCache holds 1"):
-        model.generate(torch.cat([first, first]), cache=cache, max_new_tokens=3, do_sample=False)
+        model.generate(
+            torch.cat([first, first]), **lavakv.cache_argument(model, cache), max_new_tokens=3, do_sample=False
+        )
     assert cache.token_ids() == first[0, :-1].tolist()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -27,6 +27,7 @@ LAYERS: dict[str, int] = {
     "lavakv.passkey": 3,
     "lavakv.models": 3,
     "lavakv.generate": 4,
+    "lavakv.serving": 4.5,
     "lavakv.recording": 3.5,
     "lavakv.eval": 5,
     "lavakv.bench": 5,

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import random_prompt, tiny_model
 
+import lavakv
 from lavakv.bench import (
     RANDOM_MODELS,
     ResidentSampler,
@@ -170,7 +171,7 @@ def test_replayed_progressive_compression_keeps_what_a_compressing_prefill_keeps
     record = PrefillRecord(model, input_ids)
     live = CompressedCache(model, method="lava", budget=48)
     with torch.inference_mode():
-        model(input_ids=input_ids, cache=live, use_cache=True)
+        model(input_ids=input_ids, **lavakv.cache_argument(model, live), use_cache=True)
     replayed = record.compress("lava", 48, progressive=True, reuse_scores=False)
     assert replayed.clock.seconds["score"] > 0
     assert replayed.stats().sequences[0].kept_positions == live.stats().sequences[0].kept_positions

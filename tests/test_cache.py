@@ -42,7 +42,9 @@ def test_plain_model_generate_with_the_cache_matches_lavakv_generate(tokenizer):
     ids = random_prompt(200)
     out = lavakv.generate(model, tokenizer, ids, method="lava", budget=48, max_new_tokens=10)
     cache = lavakv.CompressedCache(model, method="lava", budget=48)
-    generated = model.generate(torch.tensor([ids]), cache=cache, max_new_tokens=10, do_sample=False)
+    generated = model.generate(
+        torch.tensor([ids]), **lavakv.cache_argument(model, cache), max_new_tokens=10, do_sample=False
+    )
     assert generated[0, len(ids) :].tolist() == out.token_ids
     assert cache.stats().kept_entries == out.stats.kept_entries
     sequence = cache.stats().sequences[0]
@@ -54,7 +56,7 @@ def _full_prefill(model, ids):
     """Keys (after RoPE) and values of every layer from an uncompressed prefill."""
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(torch.tensor([ids]), cache=cache, use_cache=True)
+        model(torch.tensor([ids]), **lavakv.cache_argument(model, cache), use_cache=True)
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
@@ -85,7 +87,7 @@ def test_decode_attention_equals_dense_reference_with_evicted_entries_masked(kin
     full = _full_prefill(model, ids)
     cache = lavakv.CompressedCache(model, method=method, budget=40, attention_path=path)
     with torch.no_grad():
-        model(torch.tensor([ids]), cache=cache, use_cache=True)
+        model(torch.tensor([ids]), **lavakv.cache_argument(model, cache), use_cache=True)
     stats = cache.stats().sequences[0]
     config = model.config
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
@@ -151,14 +153,16 @@ def test_model_without_lavakv_attention_gets_a_clear_error():
     model.set_attn_implementation("sdpa")
     cache = lavakv.CompressedCache(model.config, method="snapkv", budget=40)
     with pytest.raises(RuntimeError, match="prepare_model"):
-        model.generate(torch.tensor([random_prompt(100)]), cache=cache, max_new_tokens=2)
+        model.generate(torch.tensor([random_prompt(100)]), **lavakv.cache_argument(model, cache), max_new_tokens=2)
 
 
 def test_beam_search_is_refused_clearly():
     model = tiny_model("llama")
     cache = lavakv.CompressedCache(model, method="snapkv", budget=40)
     with pytest.raises(NotImplementedError, match="beam search|num_return_sequences"):
-        model.generate(torch.tensor([random_prompt(100)]), cache=cache, max_new_tokens=2, num_beams=2)
+        model.generate(
+            torch.tensor([random_prompt(100)]), **lavakv.cache_argument(model, cache), max_new_tokens=2, num_beams=2
+        )
 
 
 def test_lavakv_attention_without_a_lavakv_cache_is_plain_sdpa():

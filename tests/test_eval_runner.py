@@ -99,7 +99,7 @@ def test_record_replay_matches_a_compressing_prefill():
         replayed = record.compress(method, budget=40)
         direct = lavakv.CompressedCache(model, method=method, budget=40)
         with torch.inference_mode():
-            model(input_ids=ids, cache=direct, use_cache=True)
+            model(input_ids=ids, **lavakv.cache_argument(model, direct), use_cache=True)
         for layer in range(model.config.num_hidden_layers):
             for (pa, ka, va), (pb, kb, vb) in zip(replayed.kept_kv(layer), direct.kept_kv(layer)):
                 assert torch.equal(pa, pb) and torch.equal(ka, kb) and torch.equal(va, vb)

@@ -42,7 +42,7 @@ def test_kept_positions_are_those_scored_in_float32_from_the_same_tensors(method
     for cache_class in (lavakv.CompressedCache, UpcastCache):
         cache = cache_class(model, method=method, budget=40)
         with torch.inference_mode():
-            model(ids, cache=cache, use_cache=True)
+            model(ids, **lavakv.cache_argument(model, cache), use_cache=True)
         kept.append(cache.stats().sequences[0].kept_positions)
         assert cache.layers[0].storage.keys.dtype == (dtype if cache_class is lavakv.CompressedCache else torch.float32)
     assert kept[0] == kept[1]

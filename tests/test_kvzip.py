@@ -67,7 +67,10 @@ def test_generate_runs_the_reconstruction_pass_and_continues_at_the_prompts_posi
     with pytest.raises(ValueError, match="cannot evict while decoding: its kvzip score reads a reconstruction pass"):
         lavakv.generate(model, tokenizer, ids, method="kvzip", budget=BUDGET, decode_budget=30)
     with pytest.raises(ValueError, match="compressing prefill cannot run"):
-        model(torch.tensor([ids]), cache=lavakv.CompressedCache(model, method="kvzip", budget=BUDGET))
+        model(
+            torch.tensor([ids]),
+            **lavakv.cache_argument(model, lavakv.CompressedCache(model, method="kvzip", budget=BUDGET)),
+        )
 
 
 def test_lavakv_eval_runs_kvzip_with_its_pass_and_no_error_rows(digits, tmp_path):  # noqa: F811

@@ -239,7 +239,7 @@ def test_progressive_and_one_shot_compression_keep_the_same_entries(method, budg
     for progressive in (True, False):
         cache = lavakv.CompressedCache(model, method=method, budget=budget, progressive=progressive)
         with torch.no_grad():
-            model(ids, cache=cache, use_cache=True)
+            model(ids, **lavakv.cache_argument(model, cache), use_cache=True)
         kept[progressive] = cache.stats().sequences[0].kept_positions
         peaks[progressive] = cache.peak_prefill_bytes
     assert kept[True] == kept[False]

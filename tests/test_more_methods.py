@@ -23,7 +23,7 @@ def _full_keys(model, ids: list[int]) -> list[torch.Tensor]:
     """Every layer's prompt keys ``[H_kv, n, d]`` (after RoPE) from a plain full-cache prefill."""
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(torch.tensor([ids]), cache=cache, use_cache=True)
+        model(torch.tensor([ids]), **lavakv.cache_argument(model, cache), use_cache=True)
     return [layer.keys[0].float() for layer in cache.layers]
 
 

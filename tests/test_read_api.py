@@ -40,7 +40,7 @@ def test_kept_kv_returns_copies_of_each_heads_entries():
     model = tiny_model("llama")
     cache = lavakv.CompressedCache(model, method="ada-snapkv", budget=40)
     with torch.no_grad():
-        model(torch.tensor([random_prompt(120)]), cache=cache)
+        model(torch.tensor([random_prompt(120)]), **lavakv.cache_argument(model, cache))
     rows = cache.kept_kv(2)
     positions = cache.stats().sequences[0].kept_positions[2]
     assert [p.tolist() for p, _, _ in rows] == positions

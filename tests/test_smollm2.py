@@ -49,7 +49,7 @@ def test_lava_peak_prefill_memory_is_bounded_on_a_4k_prompt(smollm2):
     ids = torch.tensor([tokenizer(prompt.text)["input_ids"]])
     cache = lavakv.CompressedCache(model, method="lava", budget=64)
     with torch.inference_mode():
-        model(ids, cache=cache, use_cache=True)
+        model(ids, **lavakv.cache_argument(model, cache), use_cache=True)
     length = ids.shape[1]
     final = cache.kv_bytes()
     one_full_layer = length * 3 * 2 * 64 * 4

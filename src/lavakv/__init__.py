@@ -1,6 +1,6 @@
 """lavakv: KV-cache compression for HuggingFace transformers (LAVa and its baselines)."""
 
-from .attention import CompressingCache, prepare_model, register_attention
+from .attention import CompressingCache, cache_argument, prepare_model, register_attention
 from .cache import CacheStats, CompressedCache, ContinuationError, SequenceStats
 from .generate import GenerationOutput, GenerationStats, compress, generate
 from .methods import (
@@ -37,6 +37,7 @@ __all__ = [
     "Method",
     "Score",
     "SequenceStats",
+    "cache_argument",
     "compress",
     "generate",
     "load_model",

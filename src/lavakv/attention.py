@@ -300,6 +300,20 @@ def prompt_lengths(attention_mask: torch.Tensor | None, batch: int, length: int)
     return valid.sum(dim=-1).tolist()
 
 
+@functools.cache
+def _forward_cache_keyword(forward) -> str:
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def cache_argument(model, cache) -> dict:
+    """``{keyword: cache}`` for ``model(...)`` or ``model.generate(...)``.
+
+    transformers 5.20 renamed the forward's ``past_key_values`` to ``cache``; the keyword is read from
+    the model's own forward signature, so one call works on either side of the rename.
+    """
+    return {_forward_cache_keyword(type(model).forward): cache}
+
+
 def model_forward(model, cache, **inputs):
-    """``model(**inputs)`` with ``cache`` (transformers' ``cache=`` argument) and ``use_cache=True``."""
-    return model(**inputs, cache=cache, use_cache=True)
+    """``model(**inputs)`` with ``cache`` under the forward's own cache keyword, and ``use_cache=True``."""
+    return model(**inputs, **cache_argument(model, cache), use_cache=True)

@@ -1,0 +1,44 @@
+"""How many vLLM KV blocks a request holds, with and without compression.
+
+vLLM's paged cache gives every layer a tensor of blocks; one block id spans all layers, and a
+block of one layer holds ``block_size`` tokens for each of its KV heads. lavakv's head-packed
+layout cuts each (block, KV head) of a layer into a *sub-block* of ``block_size`` rows of one head
+(docs/SERVING.md), so a KV head keeps exactly the rows it needs, in its own sub-blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def blocks_for_full(num_tokens: int, block_size: int) -> int:
+    """Blocks of the uncompressed cache: vLLM's own ``ceil(tokens / block_size)``."""
+    return _ceil_div(num_tokens, block_size)
+
+
+def sub_blocks_needed(rows_per_head: Sequence[int], block_size: int) -> int:
+    """Sub-blocks for KV heads holding ``rows_per_head`` rows each: ``sum(ceil(rows / block_size))``."""
+    return sum(_ceil_div(rows, block_size) for rows in rows_per_head)
+
+
+def blocks_for_compressed(budget: int, decoded: int, block_size: int) -> int:
+    """Blocks a request compressed to ``budget`` entries per KV head per layer holds after ``decoded`` tokens.
+
+    Every method keeps ``budget * kv_heads * layers`` prompt entries in all (LAVa, Ada-KV and CAKE
+    move budget between heads and layers, not in or out), and every head gains one row per decoded
+    token. With the request's sub-blocks shared by all its (layer, head) pairs (the layers' tensors
+    are views of one buffer, so a layer may read a sub-block of another's), the rows need at most
+    ``(budget + decoded) / block_size`` blocks plus one sub-block of rounding per pair, which is one
+    block more: ``ceil((budget + decoded) / block_size) + 1``. A uniform budget that is a multiple
+    of the block size needs no rounding; the bound stays the same so that the scheduler can size a
+    request before its scores exist.
+    """
+    if budget < 1 or decoded < 0 or block_size < 1:
+        raise ValueError(
+            f"budget >= 1, decoded >= 0 and block_size >= 1 are needed, got {budget}, {decoded}, {block_size}"
+        )
+    return _ceil_div(budget + decoded, block_size) + 1

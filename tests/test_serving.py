@@ -1,0 +1,94 @@
+"""The serving package's request options, block accounting and vLLM version check (no vLLM needed)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from lavakv.serving import (
+    SUPPORTED_VLLM_VERSION,
+    blocks_for_compressed,
+    blocks_for_full,
+    check_vllm_version,
+    compression_of_request,
+    server_compression,
+    sub_blocks_needed,
+)
+
+
+def test_a_request_overrides_the_servers_method_and_budget():
+    default = server_compression({"lavakv": {"method": "lava", "budget": 128}})
+    assert (default.spec, default.budget, default.compresses) == ("lava", 128, True)
+    assert compression_of_request({}, default) is default
+    assert compression_of_request({"other_plugin": 1}, default) is default
+    own = compression_of_request({"lavakv_method": "snapkv", "lavakv_budget": 256}, default)
+    assert (own.spec, own.budget) == ("snapkv", 256)
+    budget_only = compression_of_request({"lavakv_budget": 64}, default)
+    assert (budget_only.spec, budget_only.budget) == ("lava", 64)
+    full = compression_of_request({"lavakv_method": "full"}, default)
+    assert full.compresses is False
+    assert server_compression({}) is None
+    assert compression_of_request({}, None) is None
+
+
+@pytest.mark.parametrize(
+    ("extra_args", "message"),
+    [
+        ({"lavakv_method": "lavaa", "lavakv_budget": 64}, "lavaa"),
+        ({"lavakv_method": "lava", "lavakv_budget": 0}, "got 0"),
+        ({"lavakv_method": "lava", "lavakv_budget": -3}, "got -3"),
+        ({"lavakv_method": "lava", "lavakv_budget": "64"}, "'64'"),
+        ({"lavakv_method": "snapkv:alpha=0.5", "lavakv_budget": 64}, "alpha"),
+        ({"lavakv_method": "lava"}, "needs a budget"),
+        ({"lavakv_budget": 64}, "without lavakv_method"),
+        ({"lavakv_methd": "lava"}, "lavakv_methd"),
+    ],
+)
+def test_a_bad_request_option_is_a_value_error_naming_it(extra_args, message):
+    with pytest.raises(ValueError, match=message) as raised:
+        compression_of_request(extra_args, None)
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"lavakv": "lava"}, "must be a mapping"),
+        ({"lavakv": {"method": "lava", "budget": 64, "window": 8}}, "'window'"),
+        ({"lavakv": {"budget": 64}}, "needs a 'method'"),
+        ({"lavakv": {"method": "nope", "budget": 64}}, "nope"),
+    ],
+)
+def test_a_bad_server_default_is_refused_before_serving(config, message):
+    with pytest.raises(ValueError, match=message):
+        server_compression(config)
+
+
+def test_the_vllm_version_check_refuses_another_release_in_one_line():
+    assert check_vllm_version(SUPPORTED_VLLM_VERSION) == SUPPORTED_VLLM_VERSION
+    assert check_vllm_version(SUPPORTED_VLLM_VERSION + "+cpu") == SUPPORTED_VLLM_VERSION + "+cpu"
+    with pytest.raises(RuntimeError, match=r"built for vLLM 0\.32\.0, but vLLM 0\.31\.2 is installed") as raised:
+        check_vllm_version("0.31.2")
+    assert "\n" not in str(raised.value)
+
+
+def test_the_compressed_block_bound_holds_for_any_split_of_the_same_total():
+    """Whatever a method's head and layer budgets, the rows fit in the blocks the scheduler reserves."""
+    rng = random.Random(0)
+    layers, kv_heads, block_size = 30, 3, 32
+    for budget in (64, 100, 128, 512):
+        total = budget * layers * kv_heads
+        for _ in range(50):
+            cuts = sorted(rng.randrange(total + 1) for _ in range(layers * kv_heads - 1))
+            per_head = [b - a for a, b in zip([0, *cuts], [*cuts, total])]
+            for decoded in (0, 1, 31, 200):
+                needed = sub_blocks_needed([rows + decoded for rows in per_head], block_size)
+                reserved = blocks_for_compressed(budget, decoded, block_size)
+                assert needed <= reserved * layers * kv_heads
+                assert reserved <= math.ceil((budget + decoded) / block_size) + 1
+    assert blocks_for_full(4096, 32) == 128
+    assert blocks_for_compressed(128, 0, 32) == 5
+    with pytest.raises(ValueError, match="budget >= 1"):
+        blocks_for_compressed(0, 0, 32)
