@@ -138,3 +138,101 @@ def ragged_decode(
         s_aux=None,
     )
     return output.view(requests, heads, dim)
+
+
+def layer_sub_block(layer: int, block: int, head: int, num_blocks: int, kv_heads: int) -> int:
+    """The id of (layer, block, KV head) in the buffer of all layers, ``[layers * num_blocks, kv_heads, ...]``."""
+    return (layer * num_blocks + block) * kv_heads + head
+
+
+class PackedRequest:
+    """The sub-blocks each (layer, KV head) of one compressed request owns, and the rows each holds.
+
+    Built by :meth:`pack` from the request's prompt, kept in vLLM's usual layout in its blocks of
+    ``buffer`` (``[layers * num_blocks, kv_heads, block_size, 2 * head_dim]``, every layer's cache a
+    view of it). The request's first ``keep_blocks`` blocks, in every layer, form one pool of
+    sub-blocks shared by all its (layer, head) pairs; the caller gives back the others.
+    """
+
+    def __init__(self, num_layers: int, num_blocks: int, kv_heads: int, block_size: int):
+        self.num_layers, self.num_blocks = num_layers, num_blocks
+        self.kv_heads, self.block_size = kv_heads, block_size
+        self.tables: list[list[int]] = [[] for _ in range(num_layers * kv_heads)]
+        self.lengths: list[int] = [0] * (num_layers * kv_heads)
+        self.free: list[int] = []
+
+    def add_blocks(self, block_ids: list[int]) -> None:
+        """Blocks the scheduler gave the request: all their sub-blocks join its free pool."""
+        self.free.extend(
+            layer_sub_block(layer, block, head, self.num_blocks, self.kv_heads)
+            for block in block_ids
+            for layer in range(self.num_layers)
+            for head in range(self.kv_heads)
+        )
+
+    def _take(self, pair: int) -> int:
+        if not self.free:
+            raise RuntimeError(
+                f"the request's blocks are full: (layer, head) {divmod(pair, self.kv_heads)} needs a sub-block"
+            )
+        sub_block = self.free.pop(0)
+        self.tables[pair].append(sub_block)
+        return sub_block
+
+    @classmethod
+    def pack(
+        cls,
+        buffer: torch.Tensor,
+        num_layers: int,
+        block_ids: list[int],
+        keep_blocks: int,
+        kept_positions: list[torch.Tensor],
+        isa: str,
+    ) -> PackedRequest:
+        """Move the kept prompt rows (``kept_positions[layer * kv_heads + head]``) into packed sub-blocks."""
+        total_blocks, kv_heads, block_size, _ = buffer.shape
+        num_blocks = total_blocks // num_layers
+        if len(kept_positions) != num_layers * kv_heads:
+            raise ValueError(
+                f"need kept positions for {num_layers * kv_heads} (layer, head) pairs, got {len(kept_positions)}"
+            )
+        packed = cls(num_layers, num_blocks, kv_heads, block_size)
+        blocks = torch.tensor(block_ids, dtype=torch.int64)
+        source = []
+        for pair, positions in enumerate(kept_positions):
+            layer, head = divmod(pair, kv_heads)
+            sub_blocks = (layer * num_blocks + blocks) * kv_heads + head
+            source.append(row_slots(sub_blocks, positions.to(torch.int64), block_size))
+        slots = torch.cat(source)
+        keys, values = read_rows(buffer, slots, isa)
+        packed.add_blocks(block_ids[:keep_blocks])
+        destination = []
+        for pair, positions in enumerate(kept_positions):
+            rows = len(positions)
+            for _ in range(-(-rows // block_size)):
+                packed._take(pair)
+            own = torch.tensor(packed.tables[pair], dtype=torch.int64)
+            destination.append(row_slots(own, torch.arange(rows), block_size))
+            packed.lengths[pair] = rows
+        write_rows(buffer, torch.cat(destination), keys, values, isa)
+        return packed
+
+    def append(self, buffer: torch.Tensor, layer: int, keys: torch.Tensor, values: torch.Tensor, isa: str) -> None:
+        """One decoded token's ``keys``/``values`` ``[kv_heads, head_dim]`` of ``layer``, after each head's rows."""
+        slots = []
+        for head in range(self.kv_heads):
+            pair = layer * self.kv_heads + head
+            offset = self.lengths[pair] % self.block_size
+            sub_block = self._take(pair) if offset == 0 else self.tables[pair][-1]
+            slots.append(sub_block * self.block_size + offset)
+            self.lengths[pair] += 1
+        write_rows(buffer, torch.tensor(slots, dtype=torch.int64), keys, values, isa)
+
+    def layer_tables(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(tables [kv_heads, max sub-blocks], lengths [kv_heads])`` of ``layer``, for :func:`ragged_decode`."""
+        pairs = range(layer * self.kv_heads, (layer + 1) * self.kv_heads)
+        width = max(len(self.tables[pair]) for pair in pairs)
+        table = torch.zeros(self.kv_heads, width, dtype=torch.int32)
+        for row, pair in enumerate(pairs):
+            table[row, : len(self.tables[pair])] = torch.tensor(self.tables[pair], dtype=torch.int32)
+        return table, torch.tensor([self.lengths[pair] for pair in pairs], dtype=torch.int32)
