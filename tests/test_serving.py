@@ -6,7 +6,12 @@ import math
 import random
 
 import pytest
+import torch
+from conftest import random_prompt, tiny_model
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+import lavakv
 from lavakv.serving import (
     SUPPORTED_VLLM_VERSION,
     blocks_for_compressed,
@@ -16,6 +21,7 @@ from lavakv.serving import (
     server_compression,
     sub_blocks_needed,
 )
+from lavakv.serving.prompt import PromptCompression
 
 
 def test_a_request_overrides_the_servers_method_and_budget():
@@ -92,3 +98,42 @@ def test_the_compressed_block_bound_holds_for_any_split_of_the_same_total():
     assert blocks_for_compressed(128, 0, 32) == 5
     with pytest.raises(ValueError, match="budget >= 1"):
         blocks_for_compressed(0, 0, 32)
+
+
+@pytest.mark.parametrize("method", ["snapkv", "ada-snapkv", "pyramidkv", "cake", "lava", "streamingllm"])
+def test_a_prompt_compressed_from_the_engines_tensors_keeps_what_the_transformers_path_keeps(method):
+    """Fed each layer's queries, keys and values as an engine's attention receives them, the serving
+    path keeps exactly the (layer, head) positions of CompressedCache on the same prompt."""
+
+    model = tiny_model("llama")
+    ids = torch.tensor([random_prompt(150, seed=4)])
+    budget = 40
+    cache = lavakv.CompressedCache(model, method=method, budget=budget)
+    with torch.inference_mode():
+        model(ids, **lavakv.cache_argument(model, cache), use_cache=True)
+    expected = cache.stats().sequences[0].kept_positions
+
+    captured = []
+
+    def capture(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        captured.append((query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), scaling))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+    AttentionInterface.register("serving_capture", capture)
+    plain = tiny_model("llama")
+    plain.set_attn_implementation("serving_capture")
+    with torch.inference_mode():
+        plain(ids)
+    num_layers = len(captured)
+    compression = compression_of_request({"lavakv_method": method, "lavakv_budget": budget}, None)
+    prompt = PromptCompression(compression, ids.shape[1], num_layers)
+    for layer, (query, key, value, scaling) in enumerate(captured):
+        prompt.add_layer(layer, query, key, value, scaling)
+    got = []
+    for layer in range(num_layers):
+        assert prompt.is_final(layer)
+        positions, keys, values = prompt.kept(layer)
+        assert keys.shape[0] == sum(len(p) for p in positions) == values.shape[0]
+        got.append([p.tolist() for p in positions])
+    assert sum(len(p) for layer in got for p in layer) == budget * num_layers * len(got[0])
+    assert got == [[list(p) for p in layer] for layer in expected]
