@@ -15,7 +15,6 @@ import lavakv
 from lavakv.serving import (
     SUPPORTED_VLLM_VERSION,
     blocks_for_compressed,
-    blocks_for_full,
     check_vllm_version,
     compression_of_request,
     server_compression,
@@ -50,6 +49,7 @@ def test_a_request_overrides_the_servers_method_and_budget():
         ({"lavakv_method": "lava"}, "needs a budget"),
         ({"lavakv_budget": 64}, "without lavakv_method"),
         ({"lavakv_methd": "lava"}, "lavakv_methd"),
+        ({"lavakv_method": "full", "lavakv_budget": 64}, "takes no budget"),
     ],
 )
 def test_a_bad_request_option_is_a_value_error_naming_it(extra_args, message):
@@ -94,7 +94,6 @@ def test_the_compressed_block_bound_holds_for_any_split_of_the_same_total():
                 reserved = blocks_for_compressed(budget, decoded, block_size)
                 assert needed <= reserved * layers * kv_heads
                 assert reserved <= math.ceil((budget + decoded) / block_size) + 1
-    assert blocks_for_full(4096, 32) == 128
     assert blocks_for_compressed(128, 0, 32) == 5
     with pytest.raises(ValueError, match="budget >= 1"):
         blocks_for_compressed(0, 0, 32)

@@ -17,7 +17,6 @@ from lavakv.serving.cpu_layout import (  # noqa: E402
     ragged_decode,
     read_rows,
     row_slots,
-    sub_block_ids,
     write_rows,
 )
 
@@ -42,10 +41,6 @@ def test_rows_written_to_any_sub_blocks_read_back_unchanged():
     untouched = torch.ones(NUM_BLOCKS * KV_HEADS, dtype=torch.bool)
     untouched[sub_blocks] = False
     assert cache.view(NUM_BLOCKS * KV_HEADS, -1)[untouched].abs().sum() == 0
-
-
-def test_sub_blocks_of_blocks_are_every_head_of_each_block():
-    assert sub_block_ids(torch.tensor([4, 9]), 3).tolist() == [12, 13, 14, 27, 28, 29]
 
 
 def test_each_kv_head_attends_only_its_own_rows_in_one_kernel_call():

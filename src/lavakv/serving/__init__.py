@@ -7,7 +7,7 @@ is in docs/SERVING.md.
 
 from __future__ import annotations
 
-from .accounting import blocks_for_compressed, blocks_for_full, sub_blocks_needed
+from .accounting import blocks_for_compressed, sub_blocks_needed
 from .requests import OPTION_KEYS, RequestCompression, compression_of_request, server_compression
 
 SUPPORTED_VLLM_VERSION = "0.32.0"
@@ -47,7 +47,6 @@ __all__ = [
     "SUPPORTED_VLLM_VERSION",
     "RequestCompression",
     "blocks_for_compressed",
-    "blocks_for_full",
     "check_vllm_version",
     "compression_of_request",
     "installed_vllm_version",

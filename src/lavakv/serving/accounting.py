@@ -15,11 +15,6 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def blocks_for_full(num_tokens: int, block_size: int) -> int:
-    """Blocks of the uncompressed cache: vLLM's own ``ceil(tokens / block_size)``."""
-    return _ceil_div(num_tokens, block_size)
-
-
 def sub_blocks_needed(rows_per_head: Sequence[int], block_size: int) -> int:
     """Sub-blocks for KV heads holding ``rows_per_head`` rows each: ``sum(ceil(rows / block_size))``."""
     return sum(_ceil_div(rows, block_size) for rows in rows_per_head)

@@ -15,6 +15,7 @@ decided by the caller. It imports vLLM's compiled ops only when called.
 from __future__ import annotations
 
 import math
+from collections import deque
 
 import torch
 
@@ -37,12 +38,6 @@ def sub_block_view(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     flat = kv_cache.view(num_blocks * kv_heads, 1, 2 * block_size, twice_dim // 2)
     key_cache, value_cache = flat.chunk(2, dim=2)
     return key_cache, value_cache
-
-
-def sub_block_ids(block_ids: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """The sub-blocks of ``block_ids``: ``block * kv_heads + head`` for every head, block by block."""
-    heads = torch.arange(kv_heads, dtype=block_ids.dtype, device=block_ids.device)
-    return (block_ids[:, None] * kv_heads + heads[None, :]).reshape(-1)
 
 
 def row_slots(sub_blocks: torch.Tensor, rows: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -140,8 +135,8 @@ def ragged_decode(
     return output.view(requests, heads, dim)
 
 
-def layer_sub_block(layer: int, block: int, head: int, num_blocks: int, kv_heads: int) -> int:
-    """The id of (layer, block, KV head) in the buffer of all layers, ``[layers * num_blocks, kv_heads, ...]``."""
+def layer_sub_block(layer: int, block, head: int, num_blocks: int, kv_heads: int):
+    """The id of (layer, block, KV head) in the buffer of all layers (``block`` an int or a tensor of them)."""
     return (layer * num_blocks + block) * kv_heads + head
 
 
@@ -159,7 +154,7 @@ class PackedRequest:
         self.kv_heads, self.block_size = kv_heads, block_size
         self.tables: list[list[int]] = [[] for _ in range(num_layers * kv_heads)]
         self.lengths: list[int] = [0] * (num_layers * kv_heads)
-        self.free: list[int] = []
+        self.free: deque[int] = deque()
 
     def add_blocks(self, block_ids: list[int]) -> None:
         """Blocks the scheduler gave the request: all their sub-blocks join its free pool."""
@@ -175,7 +170,7 @@ class PackedRequest:
             raise RuntimeError(
                 f"the request's blocks are full: (layer, head) {divmod(pair, self.kv_heads)} needs a sub-block"
             )
-        sub_block = self.free.pop(0)
+        sub_block = self.free.popleft()
         self.tables[pair].append(sub_block)
         return sub_block
 
@@ -201,7 +196,7 @@ class PackedRequest:
         source = []
         for pair, positions in enumerate(kept_positions):
             layer, head = divmod(pair, kv_heads)
-            sub_blocks = (layer * num_blocks + blocks) * kv_heads + head
+            sub_blocks = layer_sub_block(layer, blocks, head, num_blocks, kv_heads)
             source.append(row_slots(sub_blocks, positions.to(torch.int64), block_size))
         slots = torch.cat(source)
         keys, values = read_rows(buffer, slots, isa)

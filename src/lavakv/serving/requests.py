@@ -13,7 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..methods import Budget, Method, resolve_method
+from ..cache.config import check_budget
+from ..methods import Method, resolve_method
 
 OPTION_KEYS = {"lavakv_method": "method", "lavakv_budget": "budget"}
 """The per-request keys of ``vllm_xargs`` and the setting each sets."""
@@ -40,34 +41,22 @@ class RequestCompression:
         return self.method.spec
 
 
-def _budget(value: Any, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        else:
-            raise ValueError(f"{where} must be an integer number of tokens per KV head per layer, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{where} must be >= 1 token per KV head per layer, got {value}")
-    return value
-
-
-def _settings(method: Any, budget: Any, where: str) -> RequestCompression:
+def _settings(method: Any, budget: Any, where: str, explicit_budget: bool = True) -> RequestCompression:
     if not isinstance(method, str) or not method.strip():
         raise ValueError(f"{where} method must be a lavakv method spec such as 'lava' or 'snapkv', got {method!r}")
     try:
         resolved = resolve_method(method)
     except (ValueError, TypeError) as error:
         raise ValueError(f"{where} method {method!r}: {error}") from None
-    if not resolved.compresses:
+    if not resolved.compresses and not explicit_budget:
         return RequestCompression(resolved, None)
-    if budget is None:
+    if resolved.compresses and budget is None:
         raise ValueError(f"{where} method {method!r} needs a budget (tokens per KV head per layer)")
-    tokens = _budget(budget, f"{where} budget")
     try:
-        resolved.check_budget(Budget(tokens=tokens))
+        checked = check_budget(resolved, budget, None)
     except ValueError as error:
-        raise ValueError(f"{where} budget {tokens}: {error}") from None
-    return RequestCompression(resolved, tokens)
+        raise ValueError(f"{where} budget {budget!r}: {error}") from None
+    return RequestCompression(resolved, None if checked is None else checked.tokens)
 
 
 def server_compression(additional_config: Mapping[str, Any] | None) -> RequestCompression | None:
@@ -82,7 +71,7 @@ def server_compression(additional_config: Mapping[str, Any] | None) -> RequestCo
         raise ValueError(f"additional_config['lavakv'] has unknown key(s) {unknown}; valid: {', '.join(SERVER_KEYS)}")
     if "method" not in settings:
         raise ValueError("additional_config['lavakv'] needs a 'method' (a lavakv method spec)")
-    return _settings(settings["method"], settings.get("budget"), "the server's lavakv")
+    return _settings(settings["method"], settings.get("budget"), "the server's lavakv", "budget" in settings)
 
 
 def compression_of_request(
@@ -102,4 +91,4 @@ def compression_of_request(
     else:
         raise ValueError("lavakv_budget was given without lavakv_method, and the server sets no default method")
     budget = given.get("lavakv_budget", default.budget if default is not None else None)
-    return _settings(method, budget, "the request's lavakv")
+    return _settings(method, budget, "the request's lavakv", "lavakv_budget" in given)
