@@ -37,3 +37,14 @@ def blocks_for_compressed(budget: int, decoded: int, block_size: int) -> int:
             f"budget >= 1, decoded >= 0 and block_size >= 1 are needed, got {budget}, {decoded}, {block_size}"
         )
     return _ceil_div(budget + decoded, block_size) + 1
+
+
+def kept_prompt_blocks(budget: int, block_size: int) -> int:
+    """Leading blocks of a prompt that a compressed request keeps to hold its packed prompt rows.
+
+    ``ceil(budget / block_size) + 1``: the rows of ``budget`` entries per (layer, KV head) in all,
+    plus one sub-block of rounding per pair (:func:`blocks_for_compressed` with nothing decoded).
+    The scheduler frees the prompt's other blocks, except the one holding its last position,
+    where vLLM goes on counting the decoded tokens.
+    """
+    return blocks_for_compressed(budget, 0, block_size)
