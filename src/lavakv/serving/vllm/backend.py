@@ -39,7 +39,9 @@ class LavakvCPUAttentionImpl(CPUAttentionBackendImpl):
         if rows.numel():
             super().do_kv_cache_update(layer, key[rows], value[rows], kv_cache, slot_mapping[rows])
 
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None, output_block_scale=None):
+    def forward(
+        self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None, output_block_scale=None
+    ):
         output = super().forward(
             layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale
         )

@@ -11,8 +11,8 @@ of all layers (:class:`~lavakv.serving.cpu_layout.PackedRequest`).
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
