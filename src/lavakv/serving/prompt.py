@@ -22,11 +22,7 @@ class PromptCompression:
         method = compression.method
         if not compression.compresses:
             raise ValueError(f"method {compression.spec!r} keeps every entry: there is nothing to compress")
-        if method.score.needs_layer_weights or method.needs_scoring_pass:
-            raise ValueError(
-                f"method {compression.spec!r} reads the layer's weights or a scoring pass, which serving "
-                "does not hand over yet; valid: methods scored from queries and keys (lava, snapkv, ...)"
-            )
+        self.check_servable(compression)
         budget = Budget(tokens=compression.budget)
         tokens = budget.tokens_for(prompt_length)
         window = budget.window_for(method.window, tokens)
@@ -34,6 +30,16 @@ class PromptCompression:
         self.group = GroupCompression(
             method, prompt_length, tokens, [prompt_length] * num_layers, method.progressive, window=window
         )
+
+    @staticmethod
+    def check_servable(compression: RequestCompression) -> None:
+        """Refuse, naming it, a method whose scores need what an engine's attention does not hand over."""
+        method = compression.method
+        if method.score.needs_layer_weights or method.needs_scoring_pass:
+            raise ValueError(
+                f"method {compression.spec!r} reads the layer's weights or a scoring pass, which serving "
+                "does not hand over yet; valid: methods scored from queries, keys and values (lava, snapkv, ...)"
+            )
 
     def add_layer(
         self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float

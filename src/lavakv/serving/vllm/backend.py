@@ -9,10 +9,13 @@ after each head's own rows and attends them through :func:`~lavakv.serving.cpu_l
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
     CPUAttentionBackendImpl,
+    CPUAttentionMetadataBuilder,
 )
 
 from ..cpu_layout import ragged_decode
@@ -70,6 +73,24 @@ class LavakvCPUAttentionImpl(CPUAttentionBackendImpl):
         return output
 
 
+class LavakvCPUMetadataBuilder(CPUAttentionMetadataBuilder):
+    """vLLM's CPU metadata, with a compressed request's decode row cut to one entry for vLLM's kernel.
+
+    That row's attention comes from its packed rows (:func:`ragged_decode`); vLLM's kernel, which
+    still runs over the whole batch, then spends nothing on it.
+    """
+
+    serving: ServingState | None = None
+
+    def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
+        plan = self.serving.step if self.serving is not None else None
+        if plan is not None and plan.decodes:
+            seq_lens = common_attn_metadata.seq_lens.clone()
+            seq_lens[[decode.batch_index for decode in plan.decodes]] = 1
+            common_attn_metadata = dataclasses.replace(common_attn_metadata, seq_lens=seq_lens)
+        return super().build(common_prefix_len, common_attn_metadata, fast_build)
+
+
 class LavakvCPUAttentionBackend(CPUAttentionBackend):
     """vLLM's CPU attention backend whose layers also compress lavakv requests."""
 
@@ -80,3 +101,7 @@ class LavakvCPUAttentionBackend(CPUAttentionBackend):
     @staticmethod
     def get_impl_cls() -> type[LavakvCPUAttentionImpl]:
         return LavakvCPUAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[LavakvCPUMetadataBuilder]:
+        return LavakvCPUMetadataBuilder

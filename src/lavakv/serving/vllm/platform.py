@@ -11,6 +11,7 @@ import logging
 
 from vllm.platforms.cpu import CpuPlatform
 
+from ..prompt import PromptCompression
 from ..requests import server_compression
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,10 @@ class LavakvCpuPlatform(CpuPlatform):
         super().check_and_update_config(vllm_config)
         from .validation import LavakvRequestCheck  # imports vLLM's sampling, which needs the platform resolved
 
-        LavakvRequestCheck.server_default = server_compression(vllm_config.additional_config)
+        default = server_compression(vllm_config.additional_config)
+        if default is not None and default.compresses:
+            PromptCompression.check_servable(default)
+        LavakvRequestCheck.server_default = default
         parallel_config = vllm_config.parallel_config
         if parallel_config.worker_cls in ("auto", "vllm.v1.worker.cpu_worker.CPUWorker"):
             parallel_config.worker_cls = WORKER

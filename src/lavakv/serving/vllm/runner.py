@@ -17,7 +17,7 @@ from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
 from ..requests import compression_of_request, server_compression
-from .backend import LavakvCPUAttentionImpl
+from .backend import LavakvCPUAttentionImpl, LavakvCPUMetadataBuilder
 from .state import BatchRow, ServingState
 
 logger = logging.getLogger(__name__)
@@ -71,6 +71,11 @@ class LavakvCPUModelRunner(CPUModelRunner):
         self.serving = ServingState(buffer, len(ordered), isa, os.environ.get(RECORD_VARIABLE) or None)
         for index, impl in enumerate(impls):
             impl.bind(self.serving, index)
+        for builder in (
+            builder for groups in self.attn_groups for group in groups for builder in group.metadata_builders
+        ):
+            if isinstance(builder, LavakvCPUMetadataBuilder):
+                builder.serving = self.serving
         logger.info(
             "lavakv: %d layers share one KV buffer of %d blocks of %d tokens (kernel %s)",
             len(ordered),

@@ -42,6 +42,7 @@ class Decode:
 
     request_id: str
     row: int
+    batch_index: int
     packed: PackedRequest
 
 
@@ -101,7 +102,7 @@ class ServingState:
         """Plan the step whose batch is ``rows`` (in the order of the step's token rows)."""
         plan = StepPlan()
         stock: list[torch.Tensor] = []
-        for row in rows:
+        for index, row in enumerate(rows):
             if row.request_id in self.packed and row.computed > 0:
                 if row.scheduled != 1:
                     raise RuntimeError(
@@ -110,7 +111,7 @@ class ServingState:
                     )
                 packed = self.packed[row.request_id]
                 self._add_new_blocks(row, packed)
-                plan.decodes.append(Decode(row.request_id, row.start, packed))
+                plan.decodes.append(Decode(row.request_id, row.start, index, packed))
                 continue
             self.forget([row.request_id])
             if row.compression is not None and row.compression.compresses and row.computed == 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from vllm.v1.sample.logits_processor import LogitsProcessor
 
+from ..prompt import PromptCompression
 from ..requests import OPTION_KEYS, compression_of_request, server_compression
 from . import ENABLE_VARIABLE, enabled
 
@@ -33,7 +34,9 @@ class LavakvRequestCheck(LogitsProcessor):
         default = cls.server_default
         if default is None and "lavakv_method" not in extra_args and set(given) <= set(OPTION_KEYS):
             raise ValueError("lavakv_budget was given without lavakv_method, and the server sets no default method")
-        compression_of_request(extra_args, default)
+        compression = compression_of_request(extra_args, default)
+        if compression is not None and compression.compresses:
+            PromptCompression.check_servable(compression)
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
         type(self).server_default = server_compression(vllm_config.additional_config)
