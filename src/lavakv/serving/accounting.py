@@ -39,12 +39,16 @@ def blocks_for_compressed(budget: int, decoded: int, block_size: int) -> int:
     return _ceil_div(budget + decoded, block_size) + 1
 
 
-def kept_prompt_blocks(budget: int, block_size: int) -> int:
+def kept_prompt_blocks(budget: int, block_size: int, ragged: bool = True) -> int:
     """Leading blocks of a prompt that a compressed request keeps to hold its packed prompt rows.
 
-    ``ceil(budget / block_size) + 1``: the rows of ``budget`` entries per (layer, KV head) in all,
-    plus one sub-block of rounding per pair (:func:`blocks_for_compressed` with nothing decoded).
-    The scheduler frees the prompt's other blocks, except the one holding its last position,
-    where vLLM goes on counting the decoded tokens.
+    ``ceil(budget / block_size)``, plus one for the rounding of ``ragged`` budgets (heads or layers
+    keeping different numbers of rows: one sub-block of rounding per pair, as in
+    :func:`blocks_for_compressed`). The scheduler frees the prompt's other blocks except the one
+    holding its last position, where vLLM goes on counting the decoded tokens; that block leaves
+    every head room for its next rows until vLLM's next block arrives. With the same rows in every
+    (layer, head) the heads' tails fill together, and that block alone is enough.
     """
-    return blocks_for_compressed(budget, 0, block_size)
+    if budget < 1 or block_size < 1:
+        raise ValueError(f"budget >= 1 and block_size >= 1 are needed, got {budget} and {block_size}")
+    return _ceil_div(budget, block_size) + (1 if ragged else 0)

@@ -36,6 +36,11 @@ class RequestCompression:
         return self.method.compresses and self.budget is not None
 
     @property
+    def ragged(self) -> bool:
+        """Whether heads or layers may keep different numbers of rows (anything but uniform heads and layers)."""
+        return not (self.method.heads.name == "uniform" and self.method.layers.name == "uniform")
+
+    @property
     def spec(self) -> str:
         """The method's canonical spec string."""
         return self.method.spec

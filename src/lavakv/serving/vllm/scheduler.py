@@ -48,11 +48,11 @@ class LavakvScheduler(Scheduler):
             compression = self.lavakv_compression(request)
             if compression is None or not compression.compresses:
                 continue
-            self._free_compressed_prompt(request_id, scheduled, compression.budget)
+            self._free_compressed_prompt(request_id, scheduled, compression)
         return outputs
 
-    def _free_compressed_prompt(self, request_id: str, prompt_tokens: int, budget: int) -> None:
-        keep = kept_prompt_blocks(budget, self.lavakv_block_size)
+    def _free_compressed_prompt(self, request_id: str, prompt_tokens: int, compression: RequestCompression) -> None:
+        keep = kept_prompt_blocks(compression.budget, self.lavakv_block_size, compression.ragged)
         last = -(-prompt_tokens // self.lavakv_block_size) - 1
         if last <= keep:
             return

@@ -34,6 +34,7 @@ class Prefill:
     block_ids: list[int]
     compression: PromptCompression
     budget: int
+    ragged: bool
 
 
 @dataclass
@@ -124,6 +125,7 @@ class ServingState:
                         list(row.block_ids),
                         compression,
                         row.compression.budget,
+                        row.compression.ragged,
                     )
                 )
             elif row.compression is not None and row.compression.compresses:
@@ -151,7 +153,7 @@ class ServingState:
             kept.extend(positions)
         prompt_blocks = -(-(prefill.end - prefill.start) // self.block_size)
         blocks = prefill.block_ids[:prompt_blocks]
-        keep = min(kept_prompt_blocks(prefill.budget, self.block_size), len(blocks))
+        keep = min(kept_prompt_blocks(prefill.budget, self.block_size, prefill.ragged), len(blocks))
         packed = PackedRequest.pack(self.buffer, self.num_layers, blocks, keep, kept, self.isa)
         tail = len(blocks) - 1
         if tail >= keep:
