@@ -136,3 +136,110 @@ def test_a_prompt_compressed_from_the_engines_tensors_keeps_what_the_transformer
         got.append([p.tolist() for p in positions])
     assert sum(len(p) for layer in got for p in layer) == budget * num_layers * len(got[0])
     assert got == [[list(p) for p in layer] for layer in expected]
+
+
+def _sub_blocks_short(rows_per_pair: list[int], prompt: int, keep: int, decoded: int, block_size: int) -> int:
+    """The most sub-blocks a compressed request lacks while decoding, with the scheduler's blocks.
+
+    It holds its first ``keep`` blocks and the block of the prompt's last position; vLLM adds a block
+    each time a decoded position passes the blocks it has. Every pair takes a sub-block when its
+    tail is full.
+    """
+    pairs = len(rows_per_pair)
+    prompt_blocks = -(-prompt // block_size)
+    held = min(keep, prompt_blocks) + (1 if prompt_blocks - 1 >= keep else 0)
+    free = held * pairs - sub_blocks_needed(rows_per_pair, block_size)
+    short = max(0, -free)
+    blocks = prompt_blocks
+    rows = list(rows_per_pair)
+    for step in range(decoded):
+        position = prompt + step
+        while position >= blocks * block_size:
+            blocks += 1
+            free += pairs
+        for pair in range(pairs):
+            if rows[pair] % block_size == 0:
+                free -= 1
+            rows[pair] += 1
+        short = max(short, -free)
+    return short
+
+
+def test_a_compressed_request_never_runs_out_of_sub_blocks_while_decoding():
+    """The blocks the scheduler leaves a request always hold its packed rows and every decoded row."""
+    from lavakv.serving.accounting import compression_frees_blocks, kept_prompt_blocks
+
+    rng = random.Random(1)
+    layers, kv_heads, block_size = 30, 3, 32
+    pairs = layers * kv_heads
+    for budget in (32, 64, 100, 128, 512):
+        for _ in range(30):
+            prompt = rng.randrange(budget + 1, 4 * budget + 200)
+            if not compression_frees_blocks(prompt, budget, block_size):
+                continue
+            uniform = [budget] * pairs
+            assert (
+                _sub_blocks_short(uniform, prompt, kept_prompt_blocks(budget, block_size, False), 70, block_size) == 0
+            )
+            cuts = sorted(rng.randrange(budget * pairs + 1) for _ in range(pairs - 1))
+            ragged = [b - a for a, b in zip([0, *cuts], [*cuts, budget * pairs])]
+            assert _sub_blocks_short(ragged, prompt, kept_prompt_blocks(budget, block_size, True), 70, block_size) == 0
+    assert kept_prompt_blocks(128, 32, ragged=False) == 4 and kept_prompt_blocks(128, 32) == 5
+
+
+def test_a_ragged_request_would_run_short_without_its_rounding_block():
+    """The ragged rule's extra block is needed: without it some head splits run out mid-decode."""
+    rng = random.Random(2)
+    pairs, block_size, budget = 90, 32, 64
+    shorts = []
+    for _ in range(40):
+        cuts = sorted(rng.randrange(budget * pairs + 1) for _ in range(pairs - 1))
+        ragged = [b - a for a, b in zip([0, *cuts], [*cuts, budget * pairs])]
+        prompt = rng.randrange(budget + 1, 600)
+        shorts.append(_sub_blocks_short(ragged, prompt, budget // block_size, 40, block_size))
+    assert max(shorts) > 0
+
+
+def test_methods_with_the_same_rows_everywhere_are_not_ragged():
+    plain = {
+        name: compression_of_request({"lavakv_method": name, "lavakv_budget": 64}, None)
+        for name in ("snapkv", "streamingllm", "knorm", "lava", "ada-snapkv", "pyramidkv", "cake")
+    }
+    assert [name for name, c in plain.items() if not c.ragged] == ["snapkv", "streamingllm", "knorm"]
+
+
+def test_a_step_plan_sorts_rows_into_prefills_to_compress_compressed_decodes_and_vllms_own():
+    from lavakv.serving.cpu_layout import PackedRequest
+    from lavakv.serving.vllm.state import BatchRow, ServingState
+
+    serving = ServingState(torch.zeros(4 * 10, 3, 32, 128), num_layers=4, isa="vec")
+    lava = compression_of_request({"lavakv_method": "lava", "lavakv_budget": 64}, None)
+    serving.packed["decoding"] = PackedRequest(4, 10, 3, 32)
+    serving.known_blocks["decoding"] = 3
+    plan = serving.begin_step(
+        [
+            BatchRow("decoding", 0, 1, 300, [0, 1, 2, 7], lava),
+            BatchRow("new", 1, 200, 0, list(range(3, 10)), lava),
+            BatchRow("plain", 201, 1, 50, [8], None),
+        ]
+    )
+    assert [p.request_id for p in plan.prefills] == ["new"] and (plan.prefills[0].start, plan.prefills[0].end) == (
+        1,
+        201,
+    )
+    assert [(d.request_id, d.row, d.batch_index) for d in plan.decodes] == [("decoding", 0, 0)]
+    assert plan.stock_rows.tolist() == list(range(1, 202))
+    assert len(serving.packed["decoding"].free) == 4 * 3 and serving.known_blocks["decoding"] == 4
+    with pytest.raises(RuntimeError, match="split across steps"):
+        serving.begin_step([BatchRow("late", 0, 100, 100, [1, 2, 3, 4, 5, 6], lava)])
+    with pytest.raises(RuntimeError, match="one token per step"):
+        serving.begin_step([BatchRow("decoding", 0, 2, 301, [0, 1, 2, 7], lava)])
+    serving.forget(["decoding"])
+    assert "decoding" not in serving.packed
+
+
+def test_the_vllm_platform_plugin_is_off_unless_asked_for(monkeypatch):
+    from lavakv.serving import vllm as plugin
+
+    monkeypatch.delenv("LAVAKV_VLLM", raising=False)
+    assert plugin.platform_plugin() is None

@@ -52,3 +52,14 @@ def kept_prompt_blocks(budget: int, block_size: int, ragged: bool = True) -> int
     if budget < 1 or block_size < 1:
         raise ValueError(f"budget >= 1 and block_size >= 1 are needed, got {budget} and {block_size}")
     return _ceil_div(budget, block_size) + (1 if ragged else 0)
+
+
+def compression_frees_blocks(prompt_tokens: int, budget: int, block_size: int, ragged: bool = True) -> bool:
+    """Whether compressing a prompt gives any block back: more prompt blocks than the kept ones and the last.
+
+    A prompt that fits in those (a budget close to its length) is served with its whole cache:
+    packing it would free nothing, and its blocks could not hold every head's decoded rows until
+    vLLM's next block.
+    """
+    prompt_blocks = _ceil_div(prompt_tokens, block_size)
+    return prompt_blocks - 1 > kept_prompt_blocks(budget, block_size, ragged)

@@ -15,7 +15,7 @@ import logging
 
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from ..accounting import kept_prompt_blocks
+from ..accounting import compression_frees_blocks, kept_prompt_blocks
 from ..requests import RequestCompression, compression_of_request, server_compression
 
 logger = logging.getLogger(__name__)
@@ -52,10 +52,10 @@ class LavakvScheduler(Scheduler):
         return outputs
 
     def _free_compressed_prompt(self, request_id: str, prompt_tokens: int, compression: RequestCompression) -> None:
+        if not compression_frees_blocks(prompt_tokens, compression.budget, self.lavakv_block_size, compression.ragged):
+            return
         keep = kept_prompt_blocks(compression.budget, self.lavakv_block_size, compression.ragged)
         last = -(-prompt_tokens // self.lavakv_block_size) - 1
-        if last <= keep:
-            return
         manager = self.kv_cache_manager.coordinator.single_type_managers[0]
         before = self.kv_cache_manager.block_pool.get_num_free_blocks()
         manager._remove_blocks_in_range(request_id, keep, last)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..accounting import kept_prompt_blocks
+from ..accounting import compression_frees_blocks, kept_prompt_blocks
 from ..cpu_layout import PackedRequest
 from ..prompt import PromptCompression
 from ..requests import RequestCompression
@@ -115,7 +115,18 @@ class ServingState:
                 plan.decodes.append(Decode(row.request_id, row.start, index, packed))
                 continue
             self.forget([row.request_id])
-            if row.compression is not None and row.compression.compresses and row.computed == 0:
+            compression = row.compression
+            if compression is not None and compression.compresses and row.computed == 0:
+                if not compression_frees_blocks(row.scheduled, compression.budget, self.block_size, compression.ragged):
+                    logger.info(
+                        "request %s: a prompt of %d tokens at budget %d frees no block of %d tokens; kept whole",
+                        row.request_id,
+                        row.scheduled,
+                        compression.budget,
+                        self.block_size,
+                    )
+                    stock.append(torch.arange(row.start, row.start + row.scheduled))
+                    continue
                 compression = PromptCompression(row.compression, row.scheduled, self.num_layers)
                 plan.prefills.append(
                     Prefill(
@@ -128,7 +139,7 @@ class ServingState:
                         row.compression.ragged,
                     )
                 )
-            elif row.compression is not None and row.compression.compresses:
+            elif compression is not None and compression.compresses:
                 raise RuntimeError(
                     f"request {row.request_id!r} is compressed but its prompt was split across steps "
                     f"({row.computed} tokens computed before this one); compressed prompts are prefilled whole"
