@@ -273,7 +273,9 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--model", default=None, help="a model directory (default: the embedded SmolLM2)")
     parser.add_argument("--block-size", type=int, default=32)
-    parser.add_argument("--skip-equality", action="store_true", help="only the capacity and speed part")
+    parser.add_argument(
+        "--only", choices=["capacity", "equality"], help="run one part (the other's rows already there are kept)"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -308,32 +310,34 @@ def main(argv=None) -> int:
         "methods": {},
     }
     print(f"fixed KV space: {num_blocks} blocks of {args.block_size} tokens ({plan['full_requests']} full requests)")
-    full = report["vllm_full"] or spawn(dict(base, lavakv=False, method="vllm"))
-    report["vllm_full"] = full
-    save(args.out, report)
+    full = report["vllm_full"] or {}
+    if args.only != "equality":
+        full = full or spawn(dict(base, lavakv=False, method="vllm"))
+        report["vllm_full"] = full
+        save(args.out, report)
     print("vLLM full cache:", {k: full.get(k) for k in ("max_concurrent", "blocks_per_request", "tokens_per_s")})
-    for method in plan["methods"]:
-        for budget in plan["budgets"]:
-            key = f"{method}@{budget}"
-            if not lavakv_ok:
-                report["methods"][key] = {"error": "lavakv's vLLM plugin serves on CPUs only so far"}
-                continue
-            if "max_concurrent" in report["methods"].get(key, {}):
-                continue
-            row = spawn(dict(base, lavakv=True, method=method, budget=budget))
-            if "error" not in row:
-                row.update(
-                    blocks_per_request_full=full.get("blocks_per_request"),
-                    max_concurrent_full=full.get("max_concurrent"),
-                    entries_per_block=args.block_size * pairs,
-                    kept_entries=(budget + plan["new_tokens"]) * pairs,
-                    blocks_for_kept_entries=-(-(budget + plan["new_tokens"]) // args.block_size),
-                    max_concurrent_goal=0.8 * plan["prompt_tokens"] / budget * (full.get("max_concurrent") or 0),
-                )
-            report["methods"][key] = row
-            save(args.out, report)
-            print(key, {k: row.get(k) for k in ("max_concurrent", "blocks_per_request", "tokens_per_s", "error")})
-    if not args.skip_equality and lavakv_ok:
+    capacity = [] if args.only == "equality" else [(m, b) for m in plan["methods"] for b in plan["budgets"]]
+    for method, budget in capacity:
+        key = f"{method}@{budget}"
+        if not lavakv_ok:
+            report["methods"][key] = {"error": "lavakv's vLLM plugin serves on CPUs only so far"}
+            continue
+        if "max_concurrent" in report["methods"].get(key, {}):
+            continue
+        row = spawn(dict(base, lavakv=True, method=method, budget=budget))
+        if "error" not in row:
+            row.update(
+                blocks_per_request_full=full.get("blocks_per_request"),
+                max_concurrent_full=full.get("max_concurrent"),
+                entries_per_block=args.block_size * pairs,
+                kept_entries=(budget + plan["new_tokens"]) * pairs,
+                blocks_for_kept_entries=-(-(budget + plan["new_tokens"]) // args.block_size),
+                max_concurrent_goal=0.8 * plan["prompt_tokens"] / budget * (full.get("max_concurrent") or 0),
+            )
+        report["methods"][key] = row
+        save(args.out, report)
+        print(key, {k: row.get(k) for k in ("max_concurrent", "blocks_per_request", "tokens_per_s", "error")})
+    if args.only != "capacity" and lavakv_ok:
         for method in plan["equality_methods"]:
             for budget in plan["equality_budgets"]:
                 key = f"{method}@{budget}"
@@ -349,7 +353,7 @@ def main(argv=None) -> int:
                         requests=plan["equality_prompts"],
                         prompt_tokens=plan["equality_tokens"],
                         new_tokens=16,
-                        num_blocks=4 * plan["equality_prompts"] * -(-1100 // args.block_size),
+                        num_blocks=2 * plan["equality_prompts"] * -(-1100 // args.block_size),
                         seed=1,
                     )
                 )
