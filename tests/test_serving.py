@@ -243,3 +243,19 @@ def test_the_vllm_platform_plugin_is_off_unless_asked_for(monkeypatch):
 
     monkeypatch.delenv("LAVAKV_VLLM", raising=False)
     assert plugin.platform_plugin() is None
+
+
+@pytest.mark.parametrize(
+    "spec, named",
+    [
+        ("expected-attention", "layer's weights"),
+        ("kvzip", "scoring pass"),
+        ("headkv:profile=docs/results/smollm2-heads.json", "per-head profile"),
+    ],
+)
+def test_methods_serving_cannot_run_yet_are_refused_naming_them(spec, named):
+    compression = compression_of_request({"lavakv_method": spec, "lavakv_budget": 64}, None)
+    with pytest.raises(ValueError, match=named) as refused:
+        PromptCompression.check_servable(compression)
+    assert spec.split(":")[0] in str(refused.value)
+    PromptCompression.check_servable(compression_of_request({"lavakv_method": "lava", "lavakv_budget": 64}, None))

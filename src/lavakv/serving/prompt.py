@@ -40,6 +40,11 @@ class PromptCompression:
                 f"method {compression.spec!r} reads the layer's weights or a scoring pass, which serving "
                 "does not hand over yet; valid: methods scored from queries, keys and values (lava, snapkv, ...)"
             )
+        if method.reads_profile:
+            raise ValueError(
+                f"method {compression.spec!r} reads a per-head profile, which serving does not check against the "
+                "served model yet; valid: methods without a profile (lava, snapkv, ...)"
+            )
 
     def add_layer(
         self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
