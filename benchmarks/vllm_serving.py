@@ -310,6 +310,11 @@ def main(argv=None) -> int:
         "vllm_full": None,
         "methods": {},
     }
+    if args.out.exists():
+        earlier = json.loads(args.out.read_text())
+        if _conditions(earlier.get("settings", {})) == _conditions(report["settings"]):
+            report = dict(earlier, settings=report["settings"])
+            print(f"resuming {args.out}: the configurations already there are kept")
     print(f"fixed KV space: {num_blocks} blocks of {args.block_size} tokens ({plan['full_requests']} full requests)")
     full = report["vllm_full"] or {}
     if args.only != "equality":
@@ -365,6 +370,11 @@ def main(argv=None) -> int:
                 print(key, row)
     print("wrote", args.out)
     return 0
+
+
+def _conditions(settings: dict) -> dict:
+    """What every row of a run depends on (the method lists may grow between sittings)."""
+    return {key: value for key, value in settings.items() if key not in ("methods", "equality_methods")}
 
 
 def save(out: Path, report: dict) -> None:
