@@ -273,7 +273,9 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--model", default=None, help="a model directory (default: the embedded SmolLM2)")
     parser.add_argument("--block-size", type=int, default=32)
-    parser.add_argument("--methods", help="comma-separated: run only these methods' rows now (the run's settings stay)")
+    parser.add_argument(
+        "--methods", help="comma-separated methods or method@budget rows to run now (the run's settings stay)"
+    )
     parser.add_argument(
         "--only", choices=["capacity", "equality"], help="run one part (the other's rows already there are kept)"
     )
@@ -324,7 +326,7 @@ def main(argv=None) -> int:
     print("vLLM full cache:", {k: full.get(k) for k in ("max_concurrent", "blocks_per_request", "tokens_per_s")})
     chosen = set(args.methods.split(",")) if args.methods else None
     capacity = [] if args.only == "equality" else [(m, b) for m in plan["methods"] for b in plan["budgets"]]
-    capacity = [(m, b) for m, b in capacity if chosen is None or m in chosen]
+    capacity = [(m, b) for m, b in capacity if chosen is None or m in chosen or f"{m}@{b}" in chosen]
     for method, budget in capacity:
         key = f"{method}@{budget}"
         if not lavakv_ok:
@@ -346,9 +348,11 @@ def main(argv=None) -> int:
         save(args.out, report)
         print(key, {k: row.get(k) for k in ("max_concurrent", "blocks_per_request", "tokens_per_s", "error")})
     if args.only != "capacity" and lavakv_ok:
-        for method in [m for m in plan["equality_methods"] if chosen is None or m in chosen]:
+        for method in plan["equality_methods"]:
             for budget in plan["equality_budgets"]:
                 key = f"{method}@{budget}"
+                if chosen is not None and method not in chosen and key not in chosen:
+                    continue
                 if "positions_equal_share" in report["methods"].get(key, {}):
                     continue
                 row = spawn(
