@@ -90,6 +90,13 @@ class LavakvCPUModelRunner(CPUModelRunner):
             self.serving.forget(scheduler_output.preempted_req_ids or ())
         return super()._update_states(scheduler_output)
 
+    def execute_model(self, scheduler_output, intermediate_tensors=None):
+        try:
+            return super().execute_model(scheduler_output, intermediate_tensors)
+        finally:
+            if self.serving is not None:
+                self.serving.end_step()
+
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
         prepared = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
         if self.serving is not None:

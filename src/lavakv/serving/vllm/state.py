@@ -150,6 +150,10 @@ class ServingState:
         self.step = plan
         return plan
 
+    def end_step(self) -> None:
+        """Forget the step's plan once its forward is done (a warm-up or dummy forward then sees none)."""
+        self.step = StepPlan()
+
     def _add_new_blocks(self, row: BatchRow, packed: PackedRequest) -> None:
         known = self.known_blocks[row.request_id]
         if len(row.block_ids) > known:
