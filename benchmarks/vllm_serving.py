@@ -381,8 +381,28 @@ def _conditions(settings: dict) -> dict:
     return {key: value for key, value in settings.items() if key not in ("methods", "equality_methods")}
 
 
+def capacity_by_blocks(report: dict, blocks_per_request: float | None) -> int | None:
+    """Requests the KV space holds at once by blocks alone: one prompt being prefilled, the rest compressed.
+
+    ``max_concurrent`` can be lower when requests finish before the space fills (one prompt is
+    prefilled per step, and each lives ``new_tokens`` steps).
+    """
+    if not blocks_per_request:
+        return None
+    s = report["settings"]
+    prompt_blocks = -(-s["prompt_tokens"] // s["block_size"])
+    return int((s["num_blocks"] - prompt_blocks) // blocks_per_request) + 1
+
+
 def save(out: Path, report: dict) -> None:
     """Write the JSON and its page after every configuration, so that an interrupted run resumes."""
+    full = report.get("vllm_full") or {}
+    if full.get("blocks_per_request"):
+        full["capacity_by_blocks"] = int(report["settings"]["num_blocks"] // full["blocks_per_request"])
+    for row in report["methods"].values():
+        if row.get("blocks_per_request"):
+            row["capacity_by_blocks"] = capacity_by_blocks(report, row["blocks_per_request"])
+            row["capacity_by_blocks_full"] = full.get("capacity_by_blocks")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     out.with_suffix(".md").write_text(page(report))
@@ -399,18 +419,20 @@ def page(report: dict) -> str:
         f"{s['prompt_tokens']} tokens, {s['new_tokens']} new tokens each, greedy. Every configuration ran in a "
         "fresh engine of its own in the same run; the numbers are read from vLLM's scheduler after every step.",
         "",
-        "| configuration | max concurrent | blocks / request | decode tokens/s | median TTFT s | positions equal | "
-        "outputs equal |",
-        "|---|---|---|---|---|---|---|",
-        f"| vLLM, full cache | {full.get('max_concurrent')} | {full.get('blocks_per_request')} | "
-        f"{_num(full.get('tokens_per_s'))} | {_num(full.get('ttft_median_s'))} | | |",
+        "| configuration | max concurrent | capacity by blocks | blocks / request | decode tokens/s | median TTFT s "
+        "| positions equal | outputs equal |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| vLLM, full cache | {full.get('max_concurrent')} | {full.get('capacity_by_blocks', '')} | "
+        f"{full.get('blocks_per_request')} | {_num(full.get('tokens_per_s'))} | "
+        f"{_num(full.get('ttft_median_s'))} | | |",
     ]
     for key, row in report["methods"].items():
         if "error" in row:
-            lines.append(f"| lavakv {key} | {row['error'].splitlines()[-1][:120]} | | | | | |")
+            lines.append(f"| lavakv {key} | {row['error'].splitlines()[-1][:120]} | | | | | | |")
             continue
         lines.append(
-            f"| lavakv {key} | {row.get('max_concurrent', '')} | {row.get('blocks_per_request', '')} | "
+            f"| lavakv {key} | {row.get('max_concurrent', '')} | {row.get('capacity_by_blocks', '')} | "
+            f"{row.get('blocks_per_request', '')} | "
             f"{_num(row.get('tokens_per_s'))} | {_num(row.get('ttft_median_s'))} | "
             f"{_share(row.get('positions_equal_share'))} | {_share(row.get('outputs_equal_share'))} |"
         )
