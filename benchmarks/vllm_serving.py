@@ -417,7 +417,12 @@ def page(report: dict) -> str:
         f"Written by `benchmarks/vllm_serving.py`; device {s['device']}, {s['num_blocks']} KV blocks of "
         f"{s['block_size']} tokens ({s['full_requests']} full-cache requests), {s['requests']} prompts of "
         f"{s['prompt_tokens']} tokens, {s['new_tokens']} new tokens each, greedy. Every configuration ran in a "
-        "fresh engine of its own in the same run; the numbers are read from vLLM's scheduler after every step.",
+        "fresh engine of its own in the same run; the numbers are read from vLLM's scheduler after every step. "
+        "*Max concurrent* is the most requests running at once; with one prompt prefilled per step and each "
+        "request living `new_tokens` steps it can stay below *capacity by blocks*, the requests the KV space "
+        "holds at once (one prompt being prefilled, the others at their blocks per request). Positions and "
+        f"outputs: {s['equality_prompts']} prompts of {s['equality_tokens']} tokens, 16 new tokens, against "
+        "lavakv's transformers path on the same token ids.",
         "",
         "| configuration | max concurrent | capacity by blocks | blocks / request | decode tokens/s | median TTFT s "
         "| positions equal | outputs equal |",
