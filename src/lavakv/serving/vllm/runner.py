@@ -16,7 +16,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
-from ..requests import compression_of_request, server_compression
+from ..requests import RequestCompression, compression_of_request, server_compression
 from .backend import LavakvCPUAttentionImpl, LavakvCPUMetadataBuilder
 from .state import BatchRow, ServingState
 
@@ -56,6 +56,7 @@ class LavakvCPUModelRunner(CPUModelRunner):
             kv_cache_config, is_profiling, kv_cache_allocation_context=kv_cache_allocation_context
         )
         self.lavakv_default = server_compression(self.vllm_config.additional_config)
+        self.lavakv_compressions: dict[str, RequestCompression | None] = {}
         layers = {
             name: module
             for name, module in self.compilation_config.static_forward_context.items()
@@ -88,6 +89,8 @@ class LavakvCPUModelRunner(CPUModelRunner):
         if self.serving is not None:
             self.serving.forget(scheduler_output.finished_req_ids)
             self.serving.forget(scheduler_output.preempted_req_ids or ())
+            for request_id in scheduler_output.finished_req_ids:
+                self.lavakv_compressions.pop(request_id, None)
         return super()._update_states(scheduler_output)
 
     def execute_model(self, scheduler_output, intermediate_tensors=None):
@@ -104,8 +107,11 @@ class LavakvCPUModelRunner(CPUModelRunner):
             for index, request_id in enumerate(self.input_batch.req_ids):
                 state = self.requests[request_id]
                 scheduled = int(num_scheduled_tokens[index])
-                extra_args = state.sampling_params.extra_args if state.sampling_params is not None else None
-                compression = compression_of_request(extra_args, self.lavakv_default)
+                if request_id not in self.lavakv_compressions:
+                    params = state.sampling_params
+                    extra_args = params.extra_args if params is not None else None
+                    self.lavakv_compressions[request_id] = compression_of_request(extra_args, self.lavakv_default)
+                compression = self.lavakv_compressions[request_id]
                 rows.append(
                     BatchRow(request_id, start, scheduled, state.num_computed_tokens, state.block_ids[0], compression)
                 )
